@@ -1,0 +1,269 @@
+"""Command line: `python -m cifar_core train|runs|data|describe`.
+
+The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
+app's form and config.json can never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+
+from .config import RunConfig
+from .params import ConfigError
+
+
+def parse_kv(text: str) -> dict:
+    """'a=1,b=x' or a JSON object -> dict (values parsed as JSON when they can be)."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {text!r} ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a JSON object, got {text!r}")
+        return value
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = _scalar(raw.strip())
+    return out
+
+
+def _scalar(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_augment(text: str) -> list[dict]:
+    """JSON list, or 'random_crop:padding=4,pad_mode=zero;hflip;cutout:size=8@0.5' ('@p' = probability);
+    'none' or '' for no augmentation."""
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"augment is not valid JSON: {exc}") from None
+    chain = []
+    for part in text.split(";"):
+        part = part.strip()
+        prob = 1.0
+        if "@" in part:
+            part, p_text = part.rsplit("@", 1)
+            prob = _scalar(p_text)
+        name, _, params = part.partition(":")
+        chain.append({"name": name.strip(), "params": parse_kv(params), "p": prob})
+    return chain
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if "param" in f.metadata:
+            param = f.metadata["param"]
+            help_text = param.help or ""
+            if param.kind == "choice":
+                help_text += f" [{', '.join(map(str, param.choices))}]"
+            if param.low is not None:
+                help_text += f" (range {param.low:g}..{param.high:g})"
+            help_text += f" default: {param.default!r}"
+            if param.kind == "bool":
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=None, help=help_text)
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+        elif f.name == "augment":
+            parser.add_argument(flag, dest=f.name, default=None,
+                                help="augmentation chain: 'random_crop:padding=4;hflip;cutout:size=8@0.5', "
+                                     "a JSON list, or 'none'")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                help=f"parameters of the chosen {f.metadata['registry']}: 'k=v,k=v' or JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    data = {}
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {args.config} not found") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {args.config} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {args.config} must hold a JSON object")
+    for f in fields(RunConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "augment":
+            value = parse_augment(value)
+        elif "registry" in f.metadata:
+            value = {**data.get(f.name, {}), **parse_kv(value)} if isinstance(data.get(f.name), dict) \
+                else parse_kv(value)
+        data[f.name] = value
+    return RunConfig.from_dict(data)
+
+
+def cmd_train(args) -> int:
+    from .runs import RunStore
+    from .train import train_run
+    store = RunStore(args.runs_root)
+    if args.resume:
+        record = store.record(args.resume)
+        if not record.exists():
+            raise ConfigError(f"run {args.resume} not found in {store.root}")
+        cfg = record.config()
+        run_id = args.resume
+    else:
+        cfg = config_from_args(args)
+        run_id = args.run_id
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    record = train_run(cfg, store=store, run_id=run_id, data_source=args.data, resume=bool(args.resume),
+                       progress=not args.no_progress)
+    status = record.status()
+    results = record.results() or {}
+    line = f"run {record.run_id}: {status.get('state')}"
+    if "test_acc" in results:
+        line += f", test accuracy {100 * results['test_acc']:.2f}% in {results['train_seconds']:.0f} s"
+    if status.get("error"):
+        line += f" ({status['error']})"
+    print(line)
+    print(f"record: {record.path}")
+    return 0 if status.get("state") == "completed" else 1
+
+
+def cmd_runs(args) -> int:
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    rows = []
+    for record in store.records():
+        status, cfg = record.status(), record.config_dict() or {}
+        best = status.get("test_acc", status.get("best_val_acc"))
+        rows.append((record.run_id, status.get("state", "?"), cfg.get("model", "?"),
+                     "" if best is None or best < 0 else f"{100 * best:.2f}%",
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(status.get("created", 0)))))
+    if args.json:
+        print(json.dumps([dict(zip(("run_id", "state", "model", "accuracy", "created"), r)) for r in rows]))
+        return 0
+    if not rows:
+        print(f"no runs in {store.root}")
+        return 0
+    widths = [max(len(str(r[i])) for r in rows + [("run", "state", "model", "acc", "created")])
+              for i in range(5)]
+    for row in [("run", "state", "model", "acc", "created")] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .jobs import run_worker
+    from .runs import RunStore
+    return run_worker(RunStore(args.runs_root), idle_exit=args.idle_exit)
+
+
+def cmd_submit(args) -> int:
+    from .jobs import submit
+    from .runs import RunStore
+    record = submit(config_from_args(args), RunStore(args.runs_root), data_source=args.data)
+    print(record.run_id)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from .jobs import cancel
+    from .runs import RunStore
+    print(f"{args.run_id}: {cancel(args.run_id, RunStore(args.runs_root))}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import load_cifar10
+    started = time.time()
+    arrays = load_cifar10(args.data, download=args.download)
+    print(f"CIFAR-10: {len(arrays.x_train)} train, {len(arrays.x_test)} test images "
+          f"from {arrays.origin} ({time.time() - started:.2f} s)")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from .augment import AUGMENTATIONS
+    from .balance import BALANCING
+    from .data import IMBALANCE
+    from .models import MODELS
+    from .schedules import SCHEDULES
+    out = {"config": {name: p.to_dict() for name, p in RunConfig.scalar_params().items()},
+           "models": MODELS.describe(), "augmentations": AUGMENTATIONS.describe(),
+           "schedules": SCHEDULES.describe(), "imbalance": IMBALANCE.describe(),
+           "balance": BALANCING.describe()}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cifar_core", description="CIFAR-10 Lab command line")
+    parser.add_argument("--runs-root", default=None, help="runs folder (default: $CIFAR_LAB_RUNS or ./runs)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model and write a run record")
+    train.add_argument("--config", help="a config.json to start from (flags override it)")
+    train.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
+    train.add_argument("--run-id", default=None, help="id of the new run folder (default: generated)")
+    train.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no terminal progress bar")
+    train.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    add_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    runs = sub.add_parser("runs", help="list runs with state and best accuracy")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+
+    submit = sub.add_parser("submit", help="queue a run as a background job (same flags as train)")
+    submit.add_argument("--config", help="a config.json to start from (flags override it)")
+    submit.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    add_config_flags(submit)
+    submit.set_defaults(func=cmd_submit)
+
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("run_id")
+    cancel.set_defaults(func=cmd_cancel)
+
+    worker = sub.add_parser("worker", help="the job supervisor (started automatically)")
+    worker.add_argument("--idle-exit", type=float, default=60.0, help="exit after this many idle seconds")
+    worker.set_defaults(func=cmd_worker)
+
+    data = sub.add_parser("data", help="find, download or check CIFAR-10")
+    data.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    data.add_argument("--download", action="store_true", help="download with torchvision if missing")
+    data.set_defaults(func=cmd_data)
+
+    describe = sub.add_parser("describe", help="print every declared parameter as JSON")
+    describe.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,214 @@
+"""RunConfig: the one validated object that describes a training run.
+
+The CLI flags, the app's Train form and the run record's config.json are all generated from the
+field declarations below (a Param per scalar field; registry-backed dict fields for the options of
+the chosen model, schedule, imbalance profile and balancing strategy; a list for the augmentation
+chain).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .params import ConfigError, Param
+
+SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "speed")
+
+
+def _p(section: str, param: Param, default=MISSING):
+    meta = {"section": section, "param": param}
+    return field(default=param.default if default is MISSING else default, metadata=meta)
+
+
+def _reg(section: str, registry: str, owner: str | None = None, factory=dict):
+    """A dict/list field whose content is declared by a registry entry (named by `owner`)."""
+    return field(default_factory=factory, metadata={"section": section, "registry": registry,
+                                                    "owner": owner})
+
+
+@dataclass
+class RunConfig:
+    # run
+    name: str = _p("run", Param("name", "str", "", help="A label for the run (not a path)."))
+    seed: int = _p("run", Param("seed", "int", 0, 0, 2**31 - 1))
+    device: str = _p("run", Param("device", "choice", "auto", choices=("auto", "cpu", "cuda"),
+                                  help="auto: CUDA if available, else CPU."))
+    epochs: int = _p("run", Param("epochs", "int", 10, 1, 2000))
+    time_limit_min: float = _p("run", Param("time_limit_min", "float", 0.0, 0.0, 100000.0,
+                                            help="Stop after this many minutes (0 = no limit)."))
+    log_every: int = _p("run", Param("log_every", "int", 10, 1, 100000,
+                                     help="Write a training metric line every this many steps."))
+    eval_every: int = _p("run", Param("eval_every", "int", 1, 1, 1000,
+                                      help="Evaluate every this many epochs."))
+    # model
+    model: str = _p("model", Param("model", "str", "resnet18"))
+    model_params: dict = _reg("model", "model", owner="model")
+    # data
+    subset: str = _p("data", Param("subset", "choice", "full", choices=("full", "random", "per_class"),
+                                   help="Which training images to use."))
+    subset_size: int = _p("data", Param("subset_size", "int", 10000, 10, 50000,
+                                        help="Images for subset=random (the report used 10,000)."))
+    per_class: int = _p("data", Param("per_class", "int", 1000, 1, 5000,
+                                      help="Images per class for subset=per_class."))
+    val_size: int = _p("data", Param("val_size", "int", 0, 0, 25000,
+                                     help="Held out of training for validation (0: validate on test)."))
+    test_size: int = _p("data", Param("test_size", "int", 0, 0, 10000,
+                                      help="Evaluate on a stratified subset of the test set (0 = all 10,000)."))
+    imbalance: str = _p("data", Param("imbalance", "str", "none"))
+    imbalance_params: dict = _reg("data", "imbalance", owner="imbalance")
+    label_budget: int = _p("data", Param("label_budget", "int", 0, 0, 50000,
+                                         help="Keep only this many labels (0 = all labeled)."))
+    balance: str = _p("data", Param("balance", "str", "none"))
+    balance_params: dict = _reg("data", "balance", owner="balance")
+    # augmentation chain: [{"name": ..., "params": {...}, "p": 1.0}, ...]
+    augment: list = _reg("augment", "augment", factory=lambda: [
+        {"name": "random_crop", "params": {}, "p": 1.0}, {"name": "hflip", "params": {}, "p": 1.0}])
+    # optimization
+    optimizer: str = _p("optim", Param("optimizer", "choice", "sgd", choices=("sgd", "adam", "adamw")))
+    lr: float = _p("optim", Param("lr", "float", 0.05, 1e-6, 10.0, log=True))
+    momentum: float = _p("optim", Param("momentum", "float", 0.9, 0.0, 0.999,
+                                        help="SGD momentum (Adam: beta1)."))
+    nesterov: bool = _p("optim", Param("nesterov", "bool", True))
+    batch_size: int = _p("optim", Param("batch_size", "int", 128, 1, 8192))
+    schedule: str = _p("optim", Param("schedule", "str", "cosine"))
+    schedule_params: dict = _reg("optim", "schedule", owner="schedule")
+    # regularization
+    weight_decay: float = _p("regularization", Param("weight_decay", "float", 5e-4, 0.0, 1.0))
+    label_smoothing: float = _p("regularization", Param("label_smoothing", "float", 0.0, 0.0, 0.5))
+    grad_clip: str = _p("regularization", Param("grad_clip", "choice", "none",
+                                                 choices=("none", "norm", "value")))
+    clip_max_norm: float = _p("regularization", Param("clip_max_norm", "float", 1.0, 1e-6, 1e6))
+    clip_norm_type: str = _p("regularization", Param("clip_norm_type", "choice", "2",
+                                                     choices=("1", "2", "inf")))
+    clip_value: float = _p("regularization", Param("clip_value", "float", 1.0, 1e-6, 1e6))
+    ema_decay: float = _p("regularization", Param("ema_decay", "float", 0.0, 0.0, 0.99999,
+                                                  help="EMA of weights (0 = off); evaluated with EMA."))
+    tta_flip: bool = _p("regularization", Param("tta_flip", "bool", False,
+                                                help="Test-time flip: average logits of image and mirror."))
+    # speed
+    precision: str = _p("speed", Param("precision", "choice", "fp32", choices=("fp32", "bf16", "fp16"),
+                                       help="Autocast dtype on CUDA (CPU runs always fp32)."))
+    channels_last: bool = _p("speed", Param("channels_last", "bool", False))
+
+    # --- declarations -------------------------------------------------------------------------
+    @classmethod
+    def scalar_params(cls) -> dict[str, Param]:
+        return {f.name: f.metadata["param"] for f in fields(cls) if "param" in f.metadata}
+
+    @classmethod
+    def sections(cls) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {s: [] for s in SECTIONS}
+        for f in fields(cls):
+            out[f.metadata["section"]].append(f.name)
+        return out
+
+    # --- (de)serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, validate: bool = True) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = cls(**data)
+        return cfg.validated() if validate else cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    # --- validation -----------------------------------------------------------------------------
+    def validated(self) -> "RunConfig":
+        """Return a copy with every value coerced and every registry's defaults filled in."""
+        from .augment import validate_chain
+        from .balance import BALANCING
+        from .data import IMBALANCE
+        from .models import MODELS, check_model
+        from .schedules import SCHEDULES
+
+        values = {}
+        for name, param in self.scalar_params().items():
+            values[name] = param.validate(getattr(self, name))
+        for key, registry in (("model", MODELS), ("schedule", SCHEDULES), ("imbalance", IMBALANCE),
+                              ("balance", BALANCING)):
+            registry.get(values[key])  # unknown name -> ConfigError listing the choices
+            params = getattr(self, f"{key}_params")
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{key}_params must be an object of parameter values")
+            values[f"{key}_params"] = registry.validate(values[key], params)
+        values["model_params"] = check_model(values["model"], values["model_params"])
+        values["augment"] = validate_chain(self.augment)
+        self._check_cross_field(values)
+        return RunConfig(**values)
+
+    @staticmethod
+    def _check_cross_field(v: dict) -> None:
+        if v["label_budget"] and v["label_budget"] % 10:
+            raise ConfigError("label_budget must be a multiple of 10 (the same number per class)")
+        if v["test_size"] % 10:
+            raise ConfigError("test_size must be a multiple of 10 (the same number per class)")
+        if v["subset"] == "random" and v["val_size"] >= v["subset_size"]:
+            raise ConfigError(f"val_size {v['val_size']} leaves no training images out of "
+                              f"subset_size {v['subset_size']}")
+        if v["subset"] == "per_class" and v["val_size"] >= 10 * v["per_class"]:
+            raise ConfigError(f"val_size {v['val_size']} leaves no training images out of "
+                              f"{10 * v['per_class']} (per_class × 10)")
+        if v["subset"] == "full" and v["val_size"] >= 50000:
+            raise ConfigError("val_size must leave some of the 50,000 training images for training")
+        if v["precision"] == "fp16" and v["device"] == "cpu":
+            raise ConfigError("precision fp16 needs CUDA; use fp32 (or bf16) on the CPU")
+
+    # --- summaries for tables -------------------------------------------------------------------
+    def key_tricks(self) -> list[str]:
+        """Short human labels of what is switched on, for run tables."""
+        tricks = [step["name"] for step in self.augment]
+        if self.weight_decay:
+            tricks.append(f"wd={self.weight_decay:g}")
+        if self.schedule != "none":
+            tricks.append(self.schedule)
+        if self.label_smoothing:
+            tricks.append(f"ls={self.label_smoothing:g}")
+        if self.grad_clip != "none":
+            tricks.append(f"clip-{self.grad_clip}")
+        if self.ema_decay:
+            tricks.append("ema")
+        if self.tta_flip:
+            tricks.append("tta")
+        if self.balance != "none":
+            tricks.append(self.balance)
+        norm = self.model_params.get("norm")
+        if norm and norm != "batch":
+            tricks.append(f"norm={norm}")
+        if self.model_params.get("dropout"):
+            tricks.append(f"dropout={self.model_params['dropout']:g}")
+        return tricks
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two config dicts (nested keys joined by dots)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(config_diff(va, vb, path + "."))
+        elif va != vb:
+            out[path] = (va, vb)
+    return out

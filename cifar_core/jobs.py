@@ -1,0 +1,305 @@
+"""Background training jobs: a queue of run records and one supervisor process per runs root.
+
+How it works
+- `submit(cfg)` writes a run record in state "queued" and makes sure a supervisor is alive.
+- The supervisor (`python -m cifar_core worker`) is a small process of its own, started detached by
+  whoever submits or cancels (the app, the CLI). A lock file (`<runs>/.worker.lock`, flock) makes
+  sure at most one runs per runs root; a second one exits at once. It loops every ~0.5 s: it starts
+  queued runs oldest first while the device has a free slot (default 1 CPU job, 1 GPU job), forces
+  a kill on cancelled runs that outlive their grace period, and marks runs whose process vanished
+  as failed ("process lost") with the tail of their log. It exits after some idle time with
+  nothing queued or running; the next submit starts a new one.
+- Each run is its own OS process (`python -m cifar_core train --resume-queued RUN_ID`), in its own
+  session so the Streamlit server, the supervisor and the runs can each be restarted independently:
+  a restarted app or supervisor re-attaches to running jobs by the pid and start time in status.json.
+- State changes that race (queued -> starting vs queued -> cancelled) happen under
+  `<runs>/.queue.lock`.
+No queue library is used: the queue *is* the run records on disk, which is what the app must read
+anyway; a broker (Redis, Celery) would add a service to keep alive for no gain on one machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .params import ConfigError
+from .runs import FINAL_STATES, RunRecord, RunStore
+
+GRACE_SECONDS = float(os.environ.get("CIFAR_LAB_CANCEL_GRACE", "15"))
+IDLE_EXIT_SECONDS = float(os.environ.get("CIFAR_LAB_WORKER_IDLE", "60"))
+POLL_SECONDS = 0.5
+ACTIVE_STATES = ("starting", "running")
+
+
+def slots() -> dict[str, int]:
+    return {"cpu": int(os.environ.get("CIFAR_LAB_SLOTS_CPU", "1")),
+            "cuda": int(os.environ.get("CIFAR_LAB_SLOTS_CUDA", "1"))}
+
+
+def job_device(cfg_dict: dict) -> str:
+    wanted = cfg_dict.get("device", "auto")
+    if wanted == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    return wanted
+
+
+_CUDA: bool | None = None
+
+
+def _cuda_available() -> bool:
+    global _CUDA
+    if _CUDA is None:
+        try:
+            import torch
+            _CUDA = bool(torch.cuda.is_available())
+        except Exception:
+            _CUDA = False
+    return _CUDA
+
+
+# ---- process helpers ---------------------------------------------------------------------------
+def process_start_time(pid: int) -> float | None:
+    """Kernel start time of a process (clock ticks since boot), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return float(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int | None, start_time: float | None = None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+        if state == b"Z":
+            return False
+    except OSError:
+        return False
+    if start_time is not None and process_start_time(pid) != start_time:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fh, flags)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        fh.close()
+
+
+# ---- public API --------------------------------------------------------------------------------
+def submit(cfg, store: RunStore | None = None, data_source: str | None = None,
+           start_worker: bool = True, meta: dict | None = None) -> RunRecord:
+    """Queue a validated config as a new run; the supervisor starts it when a slot is free.
+
+    `meta` is stored in status.json as is (for example {"study": id, "study_kind": ..., "cell": ...}).
+    """
+    store = store or RunStore()
+    cfg = cfg.validated()
+    record = store.create(cfg, state="queued")
+    record.update_status(device_kind=job_device(cfg.to_dict()), data_source=data_source, **(meta or {}))
+    if start_worker:
+        ensure_worker(store)
+    return record
+
+
+def cancel(run_id: str, store: RunStore | None = None) -> str:
+    """Cancel a queued run at once, or ask a running one to stop (SIGTERM, then a forced kill)."""
+    store = store or RunStore()
+    record = store.record(run_id)
+    if not record.exists():
+        raise ConfigError(f"run {run_id} not found")
+    with file_lock(store.root / ".queue.lock"):
+        status = record.status()
+        state = status.get("state")
+        if state == "queued":
+            record.update_status(state="cancelled", error="cancelled before it started",
+                                 finished=time.time())
+            return "cancelled"
+        if state in FINAL_STATES:
+            return state
+        record.update_status(cancel_requested=time.time())
+    pid = status.get("pid")
+    if process_alive(pid, status.get("pid_start")):
+        _signal_group(pid, signal.SIGTERM)
+    ensure_worker(store)
+    return "cancelling"
+
+
+def delete(run_id: str, store: RunStore | None = None) -> None:
+    """Delete a finished or queued run's folder (running runs must be cancelled first)."""
+    store = store or RunStore()
+    record = store.record(run_id)
+    state = record.state()
+    if state in ACTIVE_STATES and process_alive(record.status().get("pid"), record.status().get("pid_start")):
+        raise ConfigError(f"run {run_id} is {state}: cancel it before deleting")
+    if state == "queued":
+        cancel(run_id, store)
+    store.delete(run_id)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(os.getpgid(pid), sig)
+
+
+def worker_alive(store: RunStore) -> bool:
+    with file_lock(store.root / ".worker.lock", blocking=False) as got:
+        return not got
+
+
+def ensure_worker(store: RunStore | None = None) -> bool:
+    """Start a detached supervisor for this runs root unless one holds the lock. True if started."""
+    store = store or RunStore()
+    store.root.mkdir(parents=True, exist_ok=True)
+    if worker_alive(store):
+        return False
+    log = open(store.root / ".worker.log", "ab")
+    subprocess.Popen([sys.executable, "-m", "cifar_core", "--runs-root", str(store.root), "worker"],
+                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
+                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    return True
+
+
+def reconcile(store: RunStore) -> list[str]:
+    """Mark active runs whose process is gone as failed ("process lost"). Safe to call from any reader."""
+    lost = []
+    for record in store.records():
+        status = record.status()
+        if status.get("state") not in ACTIVE_STATES:
+            continue
+        pid = status.get("pid")
+        if pid is None and time.time() - status.get("launched", time.time()) < 30:
+            continue  # launched a moment ago, the trainer hasn't written its pid yet
+        if process_alive(pid, status.get("pid_start")):
+            continue
+        # The trainer may have just written its final state: read again before declaring it lost.
+        if record.status().get("state") in FINAL_STATES:
+            continue
+        if status.get("cancel_requested"):
+            record.update_status(state="cancelled", finished=time.time(),
+                                 error="cancelled (the process ended before it could report)")
+            continue
+        tail = record.log_tail(2000)
+        record.update_status(state="failed", finished=time.time(),
+                             error="process lost: the training process ended without finishing"
+                                   + (f"\n--- log tail ---\n{tail}" if tail else ""))
+        lost.append(record.run_id)
+    return lost
+
+
+def job_table(store: RunStore) -> dict[str, list[str]]:
+    """Run ids by state (queued in submission order)."""
+    table: dict[str, list[tuple[float, str]]] = {}
+    for record in store.records():
+        status = record.status()
+        table.setdefault(status.get("state", "unknown"), []).append((status.get("created", 0), record.run_id))
+    return {state: [rid for _, rid in sorted(items)] for state, items in table.items()}
+
+
+# ---- supervisor --------------------------------------------------------------------------------
+class Supervisor:
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def tick(self) -> bool:
+        """One pass. Returns True if anything is queued or running."""
+        for run_id, proc in list(self.children.items()):
+            if proc.poll() is not None:
+                del self.children[run_id]
+        reconcile(self.store)
+        self._enforce_cancel_grace()
+        busy = self._start_queued()
+        return busy
+
+    def _enforce_cancel_grace(self) -> None:
+        for record in self.store.records():
+            status = record.status()
+            requested = status.get("cancel_requested")
+            if status.get("state") not in ACTIVE_STATES or not requested:
+                continue
+            pid = status.get("pid")
+            if time.time() - requested > GRACE_SECONDS and process_alive(pid, status.get("pid_start")):
+                _signal_group(pid, signal.SIGKILL)
+                record.update_status(state="cancelled", finished=time.time(),
+                                     error=f"killed after a {GRACE_SECONDS:.0f} s grace period")
+
+    def _start_queued(self) -> bool:
+        limits = slots()
+        with file_lock(self.store.root / ".queue.lock"):
+            table = job_table(self.store)
+            active = {"cpu": 0, "cuda": 0}
+            for run_id in table.get("starting", []) + table.get("running", []):
+                kind = self.store.record(run_id).status().get("device_kind", "cpu")
+                active[kind] = active.get(kind, 0) + 1
+            queued = table.get("queued", [])
+            for run_id in queued:
+                record = self.store.record(run_id)
+                kind = record.status().get("device_kind") or job_device(record.config_dict() or {})
+                if active.get(kind, 0) >= limits.get(kind, 1):
+                    continue
+                self._launch(record)
+                active[kind] = active.get(kind, 0) + 1
+        return bool(queued) or bool(table.get("running")) or bool(table.get("starting")) or bool(self.children)
+
+    def _launch(self, record: RunRecord) -> None:
+        status = record.status()
+        cmd = [sys.executable, "-m", "cifar_core", "--runs-root", str(self.store.root), "train",
+               "--resume", record.run_id, "--no-progress"]
+        if status.get("data_source"):
+            cmd += ["--data", status["data_source"]]
+        with open(record.log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        record.update_status(state="starting", pid=proc.pid, pid_start=process_start_time(proc.pid),
+                             launched=time.time())
+        self.children[record.run_id] = proc
+
+    def serve(self, idle_exit: float = IDLE_EXIT_SECONDS) -> None:
+        stop = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        idle_since = time.time()
+        while not stop["flag"]:
+            if self.tick():
+                idle_since = time.time()
+            elif time.time() - idle_since > idle_exit:
+                break
+            time.sleep(POLL_SECONDS)
+
+
+def run_worker(store: RunStore, idle_exit: float = IDLE_EXIT_SECONDS) -> int:
+    with file_lock(store.root / ".worker.lock", blocking=False) as got:
+        if not got:
+            print("another supervisor already serves", store.root)
+            return 0
+        print(f"supervisor {os.getpid()} serving {store.root}", flush=True)
+        Supervisor(store).serve(idle_exit)
+    return 0

@@ -1,0 +1,617 @@
+"""One-click studies: a batch of background runs that together test one claim.
+
+Each entry of `STUDIES` declares its own parameters (with `Param`, so the app's form is generated
+from them) and a builder that turns validated parameters into one RunConfig per cell × seed:
+
+- ``bn_vs_gn``: BatchNorm vs GroupNorm across batch sizes (Wu & He, "Group Normalization", 2018,
+  cited by the source report: BN's error grows quickly as the batch shrinks, GN's stays flat).
+  Every batch size trains for the same number of epochs (same images seen) with the learning rate
+  scaled linearly with the batch size: lr = base_lr × batch_size / base_batch.
+- ``samplers``: the report's imbalanced training set (each class keeps 500–1000 images, drawn at
+  random) trained with each balancing strategy; compared on per-class recall and balanced accuracy.
+- ``ablation``: the report's cumulative trick ablation (baseline → + crop & flip → + rotation →
+  + weight decay → + inverse-time LR decay → + dropout → + gradient clipping). The steps come from
+  `cifar_core.presets` (the Train page's presets), so they are defined once.
+
+Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks settings
+that finish the whole study in a few minutes on a 2-core CPU — small subsets, a reduced model,
+one or two epochs — so it shows the *direction* of an effect, not its published size. "gpu" (the
+default with CUDA) uses the report's data sizes and more epochs.
+
+How cpu-quick was chosen: see CPU_COST below (timings measured on this project's 2-core CPU box).
+The largest fixed cost of a run on a CPU is the final evaluation on the 10,000 test images, which
+the trainer always does; a ResNet-18 with its usual CIFAR stem (3×3 conv, 32×32 maps in stage 1)
+needs minutes for that alone. cpu-quick therefore uses ResNet-18 with the "imagenet" stem
+(7×7 stride-2 conv + max-pool, 8×8 maps in stage 1, ~16× less compute, same blocks and the same
+normalization layers) for bn_vs_gn and ablation, and the fast net for samplers, and it validates
+during training on a small held-out set instead of the test set.
+
+Files: launching writes ``<runs>/.studies/<study_id>.json`` (kind, params, seeds, run ids, created);
+each run's status.json carries {"study", "study_kind", "cell", "seed"}. Results are read back from
+the run records (`study_results`), so a study fills in as its runs finish.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+from .params import ConfigError, Param, Registry
+from .runs import FINAL_STATES, RunStore, atomic_write_json, read_json
+
+STUDIES = Registry("study")
+SCALES = ("cpu-quick", "gpu")
+SEEDS_PARAM = Param("seeds", "int", 1, 1, 5, help="Repeat every cell with seeds 0 … n-1 (mean ± std "
+                                                   "over seeds in the results).")
+MANIFEST_DIR = ".studies"
+STUDY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+METRICS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
+RECALL_PREFIX = "recall_"
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    title: str
+    tests: str          # one sentence: what the study tests
+    claim: str          # the claim it reproduces, and where it comes from
+    cell_keys: tuple    # the columns that identify a cell
+
+
+INFO: dict[str, StudyInfo] = {}
+# Per study and scale: the parameter defaults for that scale (the declared defaults are cpu-quick's).
+SCALE_DEFAULTS: dict[str, dict[str, dict]] = {}
+
+
+def default_scale() -> str:
+    """"gpu" when CUDA is available, else "cpu-quick"."""
+    try:
+        import torch
+        return "gpu" if torch.cuda.is_available() else "cpu-quick"
+    except Exception:
+        return "cpu-quick"
+
+
+def _scale_param() -> Param:
+    return Param("scale", "choice", "cpu-quick", choices=SCALES,
+                 help="cpu-quick: the whole study in a few minutes on a CPU (small subsets, reduced "
+                      "model, 1–2 epochs: shows the direction of an effect). gpu: the report's data "
+                      "sizes and more epochs (needs a CUDA GPU to finish in reasonable time).")
+
+
+def _register(kind: str, info: StudyInfo, params: tuple[Param, ...], scale_defaults: dict[str, dict]):
+    """Register a builder fn(seeds: list[int], **params) -> list[(cell, RunConfig)]."""
+    cpu = scale_defaults["cpu-quick"]
+    declared = tuple(dataclasses.replace(p, default=cpu.get(p.name, p.default)) for p in params)
+    for scale in SCALES:
+        unknown = set(scale_defaults[scale]) - {p.name for p in params}
+        if unknown:
+            raise ValueError(f"{kind}: scale defaults name unknown params {sorted(unknown)}")
+
+    def decorator(fn: Callable) -> Callable:
+        STUDIES.register(kind, (_scale_param(),) + declared, description=info.tests)(fn)
+        INFO[kind] = info
+        SCALE_DEFAULTS[kind] = {s: dict(scale_defaults[s]) for s in SCALES}
+        return fn
+    return decorator
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+
+def study_params(kind: str, scale: str | None = None) -> tuple[Param, ...]:
+    """The declared parameters of a study with their defaults for `scale` (default: this machine's)."""
+    entry = STUDIES.get(kind)
+    scale = scale or default_scale()
+    if scale not in SCALES:
+        raise ConfigError(f"scale {scale!r} is not one of: {', '.join(SCALES)}")
+    defaults = {"scale": scale, **SCALE_DEFAULTS[kind][scale]}
+    return tuple(dataclasses.replace(p, default=defaults.get(p.name, p.default)) for p in entry.params)
+
+
+def validate_params(kind: str, params: dict | None) -> dict:
+    """Fill the scale's defaults, coerce types, reject unknown names. Returns a new dict."""
+    params = dict(params or {})
+    scale = params.get("scale") or default_scale()
+    scale = _scale_param().validate(scale, kind)
+    declared = study_params(kind, scale)
+    known = {p.name for p in declared}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{kind}: unknown parameter(s) {', '.join(unknown)} "
+                          f"(allowed: {', '.join(sorted(known))})")
+    return {p.name: p.validate(params.get(p.name, p.default), kind) for p in declared}
+
+
+def parse_int_list(text, name: str, low: int = 1, high: int = 8192) -> list[int]:
+    """"2, 4,8" -> [2, 4, 8] (sorted, unique); ConfigError naming the bad item."""
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(";", ",").split(",")
+    out = []
+    for raw in items:
+        raw = str(raw).strip()
+        if not raw:
+            continue
+        out.append(Param(name, "int", low, low, high).validate(raw))
+    if not out:
+        raise ConfigError(f"{name}: give at least one whole number (comma-separated)")
+    return sorted(set(out))
+
+
+def parse_name_list(text, name: str, choices: list[str]) -> list[str]:
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(";", ",").split(",")
+    out = []
+    for raw in items:
+        raw = str(raw).strip()
+        if not raw:
+            continue
+        if raw not in choices:
+            raise ConfigError(f"{name}: {raw!r} is not one of: {', '.join(choices)}")
+        if raw not in out:
+            out.append(raw)
+    if not out:
+        raise ConfigError(f"{name}: choose at least one of: {', '.join(choices)}")
+    return out
+
+
+def _models_with(param_name: str) -> tuple[str, ...]:
+    from .models import MODELS
+    return tuple(n for n, e in MODELS.entries.items() if any(p.name == param_name for p in e.params))
+
+
+def _all_models() -> tuple[str, ...]:
+    from .models import MODELS
+    return tuple(MODELS.names())
+
+
+def _model_params_for(model: str, wanted: dict) -> dict:
+    """Keep only the parameters that `model` declares (others would be rejected)."""
+    from .models import MODELS
+    declared = {p.name for p in MODELS.get(model).params}
+    return {k: v for k, v in wanted.items() if k in declared}
+
+
+def _seeded(cells: list[tuple[dict, dict]], seeds: list[int]) -> list[tuple[dict, RunConfig]]:
+    """Seed-major order (all cells of seed 0 first), so every cell gets a first result early."""
+    out = []
+    for seed in seeds:
+        for cell, fields in cells:
+            cfg = RunConfig.from_dict({**fields, "seed": seed})
+            out.append((dict(cell), cfg))
+    return out
+
+
+def _label(cell: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k != "step")
+
+
+# ---- 1. BatchNorm vs GroupNorm across batch sizes ------------------------------------------------
+
+@_register(
+    "bn_vs_gn",
+    StudyInfo(
+        title="BatchNorm vs GroupNorm across batch sizes",
+        tests="Trains the same ResNet with BatchNorm and with GroupNorm at each batch size, for the "
+              "same number of epochs, with the learning rate scaled linearly with the batch size.",
+        claim="Group Normalization (Wu & He, 2018), cited by the source report: BatchNorm's error "
+              "rises sharply as the batch gets small (its batch statistics become noisy), while "
+              "GroupNorm, which normalizes within each image, is nearly independent of the batch size.",
+        cell_keys=("norm", "batch_size")),
+    params=(
+        Param("batch_sizes", "str", "2,4,8,16,32,128",
+              help="Comma-separated batch sizes; each is trained with norm=batch and norm=group."),
+        Param("model", "choice", "resnet18", choices=("resnet18", "resnet34"),
+              help="A model whose normalization layer can be switched (norm=batch|group)."),
+        Param("stem", "choice", "imagenet", choices=("cifar", "imagenet"),
+              help="cifar: 3×3 stride-1 stem (full-size ResNet for CIFAR); imagenet: 7×7 stride-2 + "
+                   "max-pool, ~16× cheaper (the cpu-quick choice, same blocks and norm layers)."),
+        Param("groups", "int", 32, 1, 64, help="GroupNorm groups (must divide 64, 128, 256 and 512)."),
+        Param("per_class", "int", 60, 2, 5000,
+              help="Training pool: this many images per class (5000 = the whole training set)."),
+        Param("val_size", "int", 100, 0, 25000,
+              help="Held out of the pool to validate during training (0: validate on the test set). "
+                   "The final numbers are always on the 10,000 test images."),
+        Param("epochs", "int", 1, 1, 500, help="The same for every batch size (same images seen)."),
+        Param("base_lr", "float", 0.1, 1e-5, 10.0, log=True,
+              help="Learning rate at base_batch; lr = base_lr × batch_size / base_batch."),
+        Param("base_batch", "int", 128, 1, 8192, help="The batch size that gets base_lr."),
+    ),
+    scale_defaults={
+        "cpu-quick": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "imagenet",
+                      "per_class": 60, "val_size": 100, "epochs": 1, "base_lr": 0.1, "base_batch": 128},
+        "gpu": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "cifar",
+                "per_class": 1000, "val_size": 0, "epochs": 10, "base_lr": 0.1, "base_batch": 128},
+    })
+def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, stem: str, groups: int,
+                   per_class: int, val_size: int, epochs: int, base_lr: float,
+                   base_batch: int) -> list[tuple[dict, RunConfig]]:
+    sizes = parse_int_list(batch_sizes, "batch_sizes", low=2)
+    n_train = 10 * per_class - val_size
+    if n_train < 1:
+        raise ConfigError(f"bn_vs_gn: val_size {val_size} leaves no training images out of "
+                          f"{10 * per_class}")
+    lonely = [b for b in sizes if n_train % b == 1]
+    if lonely:
+        raise ConfigError(f"bn_vs_gn: with {n_train} training images, batch size(s) "
+                          f"{', '.join(map(str, lonely))} leave a last batch of a single image, which "
+                          "BatchNorm cannot normalize; change per_class or val_size by a few images")
+    cells = []
+    for norm in ("batch", "group"):
+        for bs in sizes:
+            lr = base_lr * bs / base_batch
+            fields = {
+                "name": f"bn_vs_gn {norm} bs{bs}", "model": model, "epochs": epochs,
+                "model_params": {"norm": norm, "groups": groups, "stem": stem},
+                "subset": "full" if per_class >= 5000 else "per_class", "per_class": min(per_class, 5000),
+                "val_size": val_size, "batch_size": bs, "lr": lr,
+                "log_every": max(1, min(50, math.ceil(n_train / bs / 10))),
+            }
+            cells.append(({"norm": norm, "batch_size": bs}, fields))
+    return _seeded(cells, seeds)
+
+
+# ---- 2. balancing strategies on the report's imbalanced set --------------------------------------
+
+def _balancing_names() -> list[str]:
+    from .balance import BALANCING
+    return BALANCING.names()
+
+
+@_register(
+    "samplers",
+    StudyInfo(
+        title="Balancing strategies on imbalanced CIFAR-10",
+        tests="Trains the same model on the report's imbalanced training set (each class keeps a random "
+              "500–1000 images) with each balancing strategy, and compares per-class recall and "
+              "balanced accuracy on the (balanced) test set.",
+        claim="The source report: with mild imbalance, plain training already does reasonably; "
+              "re-balancing (weighted sampling, a class-weighted loss, over-/under-sampling) mainly "
+              "moves recall from the large classes to the small ones, and under-sampling pays for it "
+              "by throwing images away.",
+        cell_keys=("balance",)),
+    params=(
+        Param("strategies", "str", "none,weighted_sampler,class_weighted_loss,random_oversample,"
+              "random_undersample", help="Comma-separated balancing strategies to compare."),
+        Param("low", "int", 500, 1, 5000, help="Fewest training images a class keeps."),
+        Param("high", "int", 1000, 1, 5000, help="Most training images a class keeps."),
+        Param("model", "choice", "fastnet", choices=("fastnet", "resnet18", "resnet34", "lenet", "alexnet"),
+              help="The network (cpu-quick: the fast net at half width)."),
+        Param("width", "float", 0.5, 0.25, 4.0, help="Width multiplier (fastnet and alexnet only)."),
+        Param("epochs", "int", 2, 1, 500),
+        Param("batch_size", "int", 128, 2, 8192),
+        Param("lr", "float", 0.05, 1e-5, 10.0, log=True),
+        Param("val_size", "int", 500, 0, 25000,
+              help="Held out (balanced, before the imbalance) to validate during training; 0: the test "
+                   "set. Final numbers are always on the 10,000 test images."),
+    ),
+    scale_defaults={
+        "cpu-quick": {"model": "fastnet", "width": 0.5, "epochs": 2, "batch_size": 128, "lr": 0.05,
+                      "val_size": 500},
+        "gpu": {"model": "resnet18", "width": 1.0, "epochs": 30, "batch_size": 128, "lr": 0.05,
+                "val_size": 0},
+    })
+def build_samplers(seeds: list[int], scale: str, strategies: str, low: int, high: int, model: str,
+                   width: float, epochs: int, batch_size: int, lr: float,
+                   val_size: int) -> list[tuple[dict, RunConfig]]:
+    names = parse_name_list(strategies, "strategies", _balancing_names())
+    if low > high:
+        raise ConfigError(f"samplers: low {low} is greater than high {high}")
+    if val_size % 10:
+        raise ConfigError("samplers: val_size must be a multiple of 10 (the same number per class)")
+    if 5000 - val_size // 10 < high:
+        raise ConfigError(f"samplers: after holding out val_size={val_size} a class has "
+                          f"{5000 - val_size // 10} images, fewer than high={high}")
+    cells = []
+    for name in names:
+        fields = {
+            "name": f"samplers {name}", "model": model,
+            "model_params": _model_params_for(model, {"width": width}),
+            "subset": "full", "val_size": val_size, "epochs": epochs, "batch_size": batch_size,
+            "lr": lr, "imbalance": "report_random", "imbalance_params": {"low": low, "high": high},
+            "balance": name,
+        }
+        cells.append(({"balance": name}, fields))
+    return _seeded(cells, seeds)
+
+
+# ---- 3. cumulative trick ablation ----------------------------------------------------------------
+
+def ablation_steps() -> list[tuple[str, dict]]:
+    """The report's cumulative ablation, from cifar_core.presets: [(label, full partial config)],
+    each step including all the previous ones."""
+    from .presets import ablation_presets
+    return list(ablation_presets().items())
+
+
+def _short_step_label(label: str) -> str:
+    return label.split(":", 1)[1].strip() if ":" in label else label
+
+
+@_register(
+    "ablation",
+    StudyInfo(
+        title="Cumulative trick ablation",
+        tests="Trains the report's baseline, then adds one trick at a time (random crop & flip, rotation, "
+              "weight decay, inverse-time LR decay, dropout, gradient clipping), each step keeping all "
+              "the previous ones.",
+        claim="The source report's ablation: augmentation (crop & flip) gives the largest single gain "
+              "over the baseline; the later tricks add smaller, less certain improvements (repeat with "
+              "several seeds to see which ones stand out of the noise).",
+        cell_keys=("step", "trick")),
+    params=(
+        Param("model", "choice", "resnet18", choices=("resnet18", "resnet34", "fastnet", "lenet", "alexnet"),
+              help="The network (every model has a dropout parameter for the dropout step)."),
+        Param("stem", "choice", "imagenet", choices=("cifar", "imagenet"),
+              help="ResNet stem (ignored by other models); imagenet is ~16× cheaper on a CPU."),
+        Param("subset_size", "int", 2000, 10, 50000, help="Random training subset (the report used 10,000)."),
+        Param("val_size", "int", 200, 0, 25000, help="Held out of the subset for validation."),
+        Param("epochs", "int", 2, 1, 500),
+        Param("batch_size", "int", 64, 2, 8192),
+        Param("lr", "float", 0.01, 1e-5, 10.0, log=True),
+    ),
+    scale_defaults={
+        "cpu-quick": {"model": "resnet18", "stem": "imagenet", "subset_size": 2000, "val_size": 200,
+                      "epochs": 2, "batch_size": 64, "lr": 0.01},
+        "gpu": {"model": "resnet18", "stem": "cifar", "subset_size": 10000, "val_size": 1000,
+                "epochs": 30, "batch_size": 128, "lr": 0.01},
+    })
+def build_ablation(seeds: list[int], scale: str, model: str, stem: str, subset_size: int, val_size: int,
+                   epochs: int, batch_size: int, lr: float) -> list[tuple[dict, RunConfig]]:
+    if val_size >= subset_size:
+        raise ConfigError(f"ablation: val_size {val_size} leaves no training images out of {subset_size}")
+    study = {"model": model, "subset": "random", "subset_size": subset_size, "val_size": val_size,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr}
+    cells = []
+    for i, (label, preset) in enumerate(ablation_steps()):
+        fields = copy.deepcopy(preset)
+        step_model_params = dict(fields.get("model_params") or {})
+        fields.update(study)
+        fields["model_params"] = _model_params_for(model, {"stem": stem, **step_model_params})
+        fields["name"] = f"ablation {i}"
+        cells.append(({"step": i, "trick": _short_step_label(label)}, fields))
+    return _seeded(cells, seeds)
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+def build_study(kind: str, params: dict | None = None, seeds: int = 1) -> list[tuple[dict, RunConfig]]:
+    """[(cell, validated RunConfig)], one per cell × seed (seeds 0 … seeds-1). ConfigError if invalid."""
+    values = validate_params(kind, params)
+    n = SEEDS_PARAM.validate(seeds)
+    return STUDIES.get(kind).fn(seeds=list(range(n)), **values)
+
+
+# ---- time estimates ------------------------------------------------------------------------------
+
+# Measured on this project's 2-core CPU box (torch 2.14, 2 threads; see the report of the study
+# work for the command): per model setting, (seconds per optimizer step regardless of batch,
+# seconds per training image, seconds per evaluated image). A run's time is then
+#   startup + epochs × (steps × step + images × image) + evaluated images × eval.
+CPU_COST: dict[str, tuple[float, float, float]] = {
+    "resnet18/imagenet": (0.030, 0.0020, 0.0006),
+    "resnet18/cifar": (0.040, 0.0100, 0.0040),
+    "resnet34/imagenet": (0.060, 0.0040, 0.0012),
+    "resnet34/cifar": (0.080, 0.0200, 0.0080),
+    "fastnet": (0.010, 0.0015, 0.0005),
+    "lenet": (0.002, 0.0001, 0.00003),
+    "alexnet": (0.010, 0.0020, 0.0007),
+}
+CPU_STARTUP_S = 8.0  # a fresh process: import torch, load the array cache, build the split and model
+GPU_SPEEDUP_GUESS = 20.0  # NOT measured (no GPU on the development box): a rough guess
+
+
+def _cost_key(cfg: RunConfig) -> str:
+    if cfg.model.startswith("resnet"):
+        return f"{cfg.model}/{cfg.model_params.get('stem', 'cifar')}"
+    return cfg.model
+
+
+def training_images(cfg: RunConfig) -> int:
+    """Images per epoch (expected value for report_random and the resampling strategies)."""
+    pool = {"full": 50000, "random": cfg.subset_size, "per_class": 10 * cfg.per_class}[cfg.subset]
+    per_class = [max(0, pool - cfg.val_size) / 10.0] * 10
+    if cfg.imbalance == "report_random":
+        lo, hi = cfg.imbalance_params["low"], cfg.imbalance_params["high"]
+        per_class = [min(n, (lo + hi) / 2) for n in per_class]
+        if cfg.balance == "random_oversample":
+            per_class = [min(per_class[0], lo + (hi - lo) * 10 / 11)] * 10  # E[max of 10 uniforms]
+        elif cfg.balance == "random_undersample":
+            per_class = [min(per_class[0], lo + (hi - lo) / 11)] * 10       # E[min of 10 uniforms]
+    return int(sum(per_class))
+
+
+def estimate_run_seconds(cfg: RunConfig, device_kind: str = "cpu") -> float:
+    step_s, image_s, eval_s = CPU_COST.get(_cost_key(cfg), (0.03, 0.005, 0.002))
+    width = float(cfg.model_params.get("width", 1.0) or 1.0)
+    image_s *= width ** 2
+    eval_s *= width ** 2
+    n = training_images(cfg)
+    steps = math.ceil(n / cfg.batch_size)
+    train = cfg.epochs * (steps * step_s + n * image_s)
+    n_evals = max(1, cfg.epochs // cfg.eval_every)
+    evals = (n_evals * (cfg.val_size or 10000) + 10000) * eval_s * (2 if cfg.tta_flip else 1)
+    seconds = CPU_STARTUP_S + train + evals
+    if device_kind == "cuda":
+        seconds = CPU_STARTUP_S + (train + evals) / GPU_SPEEDUP_GUESS
+    return seconds
+
+
+def estimate_seconds(kind: str, params: dict | None = None, seeds: int = 1,
+                     device_kind: str | None = None) -> float:
+    """Rough total time of a study when its runs go one after another (one job slot)."""
+    device_kind = device_kind or ("cuda" if default_scale() == "gpu" else "cpu")
+    return sum(estimate_run_seconds(cfg, device_kind) for _, cfg in build_study(kind, params, seeds))
+
+
+# ---- launching and manifests ---------------------------------------------------------------------
+
+def studies_dir(store: RunStore) -> Path:
+    return Path(store.root) / MANIFEST_DIR
+
+
+def new_study_id(kind: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind.replace('_', '-')}-{secrets.token_hex(3)}"
+
+
+def validate_study_id(study_id: str) -> str:
+    if not isinstance(study_id, str) or not STUDY_ID_RE.match(study_id):
+        raise ConfigError(f"invalid study id {study_id!r}: letters, digits, '-' and '_' only")
+    return study_id
+
+
+def manifest_path(store: RunStore, study_id: str) -> Path:
+    return studies_dir(store) / f"{validate_study_id(study_id)}.json"
+
+
+def launch_study(kind: str, params: dict | None, store: RunStore | None = None,
+                 data_source: str | None = None, seeds: int = 1) -> str:
+    """Queue every run of a study as a background job; returns the study id.
+
+    All configs are built and validated before anything is queued, so an invalid study queues
+    nothing. The manifest is written even if queuing stops half way (it lists what was queued)."""
+    from . import jobs
+
+    store = store or RunStore()
+    values = validate_params(kind, params)
+    n_seeds = SEEDS_PARAM.validate(seeds)
+    planned = build_study(kind, values, n_seeds)
+    study_id = new_study_id(kind)
+    info = INFO[kind]
+    manifest = {"study_id": study_id, "kind": kind, "title": info.title, "params": values,
+                "seeds": n_seeds, "scale": values["scale"], "cell_keys": list(info.cell_keys),
+                "created": time.time(), "data_source": data_source, "runs": []}
+    try:
+        for cell, cfg in planned:
+            meta = {"study": study_id, "study_kind": kind, "cell": cell, "seed": cfg.seed}
+            record = jobs.submit(cfg, store, data_source=data_source, start_worker=False, meta=meta)
+            manifest["runs"].append({"run_id": record.run_id, "cell": cell, "seed": cfg.seed})
+    finally:
+        if manifest["runs"]:
+            atomic_write_json(manifest_path(store, study_id), manifest)
+    jobs.ensure_worker(store)
+    return study_id
+
+
+def read_manifest(store: RunStore, study_id: str) -> dict:
+    manifest = read_json(manifest_path(store, study_id))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        raise ConfigError(f"study {study_id} not found (or its manifest is unreadable) in "
+                          f"{studies_dir(store)}")
+    return manifest
+
+
+def list_studies(store: RunStore | None = None) -> list[dict]:
+    """Manifests of all studies, newest first (unreadable ones skipped)."""
+    store = store or RunStore()
+    folder = studies_dir(store)
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in folder.glob("*.json"):
+        if not STUDY_ID_RE.match(path.stem):
+            continue
+        manifest = read_json(path)
+        if isinstance(manifest, dict) and isinstance(manifest.get("runs"), list) and manifest.get("kind"):
+            manifest.setdefault("study_id", path.stem)
+            out.append(manifest)
+    return sorted(out, key=lambda m: m.get("created", 0), reverse=True)
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+def study_results(store: RunStore, study_id: str):
+    """One row per run: cell columns, seed, run_id, state, the final metrics (NaN until finished),
+    lr, and per-class test recall columns ``recall_<class>``. df.attrs["cell_keys"] names the cell."""
+    import pandas as pd
+
+    manifest = read_manifest(store, study_id)
+    cell_keys = list(manifest.get("cell_keys") or INFO.get(manifest["kind"], StudyInfo("", "", "", ())).cell_keys)
+    rows = []
+    for entry in manifest["runs"]:
+        run_id = entry.get("run_id")
+        row = {k: (entry.get("cell") or {}).get(k) for k in cell_keys}
+        row.update(seed=entry.get("seed"), run_id=run_id)
+        try:
+            record = store.record(run_id)
+        except ConfigError:
+            record = None
+        status = record.status() if record is not None and record.exists() else {}
+        row["state"] = status.get("state", "deleted") if status else "deleted"
+        for metric in METRICS:
+            value = status.get(metric)
+            row[metric] = float(value) if isinstance(value, (int, float)) else math.nan
+        config = record.config_dict() if status else None
+        row["lr"] = config.get("lr") if isinstance(config, dict) else math.nan
+        row["error"] = status.get("error") if row["state"] in ("failed", "cancelled") else None
+        results = record.results() if status and row["state"] == "completed" else None
+        if isinstance(results, dict) and isinstance(results.get("per_class_acc"), dict):
+            for cls, acc in results["per_class_acc"].items():
+                row[f"{RECALL_PREFIX}{cls}"] = float(acc)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=cell_keys + ["seed", "run_id", "state", *METRICS, "lr", "error"])
+    df.attrs["cell_keys"] = cell_keys
+    df.attrs["kind"] = manifest["kind"]
+    return df
+
+
+def recall_columns(df) -> list[str]:
+    return [c for c in df.columns if str(c).startswith(RECALL_PREFIX)]
+
+
+def summarize(df, cell_keys: list[str] | None = None):
+    """Mean ± std over seeds per cell, from completed runs only.
+
+    Columns: the cell keys, runs (how many), done (completed), state ("completed", or e.g.
+    "running · 1/3 done"), <metric>_mean and <metric>_std for every metric and recall column
+    (std is NaN with fewer than two completed seeds). Cells keep their first-appearance order."""
+    import pandas as pd
+
+    cell_keys = list(cell_keys or df.attrs.get("cell_keys") or [])
+    if not cell_keys:
+        raise ConfigError("summarize: the cell columns are unknown (pass cell_keys)")
+    values = [m for m in METRICS if m in df.columns] + recall_columns(df)
+    out_rows = []
+    if df.empty:
+        return pd.DataFrame(columns=cell_keys + ["runs", "done", "state"]
+                            + [f"{v}_{s}" for v in values for s in ("mean", "std")])
+    groups = df.groupby(cell_keys, sort=False, dropna=False)
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(cell_keys, key))
+        done = group[group["state"] == "completed"]
+        row["runs"] = len(group)
+        row["done"] = len(done)
+        row["state"] = _cell_state(list(group["state"]))
+        for v in values:
+            series = pd.to_numeric(done[v], errors="coerce") if v in done else pd.Series(dtype=float)
+            row[f"{v}_mean"] = float(series.mean()) if series.notna().any() else math.nan
+            row[f"{v}_std"] = float(series.std(ddof=1)) if series.notna().sum() >= 2 else math.nan
+        if "lr" in group:
+            row["lr"] = group["lr"].iloc[0]
+        out_rows.append(row)
+    out = pd.DataFrame(out_rows)
+    out.attrs["cell_keys"] = cell_keys
+    return out
+
+
+def _cell_state(states: list[str]) -> str:
+    n = len(states)
+    done = sum(s == "completed" for s in states)
+    if done == n:
+        return "completed"
+    for s in ("running", "starting", "queued"):
+        if s in states:
+            return f"{s} · {done}/{n} done"
+    bad = [s for s in states if s != "completed"]
+    return f"{bad[0]} · {done}/{n} done" if bad else "completed"
+
+
+def is_finished(df) -> bool:
+    """True when every run of the study is in a final state (or gone)."""
+    return bool(len(df)) and all(s in FINAL_STATES or s == "deleted" for s in df["state"])

@@ -1,0 +1,458 @@
+"""The training engine: one RunConfig in, one run record out.
+
+Top-down: resolve device → load data and keep it on the device as uint8 → build the split, the
+balancing plan, the augmentation chain, the model and the optimizer → loop over steps (augment a
+whole batch on the device, forward, backward, clip, step, EMA) writing metrics lines → evaluate →
+checkpoint → final test report.
+
+Every batch's randomness (the epoch's order and the augmentation draws) is derived from
+(seed, epoch) and (seed, step) alone, so a run resumed from any checkpoint continues exactly as if
+it had never stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import AugmentChain
+from .balance import build_balance_plan
+from .config import RunConfig
+from .data import CIFAR_MEAN, CIFAR_STD, build_split, load_cifar10, per_class_subset, to_device_tensors
+from .models import count_params, create_model
+from .params import ConfigError
+from .runs import RunRecord, RunStore
+from .schedules import build_schedule
+
+NUM_CLASSES = 10
+EVAL_BATCH = 1000
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to stop at a safe point (cancel, NaN, test hook)."""
+
+    def __init__(self, state: str, reason: str):
+        super().__init__(reason)
+        self.state, self.reason = state, reason
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built from its config."""
+
+    cfg: RunConfig
+    device: torch.device
+    train_x: torch.Tensor        # uint8 (N,3,32,32) on device
+    train_y: torch.Tensor        # int64 (N,) on device
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    eval_split: str              # "val" or "test"
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    epoch_indices: np.ndarray    # positions into train_x used each epoch (after resampling)
+    sample_weights: torch.Tensor | None
+    class_weights: torch.Tensor | None
+    chain: AugmentChain
+    mean: torch.Tensor
+    std: torch.Tensor
+    data_origin: str
+    split_summary: dict
+
+
+def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
+    device = resolve_device(cfg.device)
+    arrays = load_cifar10(data_source)
+    split = build_split(arrays.y_train, {
+        "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
+        "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
+        "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
+    labeled = split.train_idx[split.labeled_mask]  # unlabeled images are for semi-supervised runs
+    train_y_np = arrays.y_train[labeled]
+    plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
+    test_x, test_y = arrays.x_test, arrays.y_test
+    if cfg.test_size:
+        keep = per_class_subset(test_y, cfg.test_size // NUM_CLASSES, seed=0)
+        test_x, test_y = test_x[keep], test_y[keep]
+    if len(split.val_idx):
+        eval_x, eval_y, eval_split = arrays.x_train[split.val_idx], arrays.y_train[split.val_idx], "val"
+    else:
+        eval_x, eval_y, eval_split = test_x, test_y, "test"
+    as_labels = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
+    chain = AugmentChain(cfg.augment)
+    train_x = to_device_tensors(arrays.x_train[labeled], device)
+    if any(getattr(op, "needs_fit", False) for op in chain.ops):
+        chain.fit(train_x.float().div_(255))
+    return Prepared(
+        cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
+        eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
+        test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
+        epoch_indices=plan.indices,
+        sample_weights=None if plan.sample_weights is None else torch.as_tensor(plan.sample_weights),
+        class_weights=None if plan.class_weights is None else torch.as_tensor(plan.class_weights,
+                                                                               device=device),
+        chain=chain,
+        mean=torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
+        data_origin=arrays.origin, split_summary=split.summary())
+
+
+def normalize(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0,1] float -> model input. Chains that standardize themselves skip mean/std."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if prep.chain.normalizes:
+        return x
+    return (x - prep.mean) / prep.std
+
+
+def eval_transform(prep: Prepared, x_uint8: torch.Tensor) -> torch.Tensor:
+    """Evaluation input: only the chain's deterministic normalizers (ZCA, standardization)."""
+    x = x_uint8.float().div_(255)
+    for op in prep.chain.ops:
+        if getattr(op, "normalizes", False):
+            x, _, _ = op(x, None, torch.Generator().manual_seed(0))
+    return normalize(prep, x)
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # Weight decay on weight matrices/kernels only: decaying norm scales and biases only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def autocast_context(cfg: RunConfig, device: torch.device):
+    if device.type == "cuda" and cfg.precision != "fp32":
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for start in range(0, x_uint8.shape[0], EVAL_BATCH):
+        x = eval_transform(prep, x_uint8[start:start + EVAL_BATCH])
+        if prep.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(prep.cfg, prep.device):
+            logits = model(x).float()
+            if tta_flip:
+                logits = 0.5 * (logits + model(x.flip(-1)).float())
+        outs.append(logits)
+    return torch.cat(outs)
+
+
+def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: bool) -> dict:
+    logits = predict_logits(model, prep, x, tta_flip)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return {"loss": loss, "acc": acc, "logits": logits}
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
+    return {"test_acc": float((y_true == y_pred).mean()),
+            "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "per_class_acc": dict(zip(classes, per_class)),
+            "confusion_matrix": cm.tolist(), "classes": classes}
+
+
+class Trainer:
+    """Runs one config against one run record."""
+
+    def __init__(self, cfg: RunConfig, record: RunRecord, data_source: str | None = None,
+                 progress: bool = False, stop_at_step: int | None = None):
+        self.cfg, self.record, self.data_source = cfg, record, data_source
+        self.progress, self.stop_at_step = progress, stop_at_step
+        self.stop_requested: str | None = None
+
+    # ---- signals -------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = "cancelled by request (SIGTERM)"
+
+    def _install_signal_handlers(self):
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            signal.signal(signal.SIGINT, self._on_sigterm)
+        except ValueError:  # not the main thread (tests may call run() from a thread)
+            pass
+
+    # ---- main ----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> str:
+        self._install_signal_handlers()
+        started = time.time()
+        self.record.update_status(state="running", pid=os.getpid(), started=started, error=None,
+                                  finished=None, host=os.uname().nodename)
+        try:
+            state, reason = self._train(resume, started)
+        except StopTraining as stop:
+            state, reason = stop.state, stop.reason
+        except ConfigError as exc:
+            state, reason = "failed", str(exc)
+        except Exception as exc:  # a crash leaves the record failed with the error
+            state, reason = "failed", f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        self.record.update_status(state=state, error=None if state == "completed" else reason,
+                                  reason=reason, finished=time.time())
+        return state
+
+    def _train(self, resume: bool, started: float) -> tuple[str, str]:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        prep = prepare(cfg, self.data_source)
+        device = prep.device
+        model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
+        init = getattr(model, "init_from_data", None)
+        if callable(init):
+            sample = prep.train_x[torch.randperm(prep.train_x.shape[0], generator=_generator(cfg.seed, 7))[:5000].to(device)]
+            init(normalize(prep, sample))
+        model.to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, model)
+        ema = None
+        if cfg.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
+
+        n_epoch = len(prep.epoch_indices)
+        steps_per_epoch = max(1, math.ceil(n_epoch / cfg.batch_size))
+        total_steps = steps_per_epoch * cfg.epochs
+        schedule = build_schedule(cfg.schedule, cfg.schedule_params, total_steps, steps_per_epoch)
+
+        step, best_acc, elapsed_before = 0, -1.0, 0.0
+        if resume and self.record.checkpoint_path("last").exists():
+            ckpt = torch.load(self.record.checkpoint_path("last"), map_location=device, weights_only=True)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            step, best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
+            elapsed_before = float(ckpt.get("elapsed", 0.0))
+            self._truncate_metrics_after(step)
+
+        n_params = count_params(model)
+        self.record.update_status(
+            device=device_description(device), data_origin=prep.data_origin, params=n_params,
+            total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_images=n_epoch,
+            eval_split=prep.eval_split, split=prep.split_summary, resumed_at_step=step if resume else None)
+
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+        t0 = time.time() - elapsed_before
+        window = {"loss": 0.0, "correct": 0.0, "n": 0, "t": time.time(), "images": 0}
+        stop: StopTraining | None = None
+        try:
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                order = self._epoch_order(prep, epoch)
+                for b in range(step % steps_per_epoch, steps_per_epoch):
+                    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    lr = cfg.lr * schedule(step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, correct, grad_norm = self._step(prep, model, optimizer, scaler, ema, idx, step)
+                    step += 1
+                    window["loss"] += loss * idx.shape[0]
+                    window["correct"] += correct
+                    window["n"] += idx.shape[0]
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
+                    if step % cfg.log_every == 0 or b == steps_per_epoch - 1:
+                        self._log_train(window, step, steps_per_epoch, lr, grad_norm, t0)
+                    if self.stop_requested:
+                        raise StopTraining("cancelled", self.stop_requested)
+                    if self.stop_at_step is not None and step >= self.stop_at_step:
+                        raise StopTraining("cancelled", f"stopped at step {step} (test hook)")
+                    if cfg.time_limit_min and time.time() - t0 > 60 * cfg.time_limit_min:
+                        break
+                epoch_done = step // steps_per_epoch
+                at_limit = cfg.time_limit_min and time.time() - t0 > 60 * cfg.time_limit_min
+                if epoch_done % cfg.eval_every == 0 or step >= total_steps or at_limit:
+                    acc = self._log_eval(prep, ema or model, step, steps_per_epoch, t0)
+                    if acc > best_acc:
+                        best_acc = acc
+                        self._save_checkpoint("best", model, optimizer, ema, scaler, step, best_acc, t0)
+                self._save_checkpoint("last", model, optimizer, ema, scaler, step, best_acc, t0)
+                self.record.update_status(step=step, epoch=epoch_done, best_val_acc=best_acc)
+                if at_limit:
+                    break
+        except StopTraining as exc:
+            stop = exc
+            if exc.state == "cancelled":
+                self._save_checkpoint("last", model, optimizer, ema, scaler, step, best_acc, t0)
+                self.record.update_status(step=step, epoch=step / steps_per_epoch)
+        finally:
+            if bar is not None:
+                bar.close()
+        if stop is not None:
+            raise stop
+        self._final_report(prep, ema or model, t0, step, total_steps)
+        limit_note = " (time limit reached)" if step < total_steps else ""
+        return "completed", f"finished {step} steps{limit_note}"
+
+    def _epoch_order(self, prep: Prepared, epoch: int) -> torch.Tensor:
+        gen = _generator(self.cfg.seed, 1, epoch)
+        n = len(prep.epoch_indices)
+        if prep.sample_weights is not None:
+            picks = torch.multinomial(prep.sample_weights, n, replacement=True, generator=gen)
+        else:
+            picks = torch.randperm(n, generator=gen)
+        return torch.as_tensor(prep.epoch_indices)[picks].to(prep.device)
+
+    def _step(self, prep, model, optimizer, scaler, ema, idx, step) -> tuple[float, float, float | None]:
+        cfg = self.cfg
+        model.train()
+        x_uint8, y = prep.train_x[idx], prep.train_y[idx]
+        x, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, step))
+        x = normalize(prep, x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(cfg, prep.device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y_soft, weight=prep.class_weights,
+                                   label_smoothing=cfg.label_smoothing)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise StopTraining("failed", f"loss became {loss_value} at step {step}: training diverged "
+                                         "(try a lower learning rate or gradient clipping)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = None
+        if cfg.grad_clip != "none" or (step + 1) % cfg.log_every == 0:
+            scaler.unscale_(optimizer)
+            params = [p for p in model.parameters() if p.grad is not None]
+            if cfg.grad_clip == "value":
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+                torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+            else:
+                max_norm = cfg.clip_max_norm if cfg.grad_clip == "norm" else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, max_norm, norm_type=float(cfg.clip_norm_type)).item()
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
+        correct = (logits.argmax(1) == y_soft.argmax(1)).sum().item()
+        return loss_value, correct, grad_norm
+
+    # ---- records -------------------------------------------------------------------------------
+    def _log_train(self, window, step, steps_per_epoch, lr, grad_norm, t0):
+        now = time.time()
+        if window["n"] == 0:
+            return
+        row = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
+               "train_loss": window["loss"] / window["n"], "train_acc": window["correct"] / window["n"],
+               "lr": lr, "grad_norm": grad_norm,
+               "images_per_s": window["n"] / max(1e-9, now - window["t"]), "elapsed": now - t0,
+               "time": now}
+        self.record.append_metrics(row)
+        window.update(loss=0.0, correct=0.0, n=0, t=now)
+
+    def _log_eval(self, prep, model, step, steps_per_epoch, t0) -> float:
+        result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip)
+        now = time.time()
+        self.record.append_metrics({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                                    "val_loss": result["loss"], "val_acc": result["acc"],
+                                    "eval_split": prep.eval_split, "elapsed": now - t0, "time": now})
+        return result["acc"]
+
+    def _save_checkpoint(self, which, model, optimizer, ema, scaler, step, best_acc, t0):
+        from .runs import atomic_write_bytes
+        import io
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None,
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "step": step, "best_acc": best_acc, "elapsed": time.time() - t0,
+                 "model_name": self.cfg.model, "model_params": self.cfg.model_params}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.record.checkpoint_path(which), buffer.getvalue())
+
+    def _truncate_metrics_after(self, step: int) -> None:
+        """On resume, drop metric lines written after the checkpoint so curves don't repeat."""
+        rows = self.record.read_metrics()
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        from .runs import atomic_write_bytes
+        import json
+        atomic_write_bytes(self.record.metrics_path,
+                           "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def _final_report(self, prep, model, t0, step, total_steps):
+        logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip)
+        y_true = prep.test_y.cpu().numpy()
+        report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(_classes()))
+        report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=step,
+                      total_steps=total_steps, train_seconds=time.time() - t0,
+                      evaluated_with="ema" if self.cfg.ema_decay else "model",
+                      tta_flip=self.cfg.tta_flip, test_images=int(y_true.shape[0]))
+        from .runs import atomic_write_json
+        atomic_write_json(self.record.results_path, report)
+        self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
+                                  macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])
+
+
+def _classes():
+    from .data import CLASSES
+    return CLASSES
+
+
+def train_run(cfg: RunConfig, store: RunStore | None = None, run_id: str | None = None,
+              data_source: str | None = None, resume: bool = False, progress: bool = False,
+              stop_at_step: int | None = None) -> RunRecord:
+    """Create (or reopen, for resume) a run record and train it in this process."""
+    store = store or RunStore()
+    if run_id and store.record(run_id).exists():
+        record = store.record(run_id)
+    else:
+        record = store.create(cfg, run_id=run_id, state="queued")
+    Trainer(cfg, record, data_source, progress=progress, stop_at_step=stop_at_step).run(resume=resume)
+    return record

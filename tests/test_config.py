@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from cifar_core.cli import build_parser, config_from_args, parse_augment, parse_kv
+from cifar_core.config import RunConfig, config_diff
+from cifar_core.params import ConfigError, Param
+
+
+def test_defaults_validate_and_fill_registry_params():
+    cfg = RunConfig().validated()
+    assert cfg.model == "resnet18"
+    assert cfg.model_params["norm"] == "batch"          # filled from the model declaration
+    assert "warmup_epochs" in cfg.schedule_params        # filled from the schedule declaration
+    assert [s["name"] for s in cfg.augment] == ["random_crop", "hflip"]
+    assert all("params" in s and "p" in s for s in cfg.augment)
+
+
+def test_json_round_trip_is_identity():
+    cfg = RunConfig(model="resnet34", model_params={"norm": "group", "groups": 16}, lr=0.1,
+                    schedule="inverse_time", schedule_params={"decay_rate": 0.5},
+                    augment=[{"name": "cutout", "params": {"size": 10}, "p": 0.5}]).validated()
+    again = RunConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(again.to_json()) == json.loads(cfg.to_json())
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"lr": -1}, "lr: -1.0 is below the minimum"),
+    ({"epochs": 2.5}, "epochs: expected a whole number"),
+    ({"optimizer": "rmsprop"}, "optimizer: 'rmsprop' is not one of"),
+    ({"model": "vgg99"}, "unknown model 'vgg99'"),
+    ({"schedule": "warp"}, "unknown LR schedule 'warp'"),
+    ({"model_params": {"norm": "group", "groups": 24}}, "groups"),
+    ({"model_params": {"dropout": 1.5}}, "dropout"),
+    ({"model_params": {"depth": 3}}, "unknown parameter(s) depth"),
+    ({"augment": [{"name": "rotation", "params": {"degrees": 400}}]}, "degrees"),
+    ({"augment": [{"name": "teleport"}]}, "teleport"),
+    ({"label_budget": 255}, "multiple of 10"),
+    ({"subset": "random", "subset_size": 1000, "val_size": 1000}, "leaves no training images"),
+    ({"lr": float("nan")}, "finite"),
+    ({"nesterov": "maybe"}, "expected true or false"),
+    ({"imbalance": "long_tail", "imbalance_params": {"imbalance_ratio": 0}}, "imbalance_ratio"),
+    ({"balance": "smote"}, "unknown balancing strategy"),
+])
+def test_invalid_values_raise_clear_errors(changes, fragment):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**changes).validated()
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_rejected():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RunConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.from_json("{nope")
+
+
+def test_param_coercion():
+    assert Param("x", "int", 1, 0, 10).validate("7") == 7
+    assert Param("x", "float", 1.0).validate("0.5") == 0.5
+    assert Param("x", "bool", False).validate("true") is True
+    assert Param("x", "float_pair", (0, 1), 0, 1).validate([0.2, 0.4]) == (0.2, 0.4)
+    with pytest.raises(ConfigError):
+        Param("x", "float_pair", (0, 1), 0, 1).validate([0.6, 0.4])
+    with pytest.raises(ConfigError):
+        Param("x", "int", 1).validate(True)
+
+
+def test_cli_flags_mirror_config():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "resnet18", "--model-params", "norm=group,groups=32",
+                              "--lr", "0.2", "--no-nesterov", "--augment", "random_crop:padding=2;hflip@0.5",
+                              "--schedule", "step", "--schedule-params", '{"step_epochs": 5}'])
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.2 and cfg.nesterov is False
+    assert cfg.model_params["norm"] == "group"
+    assert cfg.augment[0]["params"]["padding"] == 2 and cfg.augment[1]["p"] == 0.5
+    assert cfg.schedule_params == {"step_epochs": 5, "gamma": 0.1}
+    # every scalar config field has a flag
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["train"]._actions}
+    assert set(RunConfig.scalar_params()) <= flags
+
+
+def test_cli_config_file_overridden_by_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(RunConfig(lr=0.3, epochs=3).validated().to_json())
+    args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "5"])
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.3 and cfg.epochs == 5
+
+
+def test_parse_helpers():
+    assert parse_kv("a=1,b=x,c=true") == {"a": 1, "b": "x", "c": True}
+    assert parse_augment("none") == []
+    with pytest.raises(ConfigError):
+        parse_kv("a")
+
+
+def test_config_diff_only_differing_keys():
+    a = RunConfig().validated().to_dict()
+    b = RunConfig(lr=0.1, model_params={"norm": "group"}).validated().to_dict()
+    diff = config_diff(a, b)
+    assert set(diff) == {"lr", "model_params.norm"}
