@@ -173,7 +173,9 @@ def cmd_runs(args) -> int:
 def cmd_worker(args) -> int:
     from .jobs import run_worker
     from .runs import RunStore
-    return run_worker(RunStore(args.runs_root), idle_exit=args.idle_exit)
+    from .jobs import IDLE_EXIT_SECONDS
+    idle = IDLE_EXIT_SECONDS if args.idle_exit is None else args.idle_exit
+    return run_worker(RunStore(args.runs_root), idle_exit=idle)
 
 
 def cmd_submit(args) -> int:
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.set_defaults(func=cmd_cancel)
 
     worker = sub.add_parser("worker", help="the job supervisor (started automatically)")
-    worker.add_argument("--idle-exit", type=float, default=60.0, help="exit after this many idle seconds")
+    worker.add_argument("--idle-exit", type=float, default=None,
+                        help="exit after this many idle seconds (default: $CIFAR_LAB_WORKER_IDLE or 60)")
     worker.set_defaults(func=cmd_worker)
 
     data = sub.add_parser("data", help="find, download or check CIFAR-10")

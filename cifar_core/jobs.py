@@ -172,18 +172,23 @@ def worker_alive(store: RunStore) -> bool:
         return not got
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
 def ensure_worker(store: RunStore | None = None) -> bool:
     """Start a detached supervisor for this runs root unless one holds the lock. True if started."""
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]  # reap exited supervisors (no zombies)
     store = store or RunStore()
     store.root.mkdir(parents=True, exist_ok=True)
     if worker_alive(store):
         return False
     log = open(store.root / ".worker.log", "ab")
-    subprocess.Popen([sys.executable, "-m", "cifar_core", "--runs-root", str(store.root), "worker"],
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_core", "--runs-root", str(store.root), "worker"],
                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                      start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
+    _SPAWNED.append(proc)
     return True
 
 

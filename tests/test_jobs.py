@@ -1,0 +1,153 @@
+"""Background jobs: real OS processes started by the supervisor on tiny real trainings."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cifar_core import jobs
+from cifar_core.config import RunConfig
+from cifar_core.runs import RunStore
+
+
+def long_cfg(**changes):
+    # Small but long enough to stay running until the test cancels it.
+    base = dict(model="lenet", subset="per_class", per_class=20, epochs=2000, batch_size=50,
+                log_every=1, val_size=0, eval_every=1000)
+    base.update(changes)
+    return RunConfig(**base).validated()
+
+
+def wait_for(predicate, timeout=90, every=0.2):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.fixture
+def store(tmp_path, cifar_npz, monkeypatch):
+    monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
+    monkeypatch.setenv("CIFAR_LAB_SLOTS_CPU", "1")
+    monkeypatch.setenv("CIFAR_LAB_CANCEL_GRACE", "5")
+    monkeypatch.setenv("CIFAR_LAB_WORKER_IDLE", "5")
+    s = RunStore(tmp_path / "runs")
+    yield s
+    # leave nothing behind: cancel everything, stop the supervisor
+    for record in s.records():
+        pid = record.status().get("pid")
+        if pid and jobs.process_alive(pid):
+            jobs._signal_group(pid, signal.SIGKILL)
+    stop_worker(s)
+
+
+def worker_pids(store):
+    out = subprocess.run(["pgrep", "-f", "--", f"--runs-root {store.root} worker"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def stop_worker(store):
+    for pid in worker_pids(store):
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not worker_pids(store), timeout=20)
+
+
+def state(store, run_id):
+    return store.record(run_id).state()
+
+
+def test_queue_order_concurrency_cancel_and_reattach(store):
+    a = jobs.submit(long_cfg(name="a"), store).run_id
+    b = jobs.submit(long_cfg(name="b"), store).run_id
+    c = jobs.submit(long_cfg(name="c"), store).run_id
+    assert wait_for(lambda: state(store, a) == "running"), store.record(a).status()
+    assert wait_for(lambda: store.record(a).metrics_path.exists())
+    time.sleep(1.5)  # give the supervisor several ticks to (wrongly) start more
+    assert state(store, b) == "queued" and state(store, c) == "queued"   # 1 CPU slot
+
+    # cancel the running one: SIGTERM, it stops at a safe point with a checkpoint, no process left
+    pid_a = store.record(a).status()["pid"]
+    assert jobs.cancel(a, store) == "cancelling"
+    assert wait_for(lambda: state(store, a) == "cancelled")
+    assert wait_for(lambda: not jobs.process_alive(pid_a), timeout=20)
+    assert store.record(a).checkpoint_path("last").exists()
+
+    # the queue moves on in submission order
+    assert wait_for(lambda: state(store, b) == "running")
+    assert state(store, c) == "queued"
+
+    # cancelling a queued job is immediate
+    assert jobs.cancel(c, store) == "cancelled"
+
+    # restart the supervisor: the running job keeps running and is still tracked
+    stop_worker(store)
+    pid_b = store.record(b).status()["pid"]
+    assert jobs.process_alive(pid_b)
+    lines_before = len(store.record(b).read_metrics())
+    jobs.ensure_worker(store)
+    assert wait_for(lambda: len(worker_pids(store)) == 1)
+    time.sleep(1.0)
+    assert state(store, b) == "running"
+    assert wait_for(lambda: len(store.record(b).read_metrics()) > lines_before)  # still streaming
+    jobs.cancel(b, store)
+    assert wait_for(lambda: state(store, b) == "cancelled")
+    assert wait_for(lambda: not jobs.process_alive(pid_b), timeout=20)
+
+
+def test_lost_process_is_marked_failed_with_log_tail(store):
+    run_id = jobs.submit(long_cfg(), store).run_id
+    assert wait_for(lambda: store.record(run_id).metrics_path.exists())
+    stop_worker(store)
+    pid = store.record(run_id).status()["pid"]
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    assert wait_for(lambda: not jobs.process_alive(pid), timeout=10)
+    assert jobs.reconcile(store) == [run_id]
+    status = store.record(run_id).status()
+    assert status["state"] == "failed" and status["error"].startswith("process lost")
+
+
+def test_forced_kill_after_grace_period(store):
+    # a process that ignores SIGTERM stands in for a stuck trainer
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
+                            start_new_session=True, stdout=subprocess.PIPE)
+    proc.stdout.readline()
+    record = store.create(long_cfg(), state="running")
+    record.update_status(pid=proc.pid, pid_start=jobs.process_start_time(proc.pid), device_kind="cpu")
+    assert jobs.cancel(record.run_id, store) == "cancelling"
+    time.sleep(0.5)
+    assert proc.poll() is None                      # SIGTERM ignored
+    sup = jobs.Supervisor(store)
+    assert wait_for(lambda: (sup.tick(), proc.poll() is not None)[1], timeout=20)
+    assert record.state() == "cancelled" and "grace period" in record.status()["error"]
+
+
+def test_second_supervisor_exits_immediately(store):
+    jobs.ensure_worker(store)
+    assert wait_for(lambda: jobs.worker_alive(store), timeout=20)
+    out = subprocess.run([sys.executable, "-m", "cifar_core", "--runs-root", str(store.root), "worker"],
+                         capture_output=True, text=True, timeout=60)
+    assert "already" in out.stdout
+    assert len(worker_pids(store)) == 1
+
+
+def test_deleted_run_folder_while_viewed(store):
+    record = store.create(long_cfg(), state="completed")
+    reader = record.metrics_reader()
+    record.append_metrics({"kind": "train", "step": 1})
+    assert len(reader.read_new()) == 1
+    jobs.delete(record.run_id, store)
+    assert reader.read_new() == [] and record.status() == {} and not record.exists()
+    assert jobs.reconcile(store) == []
+    with pytest.raises(Exception, match="not found"):
+        jobs.cancel(record.run_id, store)
+
+
+def test_crash_at_start_is_reported(store, tmp_path):
+    record = jobs.submit(long_cfg(), store, data_source=str(tmp_path / "no-such.npz"))
+    assert wait_for(lambda: record.state() == "failed", timeout=90), record.status()
+    assert "no-such.npz" in record.status()["error"]
