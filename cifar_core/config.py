@@ -71,6 +71,9 @@ class RunConfig:
                                         help="SGD momentum (Adam: beta1)."))
     nesterov: bool = _p("optim", Param("nesterov", "bool", True))
     batch_size: int = _p("optim", Param("batch_size", "int", 128, 1, 8192))
+    bias_lr_scale: float = _p("optim", Param("bias_lr_scale", "float", 1.0, 0.01, 256.0,
+                                             help="LR multiplier for biases and norm parameters "
+                                                  "(airbench trains BN biases 64× faster)."))
     schedule: str = _p("optim", Param("schedule", "str", "cosine"))
     schedule_params: dict = _reg("optim", "schedule", owner="schedule")
     # regularization
@@ -86,6 +89,9 @@ class RunConfig:
                                                   help="EMA of weights (0 = off); evaluated with EMA."))
     tta_flip: bool = _p("regularization", Param("tta_flip", "bool", False,
                                                 help="Test-time flip: average logits of image and mirror."))
+    tta_translate: bool = _p("regularization", Param("tta_translate", "bool", False,
+                                                     help="Also average views shifted by one pixel "
+                                                          "(with tta_flip: airbench's TTA level 2)."))
     # speed
     precision: str = _p("speed", Param("precision", "choice", "fp32", choices=("fp32", "bf16", "fp16"),
                                        help="Autocast dtype on CUDA (CPU runs always fp32)."))

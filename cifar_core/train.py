@@ -149,8 +149,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     # Weight decay on weight matrices/kernels only: decaying norm scales and biases only hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -165,8 +165,21 @@ def autocast_context(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
+def tta_views(x: torch.Tensor, flip: bool, translate: bool) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits are averaged at test time."""
+    views = [(1.0, x)]
+    if translate:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        views = [(0.5, x), (0.25, padded[..., :h, :w]), (0.25, padded[..., 2:, 2:])]
+    if flip:
+        views = [(wt * 0.5, v) for wt, v in views] + [(wt * 0.5, v.flip(-1)) for wt, v in views]
+    return views
+
+
 @torch.no_grad()
-def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool) -> torch.Tensor:
+def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool,
+                   tta_translate: bool = False) -> torch.Tensor:
     model.eval()
     outs = []
     for start in range(0, x_uint8.shape[0], EVAL_BATCH):
@@ -174,15 +187,14 @@ def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool)
         if prep.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(prep.cfg, prep.device):
-            logits = model(x).float()
-            if tta_flip:
-                logits = 0.5 * (logits + model(x.flip(-1)).float())
+            logits = sum(wt * model(view).float() for wt, view in tta_views(x, tta_flip, tta_translate))
         outs.append(logits)
     return torch.cat(outs)
 
 
-def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: bool) -> dict:
-    logits = predict_logits(model, prep, x, tta_flip)
+def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
+             tta_translate: bool = False) -> dict:
+    logits = predict_logits(model, prep, x, tta_flip, tta_translate)
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return {"loss": loss, "acc": acc, "logits": logits}
@@ -297,7 +309,7 @@ class Trainer:
                     idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     lr = cfg.lr * schedule(step)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group["lr_scale"]
                     loss, correct, grad_norm = self._step(prep, model, optimizer, scaler, ema, idx, step)
                     step += 1
                     window["loss"] += loss * idx.shape[0]
@@ -398,7 +410,7 @@ class Trainer:
         window.update(loss=0.0, correct=0.0, n=0, t=now)
 
     def _log_eval(self, prep, model, step, steps_per_epoch, t0) -> float:
-        result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip)
+        result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip, self.cfg.tta_translate)
         now = time.time()
         self.record.append_metrics({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
                                     "val_loss": result["loss"], "val_acc": result["acc"],
@@ -427,13 +439,13 @@ class Trainer:
                            "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _final_report(self, prep, model, t0, step, total_steps):
-        logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip)
+        logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip, self.cfg.tta_translate)
         y_true = prep.test_y.cpu().numpy()
         report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(_classes()))
         report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=step,
                       total_steps=total_steps, train_seconds=time.time() - t0,
                       evaluated_with="ema" if self.cfg.ema_decay else "model",
-                      tta_flip=self.cfg.tta_flip, test_images=int(y_true.shape[0]))
+                      tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate, test_images=int(y_true.shape[0]))
         from .runs import atomic_write_json
         atomic_write_json(self.record.results_path, report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],

@@ -1,0 +1,399 @@
+"""Runs: the queue and history, a live view of one run, its actions and its final results."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pandas as pd
+import streamlit as st
+
+from cifar_core import jobs
+from cifar_core.params import ConfigError
+from ui import charts, live
+from ui.common import friendly_errors, get_store
+
+BADGE_COLORS = {"queued": "gray", "starting": "blue", "running": "blue", "completed": "green",
+                "failed": "red", "cancelled": "orange", "unknown": "gray"}
+STATE_ORDER = ("queued", "starting", "running", "completed", "failed", "cancelled", "unknown")
+LIVE_REFRESH_S = 1.0
+TABLE_REFRESH_S = 3.0
+
+
+def _flash(kind: str, text: str) -> None:
+    st.session_state["runs_flash"] = (kind, text)
+
+
+def _show_flash() -> None:
+    item = st.session_state.pop("runs_flash", None)
+    if item:
+        getattr(st, item[0], st.info)(item[1])
+
+
+def _fmt_time(ts) -> str:
+    if not isinstance(ts, (int, float)) or ts <= 0:
+        return "—"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and value == value else "—"
+
+
+def _badge(state: str) -> str:
+    return f":{BADGE_COLORS.get(state, 'gray')}-badge[{state}]"
+
+
+# ---- queue and history --------------------------------------------------------------------------
+def history_table(store, summaries: list[dict]) -> None:
+    if not summaries:
+        st.info("No runs yet. Start one on the **Train** page; it will show up here.")
+        return
+    picked = st.multiselect("Show states", STATE_ORDER, key="runs_state_filter", placeholder="All states")
+    rows = []
+    now = time.time()
+    for s in summaries:
+        if picked and s["state"] not in picked:
+            continue
+        acc = live.best_accuracy(s["status"])
+        rows.append({
+            "state": s["state"], "name": s["name"] or "—", "model": s["model"],
+            "key tricks": s["tricks"], "best acc %": None if acc is None else round(100 * acc, 2),
+            "duration": charts.fmt_duration(live.duration(s["status"], now)),
+            "created": _fmt_time(s["created"]), "run id": s["run_id"]})
+    if not rows:
+        st.caption("No runs in the chosen states.")
+        return
+    counts = pd.Series([s["state"] for s in summaries]).value_counts()
+    st.caption(" · ".join(f"{counts[s]} {s}" for s in STATE_ORDER if s in counts))
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320),
+                 column_config={
+                     "best acc %": st.column_config.NumberColumn(
+                         "best acc", format="%.2f%%",
+                         help="Test accuracy of completed runs, else the best validation accuracy so far."),
+                     "key tricks": st.column_config.TextColumn(width="large"),
+                 })
+
+
+# ---- picker ---------------------------------------------------------------------------------------
+def pick_run(store, summaries: list[dict]) -> str | None:
+    ids = [s["run_id"] for s in summaries]
+    by_id = {s["run_id"]: s for s in summaries}
+    wanted = st.query_params.get("run") or st.session_state.get("selected_run")
+    if wanted and wanted not in by_id:
+        st.warning(_missing_run_message(store, wanted) + (" Showing another run." if ids else ""))
+        st.session_state.pop("selected_run", None)
+        wanted = None
+    if not ids:
+        if "run" in st.query_params:
+            del st.query_params["run"]
+        return None
+    index = ids.index(wanted) if wanted in by_id else 0
+    choice = st.selectbox(
+        "Run", ids, index=index,
+        format_func=lambda rid: f"{live.run_label(rid, by_id[rid])}  —  {by_id[rid]['state']}  ({rid})")
+    if st.query_params.get("run") != choice:
+        st.query_params["run"] = choice
+    st.session_state["selected_run"] = choice
+    return choice
+
+
+def _missing_run_message(store, run_id: str) -> str:
+    try:
+        record = store.record(run_id)
+    except ConfigError:
+        return f"“{run_id}” is not a valid run id."
+    if record.path.is_dir() and not record.config_path.exists():
+        return (f"Run {run_id} has no config.json (missing or never written), so it can't be shown. "
+                f"Its folder is {record.path}.")
+    return f"Run {run_id} was deleted (its folder is gone from {store.root})."
+
+
+# ---- live view ------------------------------------------------------------------------------------
+def _num(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
+
+
+def _progress(status: dict, lm: live.LiveMetrics, state: str) -> None:
+    """Progress bar with steps, epochs, elapsed time and (while running) an ETA."""
+    last = lm.latest("train")
+    step = int(max(_num(last.get("step")) or 0, _num(status.get("step")) or 0))
+    total = _num(status.get("total_steps"))
+    elapsed = _num(last.get("elapsed"))
+    started = _num(status.get("started"))
+    if elapsed is None and state in ("starting", "running") and started:
+        elapsed = time.time() - started
+    parts, frac = [], None
+    if total and total > 0:
+        frac = min(1.0, step / total)
+        parts.append(f"step {step:,} / {int(total):,}")
+        spe = _num(status.get("steps_per_epoch"))
+        if spe and spe > 0:
+            parts.append(f"epoch {step / spe:.2f} / {round(total / spe)}")
+    elif step:
+        parts.append(f"step {step:,}")
+    if elapsed is not None:
+        parts.append(f"elapsed {charts.fmt_duration(elapsed)}")
+        if frac is not None and state == "running" and step > 0 and elapsed > 0 and frac < 1:
+            eta = (total - step) * elapsed / step
+            since = max(0.0, time.time() - (_num(last.get("time")) or time.time()))
+            if since > 60:  # no metric line for a while: say so rather than count the ETA down to 0
+                parts.append(f"ETA {charts.fmt_duration(eta)} (no new metrics for {charts.fmt_duration(since)})")
+            else:
+                parts.append(f"ETA {charts.fmt_duration(max(0.0, eta - since))}")
+    if frac is None and state == "completed":
+        frac = 1.0
+    if frac is not None:
+        st.progress(frac, text=" · ".join(parts) or None)
+    elif parts:
+        st.caption(" · ".join(parts))
+
+
+def _latest_metrics(status: dict, lm: live.LiveMetrics) -> None:
+    last, last_eval = lm.latest("train"), lm.latest("eval")
+    best = _num(status.get("best_val_acc"))
+    if best is None or best < 0:
+        vals = [v for v in lm.eval["val_acc"] if v == v]
+        best = max(vals) if vals else None
+
+    def fmt(value, spec: str) -> str:
+        value = _num(value)
+        return "—" if value is None else format(value, spec)
+
+    items = [("train loss", fmt(last.get("train_loss"), ".4f")),
+             ("train acc", _pct(_num(last.get("train_acc")))),
+             ("val acc (last)", _pct(_num(last_eval.get("val_acc")))),
+             ("val acc (best)", _pct(best)),
+             ("learning rate", fmt(last.get("lr"), ".3g")),
+             ("images / s", fmt(last.get("images_per_s"), ",.0f"))]
+    for col, (label, value) in zip(st.columns(len(items)), items):
+        col.metric(label, value)
+
+
+def _failure(record, status: dict, state: str) -> None:
+    error = status.get("error") or status.get("reason") or ""
+    message, _, tail_in_error = str(error).partition("\n--- log tail ---\n")
+    if state == "failed":
+        st.error(f"**Failed:** {message or 'no error message was recorded'}")
+    elif state == "cancelled":
+        st.info(f"Cancelled: {message or 'by request'}")
+    tail = record.log_tail() or tail_in_error
+    if state == "failed" or tail:
+        with st.expander("Log tail (train.log)", expanded=state == "failed"):
+            st.code(tail or "(train.log is empty or missing)", language=None)
+
+
+def live_view(store, run_id: str, page_state: str) -> None:
+    record = store.record(run_id)
+    was_active = page_state in live.ACTIVE
+
+    @st.fragment(run_every=LIVE_REFRESH_S if was_active else None)
+    def view() -> None:
+        with friendly_errors("Showing the run"):
+            body()
+
+    def body() -> None:
+        try:
+            lm = live.live_metrics(record)
+        except live.RunDeleted as exc:
+            st.warning(f"{exc} Pick another run above.")
+            return
+        status = record.status()
+        state = status.get("state", "unknown") if status else "unknown"
+        if state in jobs.ACTIVE_STATES and status.get("pid") and \
+                not jobs.process_alive(status.get("pid"), status.get("pid_start")):
+            with friendly_errors("Checking the run's process"):
+                jobs.reconcile(store)
+            status = record.status()
+            state = status.get("state", "unknown")
+        if was_active and state not in live.ACTIVE and st.session_state.get("_runs_rerun_for") != (run_id, state):
+            st.session_state["_runs_rerun_for"] = (run_id, state)
+            st.rerun()  # it finished: redraw the whole page (actions, results), stop auto-refresh
+
+        conf = live.config_summary(record)
+        head = f"#### {live.run_label(run_id, conf)} {_badge(state)}"
+        st.markdown(head)
+        facts = [f"model **{conf['model']}**"]
+        if status.get("device"):
+            facts.append(f"device {status['device']}")
+        if _num(status.get("params")):
+            facts.append(f"{int(status['params']):,} parameters")
+        if status.get("started"):
+            facts.append(f"started {_fmt_time(status['started'])}")
+        st.caption(" · ".join(facts))
+        if not status:
+            st.warning("status.json is missing or unreadable: the run's state is unknown. "
+                       "Metrics and files below are shown as found on disk.")
+        if conf["error"]:
+            st.warning(f"{conf['error']}.")
+        if state == "queued":
+            queued = jobs.job_table(store).get("queued", [])
+            pos = queued.index(run_id) + 1 if run_id in queued else None
+            st.info(f"Queued{f' (position {pos} of {len(queued)})' if pos else ''}: it starts when a "
+                    "training slot is free.")
+        elif state == "starting":
+            st.info("Starting: loading data and building the model…")
+        _progress(status, lm, state)
+        if lm.n_rows:
+            _latest_metrics(status, lm)
+        if lm.bad_lines:
+            n = lm.bad_lines
+            st.warning(f"{n} unreadable line{'s' if n != 1 else ''} skipped in metrics.jsonl.")
+        if state in ("failed", "cancelled"):
+            _failure(record, status, state)
+        x, smoothing = charts.curve_controls("live")
+        train, evl = lm.frames()
+        charts.show_curves({live.run_label(run_id, conf): (train, evl)}, x, smoothing,
+                           empty_message="No metric lines yet." if state in live.ACTIVE
+                           else "This run wrote no metrics.")
+
+    view()
+
+
+# ---- actions --------------------------------------------------------------------------------------
+def actions(store, run_id: str, state: str) -> None:
+    record = store.record(run_id)
+    c1, c2, c3 = st.columns([1, 1.4, 2.6])
+    with c1:
+        if st.button("Cancel run", key="runs_cancel", disabled=state not in live.ACTIVE,
+                     help="Queued: removed from the queue. Running: asked to stop, then killed."):
+            with friendly_errors("Cancel"):
+                result = jobs.cancel(run_id, store)
+                _flash("success" if result in ("cancelled", "cancelling") else "info",
+                       f"Run {run_id}: {result}.")
+                st.rerun()
+    with c2:
+        if st.button("Relaunch with changes", key="runs_relaunch",
+                     help="Open the Train page with this run's configuration filled in."):
+            with friendly_errors("Relaunch"):
+                st.switch_page("pages/1_Train.py", query_params={"from_run": run_id})
+    with c3:
+        deletable = state in live.FINISHED or state == "unknown"
+        with st.expander("Delete run", expanded=False):
+            if not deletable:
+                st.caption("Cancel the run first; finished runs can be deleted.")
+            sure = st.checkbox(f"Delete {run_id} and all its files", key=f"runs_delete_ok_{run_id}",
+                               disabled=not deletable)
+            if st.button("Delete", key="runs_delete", type="primary", disabled=not (deletable and sure)):
+                with friendly_errors("Delete"):
+                    jobs.delete(run_id, store)
+                    live.forget(record)
+                    st.session_state.pop("selected_run", None)
+                    if "run" in st.query_params:
+                        del st.query_params["run"]
+                    _flash("success", f"Deleted run {run_id}.")
+                    st.rerun()
+
+
+# ---- results --------------------------------------------------------------------------------------
+def results_section(store, run_id: str, state: str) -> None:
+    record = store.record(run_id)
+    if not record.path.is_dir():
+        return
+    results = record.results() if record.results_path.exists() else None
+    status = record.status()
+    if state == "completed" or results is not None:
+        st.subheader("Final results")
+        if not isinstance(results, dict):
+            st.warning("results.json is missing or unreadable, so the final evaluation can't be shown.")
+        else:
+            with friendly_errors("Showing the results"):
+                seconds = results.get("train_seconds", status.get("train_seconds"))
+                cols = st.columns(4)
+                cols[0].metric("test accuracy", _pct(results.get("test_acc")))
+                cols[1].metric("balanced accuracy", _pct(results.get("balanced_acc")))
+                cols[2].metric("macro-F1", f"{results['macro_f1']:.4f}"
+                               if isinstance(results.get("macro_f1"), (int, float)) else "—")
+                cols[3].metric("training time", charts.fmt_duration(seconds))
+                left, right = st.columns([1, 1])
+                with left:
+                    st.markdown("**Per-class accuracy** (test)")
+                    per_class = results.get("per_class_acc")
+                    chart = charts.per_class_chart({run_id: per_class}) if isinstance(per_class, dict) else None
+                    if chart is None:
+                        st.caption("No per-class accuracy in results.json.")
+                    else:
+                        st.altair_chart(chart, width="stretch")
+                with right:
+                    st.markdown("**Confusion matrix** (test; rows: true class)")
+                    chart = charts.confusion_chart(results.get("confusion_matrix") or [],
+                                                   results.get("classes") or [])
+                    if chart is None:
+                        st.caption("No confusion matrix in results.json.")
+                    else:
+                        st.altair_chart(chart, width="content")
+    downloads(record)
+
+
+def _reader(path):
+    def read() -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError:
+            return b""
+    return read
+
+
+def _size(path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def downloads(record) -> None:
+    files = [(record.config_path, "config.json", "application/json"),
+             (record.metrics_path, "metrics.jsonl", "application/jsonl"),
+             (record.checkpoint_path("best"), "best.pt", "application/octet-stream"),
+             (record.checkpoint_path("last"), "last.pt", "application/octet-stream")]
+    present = [(p, n, m) for p, n, m in files if p.is_file()]
+    if not present:
+        return
+    st.markdown("**Files**")
+    row = st.container(horizontal=True)
+    for path, name, mime in present:
+        try:
+            label = f"{name} ({_size(path)})"
+        except OSError:
+            continue
+        with row:
+            st.download_button(label, data=_reader(path), file_name=f"{record.run_id}-{name}", mime=mime,
+                               key=f"runs_dl_{name}", on_click="ignore", icon=":material/download:")
+
+
+# ---- page -----------------------------------------------------------------------------------------
+st.set_page_config(page_title="Runs · CIFAR-10 Lab", layout="wide")
+st.title("Runs")
+_show_flash()
+store = get_store()
+with friendly_errors("Checking for lost jobs"):
+    jobs.reconcile(store)
+summaries = live.run_summaries(store)
+any_active = any(s["state"] in live.ACTIVE for s in summaries)
+
+
+@st.fragment(run_every=TABLE_REFRESH_S if any_active else None)
+def _table() -> None:
+    rows = summaries
+    if st.session_state.get("_runs_table_renders", 0):  # a timed refresh: read the disk again
+        with friendly_errors("Checking for lost jobs"):
+            jobs.reconcile(store)
+        rows = live.run_summaries(store)
+    st.session_state["_runs_table_renders"] = st.session_state.get("_runs_table_renders", 0) + 1
+    with friendly_errors("Showing the runs table"):
+        history_table(store, rows)
+
+
+st.session_state["_runs_table_renders"] = 0
+_table()
+
+st.divider()
+selected = pick_run(store, summaries)
+if selected:
+    summary = next(s for s in summaries if s["run_id"] == selected)
+    state = summary["state"]
+    actions(store, selected, state)
+    live_view(store, selected, state)
+    results_section(store, selected, state)

@@ -1,0 +1,53 @@
+"""Shared page plumbing: where runs and data live, device info, and turning errors into messages."""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+
+import streamlit as st
+
+from cifar_core.params import ConfigError
+from cifar_core.runs import RunStore
+
+
+def get_store() -> RunStore:
+    """The runs root: $CIFAR_LAB_RUNS or ./runs (read on every call so tests can point it elsewhere)."""
+    return RunStore()
+
+
+def data_source() -> str | None:
+    """Explicit CIFAR-10 source for jobs ($CIFAR10_NPZ), else None (the cache / download path)."""
+    return os.environ.get("CIFAR10_NPZ") or None
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def data_status() -> dict:
+    """Where CIFAR-10 was found, or the message saying how to get it (never raises)."""
+    from cifar_core.data import load_cifar10
+    try:
+        arrays = load_cifar10(data_source())
+        return {"ok": True, "origin": arrays.origin, "train": len(arrays.x_train), "test": len(arrays.x_test)}
+    except ConfigError as exc:
+        return {"ok": False, "message": str(exc)}
+
+
+@st.cache_data(show_spinner=False)
+def device_info() -> dict:
+    import torch
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {"kind": "cuda", "name": props.name, "memory_gib": props.total_memory / 2**30}
+    return {"kind": "cpu", "name": f"CPU ({os.cpu_count()} cores)", "memory_gib": None}
+
+
+@contextlib.contextmanager
+def friendly_errors(what: str = "This action"):
+    """Show a clear message instead of a traceback (the traceback goes to the server log)."""
+    try:
+        yield
+    except ConfigError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # never let a traceback reach the page
+        st.error(f"{what} failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
