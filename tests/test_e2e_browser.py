@@ -1,0 +1,190 @@
+"""End to end in a real headless Chromium (Debian's package) driven by Playwright.
+
+Starts `streamlit run app.py` on a loopback port with a temporary runs folder, launches a training
+from the Train page, watches its curve grow on the Runs page, queues two more, cancels one, restarts
+the Streamlit server and checks the remaining run is still tracked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from cifar_core import jobs
+from cifar_core.runs import RunStore
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
+
+if not Path(CHROMIUM).exists():  # .ci/run installs it (make browser); say so plainly if it did not
+    pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (Debian packages chromium, "
+                "chromium-driver)", pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict, port: int):
+        self.env, self.port, self.proc = env, port, None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(self.port), "--server.headless", "true",
+             "--server.fileWatcherType", "none"],
+            cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        url = f"http://127.0.0.1:{self.port}/_stcore/health"
+        end = time.time() + 60
+        while time.time() < end:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("streamlit did not start")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def lab(tmp_path, cifar_npz):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "CIFAR_LAB_RUNS": str(runs), "CIFAR10_NPZ": str(cifar_npz),
+           "CIFAR_LAB_SLOTS_CPU": "1", "CIFAR_LAB_CANCEL_GRACE": "10", "CIFAR_LAB_WORKER_IDLE": "20",
+           "PYTHONUNBUFFERED": "1"}
+    server = Server(env, free_port())
+    server.start()
+    store = RunStore(runs)
+    yield server, store
+    server.stop()
+    for record in store.records():
+        status = record.status()
+        if jobs.process_alive(status.get("pid"), status.get("pid_start")):
+            os.killpg(status["pid"], signal.SIGKILL)
+    subprocess.run(["pkill", "-f", "--", f"--runs-root {runs} worker"])
+
+
+def progress_step(page) -> int:
+    """The step number of the live view's progress text ('step 12 / 80 · ...')."""
+    text = page.get_by_text(re.compile(r"step [\d,]+ / [\d,]+")).first.inner_text(timeout=60_000)
+    return int(re.search(r"step ([\d,]+) /", text).group(1).replace(",", ""))
+
+
+def launch_from_train_page(page, base: str, epochs: int) -> None:
+    page.goto(f"{base}/Train?preset={quote('tiny (smoke test)')}")
+    epochs_input = page.get_by_label("epochs", exact=True)
+    epochs_input.wait_for(timeout=60_000)
+    epochs_input.fill(str(epochs))
+    epochs_input.press("Enter")
+    page.wait_for_timeout(1500)  # the form reruns and re-validates
+    launch = page.get_by_role("button", name=re.compile("Launch"))
+    launch.click()
+    page.wait_for_url(re.compile(r".*/Runs.*"), timeout=60_000)
+
+
+def wait_state(store: RunStore, run_id: str, wanted: str, timeout: float = 120) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if store.record(run_id).state() == wanted:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_launch_watch_queue_cancel_restart(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    server, store = lab
+    base = f"http://127.0.0.1:{server.port}"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(60_000)
+
+        # 1. launch a training from the Train page; the app takes us to its live view
+        launch_from_train_page(page, base, epochs=60)
+        assert len(store.ids()) == 1
+        first = store.ids()[0]
+        assert f"run={first}" in page.url
+
+        # 2. the curve appears and grows, without reloading the page
+        start = time.time()
+        first_step = 0
+        while time.time() - start < 120 and first_step < 1:
+            first_step = progress_step(page)
+            page.wait_for_timeout(500)
+        assert first_step >= 1
+        page.locator("[data-testid='stVegaLiteChart'], .vega-embed").first.wait_for(timeout=60_000)
+        grown = first_step
+        deadline = time.time() + 60
+        while time.time() < deadline and grown <= first_step:
+            page.wait_for_timeout(1000)
+            grown = progress_step(page)
+        assert grown > first_step, "the live view did not update"
+        page.screenshot(path=str(tmp_path / "runs_live.png"))
+
+        # 3. launch two more: the CPU slot is taken, so they wait in the queue
+        launch_from_train_page(page, base, epochs=60)
+        launch_from_train_page(page, base, epochs=60)
+        ids = store.ids()
+        assert len(ids) == 3
+        others = sorted((i for i in ids if i != first), key=lambda i: store.record(i).status()["created"])
+        assert store.record(first).state() == "running"
+        assert [store.record(i).state() for i in others] == ["queued", "queued"]
+        page.goto(f"{base}/Runs")
+        page.get_by_text("queued").first.wait_for()
+
+        # 4. cancel the running one from its live view: cancelled, process gone, queue moves on
+        pid = store.record(first).status()["pid"]
+        page.goto(f"{base}/Runs?run={first}")
+        page.get_by_role("button", name=re.compile("Cancel run")).click()
+        assert wait_state(store, first, "cancelled", timeout=60)
+        end = time.time() + 30
+        while time.time() < end and jobs.process_alive(pid):
+            time.sleep(0.3)
+        assert not jobs.process_alive(pid), "the cancelled training process is still alive"
+        page.get_by_text("cancelled").first.wait_for()
+        second = others[0]
+        assert wait_state(store, second, "running", timeout=120)
+
+        # 5. restart the Streamlit server: the running job keeps going and is still tracked
+        server.stop()
+        server.start()
+        page.goto(f"{base}/Runs?run={second}")
+        page.get_by_text("running").first.wait_for()
+        step_a = progress_step(page)
+        deadline = time.time() + 60
+        step_b = step_a
+        while time.time() < deadline and step_b <= step_a:
+            page.wait_for_timeout(1000)
+            step_b = progress_step(page)
+        assert step_b > step_a
+        assert store.record(second).state() == "running"
+        page.screenshot(path=str(tmp_path / "runs_after_restart.png"))
+        browser.close()
