@@ -14,17 +14,24 @@ from them) and a builder that turns validated parameters into one RunConfig per 
   `cifar_core.presets` (the Train page's presets), so they are defined once.
 
 Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks settings
-that finish the whole study in a few minutes on a 2-core CPU — small subsets, a reduced model,
-one or two epochs — so it shows the *direction* of an effect, not its published size. "gpu" (the
+that finish the whole study in about 2–3 minutes on this project's idle 2-core CPU box — small
+subsets, a reduced model, one or two epochs. Its accuracies are far from converged values (see
+`StudyInfo.cpu_note`): a first look and a check that everything runs, not a reproduction. "gpu" (the
 default with CUDA) uses the report's data sizes and more epochs.
 
-How cpu-quick was chosen: see CPU_COST below (timings measured on this project's 2-core CPU box).
-The largest fixed cost of a run on a CPU is the final evaluation on the 10,000 test images, which
-the trainer always does; a ResNet-18 with its usual CIFAR stem (3×3 conv, 32×32 maps in stage 1)
-needs minutes for that alone. cpu-quick therefore uses ResNet-18 with the "imagenet" stem
-(7×7 stride-2 conv + max-pool, 8×8 maps in stage 1, ~16× less compute, same blocks and the same
-normalization layers) for bn_vs_gn and ablation, and the fast net for samplers, and it validates
-during training on a small held-out set instead of the test set.
+How cpu-quick was chosen (timings in CPU_COST below, measured on the 2-core box):
+- Every run ends with an evaluation on the 10,000 test images (the trainer always does it). With
+  ResNet-18's usual CIFAR stem (3×3 conv, 32×32 maps in stage 1) that alone takes about a minute on
+  this CPU, so cpu-quick uses ResNet-18 with the "imagenet" stem (7×7 stride-2 conv + max-pool,
+  8×8 maps in stage 1, ~16× less compute, the same blocks and the same normalization layers) for
+  bn_vs_gn and ablation: ~6 s per final evaluation. It validates during training on a small held-out
+  set (100–500 images) instead of the test set.
+- A ResNet-18 optimizer step costs ~47 ms whatever the batch (updating 11 M weights), so at batch 2
+  the images are what cost: bn_vs_gn trains on 500 images for 1 epoch (250 steps at batch 2, ~23 s
+  per cell, 12 cells ≈ 3 min).
+- samplers needs the whole imbalanced set (~7,500 images) to mean anything, so it uses the fast net
+  at half width, 2 epochs (~35 s per strategy, ≈ 3 min; ~58 % test accuracy).
+- ablation: 1,800 training images, 2 epochs, batch 64 (~19 s per step of the ablation, ≈ 2.5 min).
 
 Files: launching writes ``<runs>/.studies/<study_id>.json`` (kind, params, seeds, run ids, created);
 each run's status.json carries {"study", "study_kind", "cell", "seed"}. Results are read back from
@@ -52,6 +59,7 @@ SEEDS_PARAM = Param("seeds", "int", 1, 1, 5, help="Repeat every cell with seeds 
                                                    "over seeds in the results).")
 MANIFEST_DIR = ".studies"
 STUDY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+SEED_VALUE = RunConfig.scalar_params()["seed"]
 METRICS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
 RECALL_PREFIX = "recall_"
 
@@ -62,6 +70,7 @@ class StudyInfo:
     tests: str          # one sentence: what the study tests
     claim: str          # the claim it reproduces, and where it comes from
     cell_keys: tuple    # the columns that identify a cell
+    cpu_note: str = ""  # what to expect from the cpu-quick scale
 
 
 INFO: dict[str, StudyInfo] = {}
@@ -81,8 +90,8 @@ def default_scale() -> str:
 def _scale_param() -> Param:
     return Param("scale", "choice", "cpu-quick", choices=SCALES,
                  help="cpu-quick: the whole study in a few minutes on a CPU (small subsets, reduced "
-                      "model, 1–2 epochs: shows the direction of an effect). gpu: the report's data "
-                      "sizes and more epochs (needs a CUDA GPU to finish in reasonable time).")
+                      "model, 1–2 epochs: a first look, far from converged accuracies). gpu: the "
+                      "report's data sizes and more epochs (needs a CUDA GPU to finish in reasonable time).")
 
 
 def _register(kind: str, info: StudyInfo, params: tuple[Param, ...], scale_defaults: dict[str, dict]):
@@ -176,11 +185,15 @@ def _model_params_for(model: str, wanted: dict) -> dict:
 
 
 def _seeded(cells: list[tuple[dict, dict]], seeds: list[int]) -> list[tuple[dict, RunConfig]]:
-    """Seed-major order (all cells of seed 0 first), so every cell gets a first result early."""
+    """Validated configs in seed-major order (all cells of seed 0 first, so every cell gets a first
+    result early). Each cell is validated once; its other seeds differ only in `seed`."""
+    validated = [(cell, RunConfig.from_dict({**fields, "seed": seeds[0]})) for cell, fields in cells]
     out = []
     for seed in seeds:
-        for cell, fields in cells:
-            cfg = RunConfig.from_dict({**fields, "seed": seed})
+        for cell, cfg in validated:
+            if seed != cfg.seed:
+                cfg = copy.deepcopy(cfg)
+                cfg.seed = SEED_VALUE.validate(seed)
             out.append((dict(cell), cfg))
     return out
 
@@ -200,7 +213,11 @@ def _label(cell: dict) -> str:
         claim="Group Normalization (Wu & He, 2018), cited by the source report: BatchNorm's error "
               "rises sharply as the batch gets small (its batch statistics become noisy), while "
               "GroupNorm, which normalizes within each image, is nearly independent of the batch size.",
-        cell_keys=("norm", "batch_size")),
+        cell_keys=("norm", "batch_size"),
+        cpu_note="At cpu-quick a ResNet-18 sees 500 images once: test accuracies stay around 10–25 %, "
+                 "GroupNorm (which starts learning more slowly) can look worse than BatchNorm, and the "
+                 "largest batches get only a handful of steps. The claim is about fully trained "
+                 "networks: use the gpu scale, or raise per_class and epochs (the estimate follows)."),
     params=(
         Param("batch_sizes", "str", "2,4,8,16,32,128",
               help="Comma-separated batch sizes; each is trained with norm=batch and norm=group."),
@@ -219,16 +236,21 @@ def _label(cell: dict) -> str:
         Param("base_lr", "float", 0.1, 1e-5, 10.0, log=True,
               help="Learning rate at base_batch; lr = base_lr × batch_size / base_batch."),
         Param("base_batch", "int", 128, 1, 8192, help="The batch size that gets base_lr."),
+        Param("warmup_epochs", "float", 0.5, 0.0, 100.0,
+              help="Linear LR warm-up (then cosine decay), as in the linear-scaling recipe; it keeps "
+                   "the first steps of an unnormalized start from blowing up."),
     ),
     scale_defaults={
         "cpu-quick": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "imagenet",
-                      "per_class": 60, "val_size": 100, "epochs": 1, "base_lr": 0.1, "base_batch": 128},
+                      "per_class": 60, "val_size": 100, "epochs": 1, "base_lr": 0.1, "base_batch": 128,
+                      "warmup_epochs": 0.5},
         "gpu": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "cifar",
-                "per_class": 1000, "val_size": 0, "epochs": 10, "base_lr": 0.1, "base_batch": 128},
+                "per_class": 1000, "val_size": 0, "epochs": 10, "base_lr": 0.1, "base_batch": 128,
+                "warmup_epochs": 1.0},
     })
 def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, stem: str, groups: int,
                    per_class: int, val_size: int, epochs: int, base_lr: float,
-                   base_batch: int) -> list[tuple[dict, RunConfig]]:
+                   base_batch: int, warmup_epochs: float) -> list[tuple[dict, RunConfig]]:
     sizes = parse_int_list(batch_sizes, "batch_sizes", low=2)
     n_train = 10 * per_class - val_size
     if n_train < 1:
@@ -247,7 +269,8 @@ def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, s
                 "name": f"bn_vs_gn {norm} bs{bs}", "model": model, "epochs": epochs,
                 "model_params": {"norm": norm, "groups": groups, "stem": stem},
                 "subset": "full" if per_class >= 5000 else "per_class", "per_class": min(per_class, 5000),
-                "val_size": val_size, "batch_size": bs, "lr": lr,
+                "val_size": val_size, "batch_size": bs, "lr": lr, "schedule": "cosine",
+                "schedule_params": {"warmup_epochs": warmup_epochs, "final_factor": 0.0},
                 "log_every": max(1, min(50, math.ceil(n_train / bs / 10))),
             }
             cells.append(({"norm": norm, "batch_size": bs}, fields))
@@ -272,7 +295,9 @@ def _balancing_names() -> list[str]:
               "re-balancing (weighted sampling, a class-weighted loss, over-/under-sampling) mainly "
               "moves recall from the large classes to the small ones, and under-sampling pays for it "
               "by throwing images away.",
-        cell_keys=("balance",)),
+        cell_keys=("balance",),
+        cpu_note="At cpu-quick the fast net (half width) trains 2 epochs: about 55–60 % test accuracy, "
+                 "enough to see recall move between classes, with seed noise of a few points."),
     params=(
         Param("strategies", "str", "none,weighted_sampler,class_weighted_loss,random_oversample,"
               "random_undersample", help="Comma-separated balancing strategies to compare."),
@@ -283,15 +308,16 @@ def _balancing_names() -> list[str]:
         Param("width", "float", 0.5, 0.25, 4.0, help="Width multiplier (fastnet and alexnet only)."),
         Param("epochs", "int", 2, 1, 500),
         Param("batch_size", "int", 128, 2, 8192),
-        Param("lr", "float", 0.05, 1e-5, 10.0, log=True),
+        Param("lr", "float", 0.2, 1e-5, 10.0, log=True,
+              help="Peak learning rate (cosine schedule). The fast net needs a larger one than a ResNet."),
         Param("val_size", "int", 500, 0, 25000,
               help="Held out (balanced, before the imbalance) to validate during training; 0: the test "
                    "set. Final numbers are always on the 10,000 test images."),
     ),
     scale_defaults={
-        "cpu-quick": {"model": "fastnet", "width": 0.5, "epochs": 2, "batch_size": 128, "lr": 0.05,
+        "cpu-quick": {"model": "fastnet", "width": 0.5, "epochs": 2, "batch_size": 128, "lr": 0.2,
                       "val_size": 500},
-        "gpu": {"model": "resnet18", "width": 1.0, "epochs": 30, "batch_size": 128, "lr": 0.05,
+        "gpu": {"model": "resnet18", "width": 1.0, "epochs": 30, "batch_size": 128, "lr": 0.1,
                 "val_size": 0},
     })
 def build_samplers(seeds: list[int], scale: str, strategies: str, low: int, high: int, model: str,
@@ -341,7 +367,11 @@ def _short_step_label(label: str) -> str:
         claim="The source report's ablation: augmentation (crop & flip) gives the largest single gain "
               "over the baseline; the later tricks add smaller, less certain improvements (repeat with "
               "several seeds to see which ones stand out of the noise).",
-        cell_keys=("step", "trick")),
+        cell_keys=("step", "trick"),
+        cpu_note="At cpu-quick every step trains 2 epochs on 1,800 images: regularizers (augmentation, "
+                 "dropout, clipping) slow down early learning, so later steps can score *below* the "
+                 "baseline (measured here: baseline 27–30 %, all seven tricks 20 %). The report's gains "
+                 "show with longer training: use the gpu scale or raise epochs."),
     params=(
         Param("model", "choice", "resnet18", choices=("resnet18", "resnet34", "fastnet", "lenet", "alexnet"),
               help="The network (every model has a dropout parameter for the dropout step)."),
@@ -387,20 +417,27 @@ def build_study(kind: str, params: dict | None = None, seeds: int = 1) -> list[t
 
 # ---- time estimates ------------------------------------------------------------------------------
 
-# Measured on this project's 2-core CPU box (torch 2.14, 2 threads; see the report of the study
-# work for the command): per model setting, (seconds per optimizer step regardless of batch,
-# seconds per training image, seconds per evaluated image). A run's time is then
-#   startup + epochs × (steps × step + images × image) + evaluated images × eval.
-CPU_COST: dict[str, tuple[float, float, float]] = {
-    "resnet18/imagenet": (0.030, 0.0020, 0.0006),
-    "resnet18/cifar": (0.040, 0.0100, 0.0040),
-    "resnet34/imagenet": (0.060, 0.0040, 0.0012),
-    "resnet34/cifar": (0.080, 0.0200, 0.0080),
-    "fastnet": (0.010, 0.0015, 0.0005),
-    "lenet": (0.002, 0.0001, 0.00003),
-    "alexnet": (0.010, 0.0020, 0.0007),
+# Costs on this project's 2-core CPU box (torch 2.14, 2 threads), fitted to whole cells run as queued
+# jobs (`python -m cifar_core train`, one fresh process each) on an otherwise idle machine:
+#   (seconds per optimizer step whatever the batch, seconds per training image, seconds per evaluated
+#    image, the width the numbers were measured at)
+# and a run takes  startup + epochs × (steps × step + images × image) + evaluated images × eval.
+# Measured cells (wall time of the whole process / model): bn_vs_gn BatchNorm batch 2 (250 steps)
+# 23.3 s / 23.5 s; bn_vs_gn GroupNorm batch 128 12.9 s / 12.0 s; ablation baseline 19.2 s / 19.0 s;
+# samplers none (fastnet width 0.5, 2 × 7,108 images) 34.5 s / 34.9 s. The resnet*/cifar, lenet and
+# alexnet rows come from the Train page's throughput table (images/s at batch 128), not from cells.
+# The per-step cost is mostly the optimizer update of all weights (11 M for ResNet-18), which is why
+# small batches are slow on a CPU.
+CPU_COST: dict[str, tuple[float, float, float, float]] = {
+    "resnet18/imagenet": (0.047, 0.0014, 0.0006, 1.0),
+    "resnet34/imagenet": (0.090, 0.0028, 0.0012, 1.0),
+    "resnet18/cifar": (0.060, 0.0100, 0.0033, 1.0),
+    "resnet34/cifar": (0.110, 0.0200, 0.0066, 1.0),
+    "fastnet": (0.010, 0.0016, 0.00055, 0.5),
+    "lenet": (0.002, 0.0002, 0.00007, 1.0),
+    "alexnet": (0.010, 0.0025, 0.0008, 1.0),
 }
-CPU_STARTUP_S = 8.0  # a fresh process: import torch, load the array cache, build the split and model
+CPU_STARTUP_S = 5.0  # a fresh process: import torch, load the array cache, build the split and model
 GPU_SPEEDUP_GUESS = 20.0  # NOT measured (no GPU on the development box): a rough guess
 
 
@@ -425,10 +462,10 @@ def training_images(cfg: RunConfig) -> int:
 
 
 def estimate_run_seconds(cfg: RunConfig, device_kind: str = "cpu") -> float:
-    step_s, image_s, eval_s = CPU_COST.get(_cost_key(cfg), (0.03, 0.005, 0.002))
-    width = float(cfg.model_params.get("width", 1.0) or 1.0)
-    image_s *= width ** 2
-    eval_s *= width ** 2
+    step_s, image_s, eval_s, ref_width = CPU_COST.get(_cost_key(cfg), (0.05, 0.005, 0.002, 1.0))
+    scale = (float(cfg.model_params.get("width", ref_width) or ref_width) / ref_width) ** 2
+    image_s *= scale  # conv cost grows with width²: a rough scaling away from the measured width
+    eval_s *= scale
     n = training_images(cfg)
     steps = math.ceil(n / cfg.batch_size)
     train = cfg.epochs * (steps * step_s + n * image_s)
@@ -557,6 +594,7 @@ def study_results(store: RunStore, study_id: str):
         df = pd.DataFrame(columns=cell_keys + ["seed", "run_id", "state", *METRICS, "lr", "error"])
     df.attrs["cell_keys"] = cell_keys
     df.attrs["kind"] = manifest["kind"]
+    df.attrs["study_id"] = study_id
     return df
 
 

@@ -1,0 +1,389 @@
+"""Studies: one click queues a whole batch of runs that together test one claim; the results table and
+chart fill in as the runs finish."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run pages/4_Studies.py` or AppTest on the page itself
+    sys.path.insert(0, str(ROOT))
+
+import altair as alt  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from cifar_core import jobs, studies  # noqa: E402
+from cifar_core.data import CLASSES  # noqa: E402
+from ui.common import data_source, data_status, device_info, friendly_errors, get_store  # noqa: E402
+
+try:  # the generated widgets of the Train page, when present
+    from ui.forms import param_widget
+except ImportError:  # pragma: no cover - a checkout without ui/forms.py
+    param_widget = None
+
+RUNS_PAGE = "pages/2_Runs.py"
+RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)
+REFRESH_S = 2
+
+st.set_page_config(page_title="Studies · CIFAR-10 Lab", page_icon="🧪", layout="wide")
+st.title("Studies")
+st.caption("One click queues a whole batch of background runs that together test one claim from the "
+           "source report (or a paper it cites). Results below fill in as the runs finish; every run "
+           "is also an ordinary run on the Runs page.")
+
+store = get_store()
+data = data_status()
+info = device_info()
+default_scale = studies.default_scale()
+device_kind = jobs.job_device({"device": "auto"})
+
+if info["kind"] == "cuda":
+    st.success(f"GPU found ({info['name']}): studies default to the **gpu** scale (the report's data "
+               "sizes, more epochs).")
+else:
+    st.info(f"{info['name']}, no CUDA GPU: studies default to the **cpu-quick** scale — small subsets, a "
+            "reduced model and 1–2 epochs, so a whole study finishes in a few minutes. Its accuracies are "
+            "far from converged values and seed noise is large: treat it as a first look (and a check "
+            "that everything runs), not as a reproduction. Use the gpu scale on a GPU machine, or raise "
+            "the subset and epochs here (the time estimate follows).")
+if not data["ok"]:
+    st.warning(f"{data['message']}\n\nLaunching is disabled until CIFAR-10 is found (see the Home page).")
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+def human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def pct(mean, std=math.nan) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    text = f"{100 * mean:.1f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f" ± {100 * std:.1f}"
+    return text + " %"
+
+
+def plain_widget(param, key: str):
+    """Fallback widgets when ui/forms.py is not available."""
+    if key not in st.session_state:
+        st.session_state[key] = param.default
+    if param.kind == "choice":
+        return st.selectbox(param.name, list(param.choices), key=key, help=param.help)
+    if param.kind == "int":
+        return int(st.number_input(param.name, int(param.low), int(param.high), step=1, key=key,
+                                   help=param.help))
+    if param.kind == "float":
+        return float(st.number_input(param.name, float(param.low), float(param.high), key=key,
+                                     format="%g", help=param.help))
+    if param.kind == "bool":
+        return st.checkbox(param.name, key=key, help=param.help)
+    return st.text_input(param.name, key=key, help=param.help)
+
+
+def widget(param, key: str):
+    return param_widget(param, key) if param_widget is not None else plain_widget(param, key)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def plan(kind: str, params_json: str, seeds: int, device: str) -> dict:
+    """Build and validate a study once per distinct form state: runs, estimated time or the error."""
+    params = json.loads(params_json)
+    try:
+        cells = studies.build_study(kind, params, seeds)
+    except studies.ConfigError as exc:
+        return {"ok": False, "error": str(exc)}
+    seconds = sum(studies.estimate_run_seconds(cfg, device) for _, cfg in cells)
+    return {"ok": True, "runs": len(cells), "cells": len(cells) // seeds, "seconds": seconds}
+
+
+# ---- launch ---------------------------------------------------------------------------------------
+
+st.header("Launch a study")
+kinds = studies.STUDIES.names()
+tabs = st.tabs([studies.INFO[k].title for k in kinds])
+for kind, tab in zip(kinds, tabs):
+    meta = studies.INFO[kind]
+    with tab:
+        st.markdown(f"**What it tests.** {meta.tests}")
+        st.markdown(f"**The claim.** {meta.claim}")
+        prefix = f"studies.{kind}"
+        top = st.columns(3)
+        scale_param = studies.study_params(kind, default_scale)[0]
+        with top[0]:
+            scale = widget(scale_param, f"{prefix}.scale")
+        with top[1]:
+            seeds = widget(studies.SEEDS_PARAM, f"{prefix}.seeds")
+        with top[2]:
+            st.caption(f"Scale in use: **{scale}**"
+                       + (" (this machine's default)" if scale == default_scale else
+                          " — not this machine's default" + (": without a GPU this takes hours"
+                                                              if scale == "gpu" and device_kind == "cpu"
+                                                              else "")))
+        if scale == "cpu-quick" and meta.cpu_note:
+            st.caption(f"**cpu-quick:** {meta.cpu_note}")
+        params = {"scale": scale}
+        declared = studies.study_params(kind, scale)[1:]
+        cols = st.columns(3)
+        for i, param in enumerate(declared):
+            with cols[i % 3]:
+                # keyed by scale: switching the scale shows that scale's defaults
+                params[param.name] = widget(param, f"{prefix}.{scale}.{param.name}")
+        result = plan(kind, json.dumps(params, sort_keys=True, default=list), int(seeds), device_kind)
+        if not result["ok"]:
+            st.error(result["error"])
+        else:
+            where = ("on the GPU (a rough guess: GPU speed is not measured)" if device_kind == "cuda"
+                     else "on this CPU, one run at a time")
+            st.info(f"**{result['runs']} runs** ({result['cells']} cells × {seeds} seed(s)); estimated "
+                    f"total time about **{human(result['seconds'])}** {where}.")
+        reason = ("CIFAR-10 is missing. " if not data["ok"] else "") + ("" if result["ok"] else
+                                                                        "Fix the error above.")
+        if st.button("Launch study", key=f"{prefix}.launch", type="primary", icon="🚀",
+                     disabled=bool(reason), help=reason or "Queue every run of this study."):
+            with friendly_errors("Launching the study"):
+                study_id = studies.launch_study(kind, params, store, data_source=data_source(),
+                                                seeds=int(seeds))
+                st.session_state["studies.selected"] = study_id
+                st.session_state["studies.flash"] = (f"Study **{study_id}** queued ({result['runs']} runs). "
+                                                     "Its results fill in below as the runs finish.")
+                st.query_params["study"] = study_id
+
+flash = st.session_state.pop("studies.flash", None)
+if flash:
+    st.success(flash)
+
+# ---- past studies ---------------------------------------------------------------------------------
+
+st.header("Results")
+all_studies = []
+with friendly_errors("Reading the studies"):
+    all_studies = studies.list_studies(store)
+if not all_studies:
+    st.caption("No studies yet: launch one above.")
+    st.stop()
+
+by_id = {m["study_id"]: m for m in all_studies}
+
+
+def label_of(study_id: str) -> str:
+    m = by_id[study_id]
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created", 0)))
+    title = m.get("title") or studies.INFO.get(m.get("kind"), studies.StudyInfo(m.get("kind"), "", "", ())).title
+    return f"{title} · {m.get('scale', '?')} · {len(m.get('runs', []))} runs · {created} · {study_id}"
+
+
+wanted = st.query_params.get("study")
+if wanted in by_id and st.session_state.get("studies.selected") not in by_id:
+    st.session_state["studies.selected"] = wanted
+if st.session_state.get("studies.selected") not in by_id:
+    st.session_state["studies.selected"] = all_studies[0]["study_id"]
+selected = st.selectbox("Study", list(by_id), key="studies.selected", format_func=label_of)
+if st.query_params.get("study") != selected:
+    st.query_params["study"] = selected
+manifest = by_id[selected]
+
+
+def mean_std_frame(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    out = summary.copy()
+    out["mean"] = out[f"{metric}_mean"]
+    out["std"] = out[f"{metric}_std"]
+    out["lo"] = out["mean"] - out["std"].fillna(0)
+    out["hi"] = out["mean"] + out["std"].fillna(0)
+    return out
+
+
+def bn_vs_gn_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
+    done = summary[summary["done"] > 0]
+    if done.empty:
+        st.caption("The chart appears when the first runs finish.")
+    else:
+        frame = mean_std_frame(done, "test_acc")
+        x = alt.X("batch_size:Q", scale=alt.Scale(type="log", base=2), title="batch size (log scale)",
+                  axis=alt.Axis(values=sorted(summary["batch_size"].unique().tolist())))
+        color = alt.Color("norm:N", title="normalization",
+                          scale=alt.Scale(domain=["batch", "group"], range=["#e45756", "#4c78a8"]))
+        tooltip = ["norm", "batch_size", alt.Tooltip("mean:Q", format=".2%", title="test acc (mean)"),
+                   alt.Tooltip("std:Q", format=".2%", title="std over seeds"), alt.Tooltip("done:Q", title="seeds done")]
+        lines = alt.Chart(frame).mark_line(point=True).encode(
+            x=x, y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format="%"),
+                         scale=alt.Scale(zero=False)), color=color, tooltip=tooltip)
+        bars = alt.Chart(frame[frame["std"].notna()]).mark_errorbar(ticks=True).encode(
+            x=x, y=alt.Y("lo:Q", title="test accuracy"), y2="hi:Q", color=color)
+        seeds = df[df["state"] == "completed"]
+        points = alt.Chart(seeds).mark_circle(size=25, opacity=0.35).encode(
+            x=x, y="test_acc:Q", color=color, tooltip=["norm", "batch_size", "seed", "run_id",
+                                                        alt.Tooltip("test_acc:Q", format=".2%")])
+        st.altair_chart((bars + lines + points).properties(height=360), width="stretch")
+        st.caption("Lines: mean test accuracy over seeds; error bars: ± one standard deviation (shown with "
+                   "2+ seeds); dots: single runs. The claim predicts the red (BatchNorm) line falls at "
+                   "small batch sizes while the blue (GroupNorm) line stays level. LR = base_lr × "
+                   "batch / base_batch for every cell.")
+    table = pd.DataFrame({
+        "norm": summary["norm"], "batch size": summary["batch_size"],
+        "lr": summary.get("lr"), "test acc": [pct(m, s) for m, s in zip(summary["test_acc_mean"], summary["test_acc_std"])],
+        "balanced acc": [pct(m, s) for m, s in zip(summary["balanced_acc_mean"], summary["balanced_acc_std"])],
+        "seeds done": [f"{d}/{r}" for d, r in zip(summary["done"], summary["runs"])], "state": summary["state"]})
+    st.dataframe(table, hide_index=True, width="stretch", height=table_height(len(table)))
+
+
+def training_counts(df: pd.DataFrame) -> str:
+    """'Training images per class (seed 0): airplane 734, …' from a finished run's split summary."""
+    params = by_id[df.attrs.get("study_id", selected)].get("params", {})
+    text = (f"The training set keeps {params.get('low', '?')}–{params.get('high', '?')} images per class, "
+            "drawn at random per seed (the same draw for every strategy of a seed).")
+    for run_id in df.loc[df["state"] == "completed", "run_id"]:
+        split = store.record(run_id).status().get("split") or {}
+        counts, classes = split.get("train_per_class"), split.get("classes")
+        if counts and classes:
+            seed = df.loc[df["run_id"] == run_id, "seed"].iloc[0]
+            text += (f" Seed {seed}: " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
+                     + f" ({sum(counts):,} images).")
+            break
+    return text
+
+
+def table_height(n_rows: int) -> int:
+    return 38 + 35 * max(1, n_rows)
+
+
+def samplers_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
+    recall_cols = studies.recall_columns(df)
+    done = summary[summary["done"] > 0]
+    if done.empty or not recall_cols:
+        st.caption("The per-class recall chart appears when the first runs finish.")
+    else:
+        rows = []
+        for _, r in done.iterrows():
+            for col in recall_cols:
+                rows.append({"strategy": r["balance"], "class": col[len(studies.RECALL_PREFIX):],
+                             "recall": r[f"{col}_mean"], "std": r[f"{col}_std"]})
+        long = pd.DataFrame(rows)
+        order = [c for c in CLASSES if c in set(long["class"])] or sorted(long["class"].unique())
+        chart = alt.Chart(long).mark_bar().encode(
+            x=alt.X("class:N", sort=order, title=None),
+            xOffset=alt.XOffset("strategy:N", sort=list(summary["balance"])),
+            y=alt.Y("recall:Q", title="test recall (per class)", axis=alt.Axis(format="%")),
+            color=alt.Color("strategy:N", sort=list(summary["balance"]), title="balancing"),
+            tooltip=["strategy", "class", alt.Tooltip("recall:Q", format=".1%", title="recall (mean)"),
+                     alt.Tooltip("std:Q", format=".1%", title="std over seeds")])
+        st.altair_chart(chart.properties(height=340), width="stretch")
+        st.caption("Per-class recall on the balanced 10,000-image test set (= per-class accuracy), "
+                   f"mean over seeds. {training_counts(df)}")
+    worst = []
+    for _, r in summary.iterrows():
+        values = [r[f"{c}_mean"] for c in recall_cols if not math.isnan(r[f"{c}_mean"])]
+        worst.append(min(values) if values else math.nan)
+    table = pd.DataFrame({
+        "strategy": summary["balance"],
+        "balanced acc": [pct(m, s) for m, s in zip(summary["balanced_acc_mean"], summary["balanced_acc_std"])],
+        "test acc": [pct(m, s) for m, s in zip(summary["test_acc_mean"], summary["test_acc_std"])],
+        "macro F1": [pct(m, s) for m, s in zip(summary["macro_f1_mean"], summary["macro_f1_std"])],
+        "worst-class recall": [pct(w) for w in worst],
+        "seeds done": [f"{d}/{r}" for d, r in zip(summary["done"], summary["runs"])], "state": summary["state"]})
+    st.dataframe(table, hide_index=True, width="stretch", height=table_height(len(table)))
+
+
+def ablation_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
+    summary = summary.sort_values("step")
+    labels = [f"{int(s)}. {t}" for s, t in zip(summary["step"], summary["trick"])]
+    frame = mean_std_frame(summary, "test_acc")
+    frame["label"] = labels
+    done = frame[frame["done"] > 0]
+    if done.empty:
+        st.caption("The chart appears when the first runs finish.")
+    else:
+        x = alt.X("label:N", sort=labels, title="cumulative step (each adds one trick)",
+                  axis=alt.Axis(labelAngle=-30, labelLimit=240))
+        bars = alt.Chart(done).mark_bar(color="#4c78a8").encode(
+            x=x, y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format="%")),
+            tooltip=["label", alt.Tooltip("mean:Q", format=".2%", title="test acc (mean)"),
+                     alt.Tooltip("std:Q", format=".2%", title="std over seeds"), "done"])
+        err = alt.Chart(done[done["std"].notna()]).mark_errorbar(ticks=True, color="black").encode(
+            x=x, y=alt.Y("lo:Q", title="test accuracy"), y2="hi:Q")
+        st.altair_chart((bars + err).properties(height=340), width="stretch")
+    means = list(frame["mean"])
+    delta_prev = [math.nan] + [b - a for a, b in zip(means, means[1:])]
+    table = pd.DataFrame({
+        "step": labels,
+        "test acc": [pct(m, s) for m, s in zip(frame["mean"], frame["std"])],
+        "Δ vs previous step": [("—" if math.isnan(d) else f"{100 * d:+.1f} pts") for d in delta_prev],
+        "Δ vs baseline": [("—" if math.isnan(m - means[0]) else f"{100 * (m - means[0]):+.1f} pts")
+                          for m in means],
+        "seeds done": [f"{d}/{r}" for d, r in zip(frame["done"], frame["runs"])], "state": frame["state"]})
+    st.dataframe(table, hide_index=True, width="stretch", height=table_height(len(table)))
+
+
+VIEWS = {"bn_vs_gn": bn_vs_gn_view, "samplers": samplers_view, "ablation": ablation_view}
+
+
+def runs_table(df: pd.DataFrame) -> None:
+    cell_keys = df.attrs.get("cell_keys", [])
+    shown = df[[*cell_keys, "seed", "state", "test_acc", "balanced_acc", "macro_f1", "train_seconds",
+                "run_id"]].copy()
+    shown["open"] = [f"{RUNS_URL}?run={rid}" for rid in shown["run_id"]]
+    st.dataframe(shown, hide_index=True, width="stretch", column_config={
+        "test_acc": st.column_config.NumberColumn("test acc", format="percent"),
+        "balanced_acc": st.column_config.NumberColumn("balanced acc", format="percent"),
+        "macro_f1": st.column_config.NumberColumn("macro F1", format="percent"),
+        "train_seconds": st.column_config.NumberColumn("seconds", format="%.0f"),
+        "open": st.column_config.LinkColumn("Runs page", display_text="open ↗"),
+    })
+
+
+def show_study(study_id: str, live: bool) -> None:
+    with friendly_errors("Reading the study's results"):
+        jobs.reconcile(store)  # runs whose process vanished become "failed" instead of running forever
+        df = studies.study_results(store, study_id)
+        finished = studies.is_finished(df)
+        if live and finished:
+            st.rerun()  # everything is done: redraw the page once, without the timer
+        m = by_id[study_id]
+        summary = studies.summarize(df)
+        n_done = int((df["state"] == "completed").sum())
+        counts = df["state"].value_counts().to_dict()
+        st.progress(n_done / max(1, len(df)),
+                    text=f"{n_done}/{len(df)} runs completed · "
+                         + ", ".join(f"{v} {k}" for k, v in counts.items() if k != "completed")
+                    if n_done < len(df) else f"all {len(df)} runs completed")
+        params = m.get("params", {})
+        st.caption(f"Scale **{m.get('scale', params.get('scale', '?'))}** · {m.get('seeds', 1)} seed(s) · "
+                   "parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if k != "scale")
+                   + (" · refreshing every 2 s while runs are unfinished" if not finished else ""))
+        note = studies.INFO[m["kind"]].cpu_note if m.get("kind") in studies.INFO else ""
+        if m.get("scale") == "cpu-quick" and note:
+            st.caption(f"**cpu-quick:** {note}")
+        VIEWS.get(m.get("kind"), lambda d, s: st.dataframe(s))(df, summary)
+        with st.expander(f"The {len(df)} runs (open any of them on the Runs page)", expanded=False):
+            runs_table(df)
+            if len(df):
+                cell_keys = df.attrs.get("cell_keys", [])
+                labels = {r["run_id"]: " · ".join([*(f"{k}={r[k]}" for k in cell_keys),
+                                                   f"seed {r['seed']}", str(r["state"])])
+                          for _, r in df.iterrows()}
+                pick = st.selectbox("Open a run", list(labels), format_func=lambda rid: labels[rid],
+                                    key=f"studies.open.{study_id}")
+                try:
+                    st.page_link(RUNS_PAGE, label=f"Open {pick} on the Runs page", icon="📈",
+                                 query_params={"run": pick})
+                except Exception:  # the Runs page is not part of this app (this page run on its own)
+                    st.caption(f"Runs page: ?run={pick}")
+        failed = df[df["state"].isin(["failed", "cancelled", "deleted"])]
+        for _, r in failed.iterrows():
+            st.warning(f"run {r['run_id']} ({r['state']}): {str(r.get('error') or '')[:400]}")
+
+
+with friendly_errors("Reading the study's results"):
+    current = studies.study_results(store, selected)
+    unfinished = not studies.is_finished(current)
+    view = st.fragment(run_every=REFRESH_S if unfinished else None)(show_study)
+    view(selected, unfinished)

@@ -1,0 +1,309 @@
+"""One-click studies: builders, launching (without a worker), results and the Studies page."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_core import jobs, studies
+from cifar_core.balance import BALANCING
+from cifar_core.data import CLASSES
+from cifar_core.params import ConfigError
+from cifar_core.runs import RunStore, atomic_write_json
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Studies.py")
+
+
+@pytest.fixture
+def no_worker(monkeypatch):
+    """Queue runs without starting a supervisor (nothing trains in these tests)."""
+    calls = []
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store=None: calls.append(store) or False)
+    return calls
+
+
+@pytest.fixture
+def store(tmp_path):
+    return RunStore(tmp_path / "runs")
+
+
+# ---- builders -------------------------------------------------------------------------------------
+
+def test_registry_declares_scale_and_params():
+    assert set(studies.STUDIES.names()) == {"bn_vs_gn", "samplers", "ablation"}
+    for kind in studies.STUDIES.names():
+        for scale in studies.SCALES:
+            params = studies.study_params(kind, scale)
+            assert params[0].name == "scale" and params[0].default == scale
+            values = studies.validate_params(kind, {"scale": scale})
+            assert values["scale"] == scale
+        assert studies.INFO[kind].claim and studies.INFO[kind].tests
+    gpu = studies.validate_params("bn_vs_gn", {"scale": "gpu"})
+    cpu = studies.validate_params("bn_vs_gn", {"scale": "cpu-quick"})
+    assert gpu["per_class"] > cpu["per_class"] and gpu["stem"] == "cifar"
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        studies.validate_params("bn_vs_gn", {"bogus": 1})
+
+
+def test_bn_vs_gn_cells_seeds_and_linear_lr():
+    params = {"scale": "cpu-quick", "batch_sizes": "8, 2,4", "base_lr": 0.1, "base_batch": 32}
+    built = studies.build_study("bn_vs_gn", params, seeds=2)
+    sizes = [2, 4, 8]
+    assert len(built) == 2 * len(sizes) * 2
+    cells = {(c["norm"], c["batch_size"], cfg.seed) for c, cfg in built}
+    assert cells == {(n, b, s) for n in ("batch", "group") for b in sizes for s in (0, 1)}
+    epochs = {cfg.epochs for _, cfg in built}
+    assert len(epochs) == 1  # same number of epochs (images seen) for every batch size
+    by_cell = {}
+    for cell, cfg in built:
+        key = (cell["norm"], cell["batch_size"])
+        if key in by_cell:  # other seeds: the same validated config but for the seed
+            assert {**by_cell[key].to_dict(), "seed": cfg.seed} == cfg.to_dict()
+        else:
+            assert cfg.validated().to_dict() == cfg.to_dict()
+            by_cell[key] = cfg
+        assert cfg.batch_size == cell["batch_size"]
+        assert cfg.model_params["norm"] == cell["norm"]
+        assert cfg.lr == pytest.approx(0.1 * cfg.batch_size / 32)
+        if cell["norm"] == "group":
+            assert cfg.model_params["groups"] == 32
+    # seed-major order: the first half is seed 0 of every cell
+    assert {cfg.seed for _, cfg in built[:len(built) // 2]} == {0}
+    default = studies.validate_params("bn_vs_gn", {"scale": "cpu-quick"})
+    n_default = len(studies.parse_int_list(default["batch_sizes"], "batch_sizes"))
+    assert len(studies.build_study("bn_vs_gn", {"scale": "cpu-quick"}, seeds=1)) == 2 * n_default
+
+
+def test_bn_vs_gn_rejects_bad_input():
+    with pytest.raises(ConfigError, match="batch_sizes"):
+        studies.build_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,x"})
+    with pytest.raises(ConfigError, match="GroupNorm groups"):
+        studies.build_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "4", "groups": 3})
+    with pytest.raises(ConfigError, match="single image"):  # 10 × 60 - 100 = 500 images; 500 % 499 == 1
+        studies.build_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "499"})
+    with pytest.raises(ConfigError):
+        studies.build_study("bn_vs_gn", {"scale": "cpu-quick"}, seeds=6)
+
+
+def test_samplers_five_strategies_on_report_random():
+    built = studies.build_study("samplers", {"scale": "cpu-quick"}, seeds=1)
+    assert [c["balance"] for c, _ in built] == BALANCING.names()
+    assert len(built) == 5
+    for cell, cfg in built:
+        assert cfg.imbalance == "report_random"
+        assert cfg.imbalance_params == {"low": 500, "high": 1000}
+        assert cfg.balance == cell["balance"]
+    with pytest.raises(ConfigError, match="strategies"):
+        studies.build_study("samplers", {"scale": "cpu-quick", "strategies": "none,smote"})
+
+
+def test_ablation_is_cumulative():
+    from cifar_core.presets import ablation_presets
+
+    built = studies.build_study("ablation", {"scale": "cpu-quick"}, seeds=1)
+    assert len(built) == len(ablation_presets()) == 7
+    assert [c["step"] for c, _ in built] == list(range(7))
+    assert built[0][1].key_tricks() == []  # the baseline has no tricks
+    previous: set = set()
+    for cell, cfg in built:
+        tricks = set(cfg.key_tricks())
+        assert previous <= tricks, (cell, previous - tricks)
+        assert cell["step"] == 0 or tricks > previous  # each step adds something
+        previous = tricks
+    last = built[-1][1]
+    assert {"random_crop", "hflip", "rotation", "inverse_time", "clip-norm"} <= set(last.key_tricks())
+    assert last.weight_decay > 0 and last.model_params["dropout"] > 0
+    # the study-level settings are the same for every step
+    assert len({(cfg.model, cfg.epochs, cfg.subset_size, cfg.batch_size, cfg.lr) for _, cfg in built}) == 1
+
+
+def test_estimate_is_positive_and_grows_with_seeds():
+    one = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 1, "cpu")
+    two = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 2, "cpu")
+    assert 0 < one < two
+
+
+# ---- launching --------------------------------------------------------------------------------------
+
+def test_launch_study_queues_runs_with_meta_and_manifest(store, no_worker):
+    sid = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store,
+                               data_source="/some/cifar.npz", seeds=2)
+    assert studies.STUDY_ID_RE.match(sid)
+    assert len(no_worker) == 1
+    manifest = studies.read_manifest(store, sid)
+    assert manifest["kind"] == "bn_vs_gn" and manifest["seeds"] == 2
+    assert manifest["params"]["batch_sizes"] == "2,4" and manifest["scale"] == "cpu-quick"
+    assert len(manifest["runs"]) == 8 and manifest["created"] > 0
+    assert (store.root / ".studies" / f"{sid}.json").is_file()
+    assert sorted(store.ids()) == sorted(r["run_id"] for r in manifest["runs"])
+    for entry in manifest["runs"]:
+        status = store.record(entry["run_id"]).status()
+        assert status["state"] == "queued"
+        assert status["study"] == sid and status["study_kind"] == "bn_vs_gn"
+        assert status["cell"] == entry["cell"] and status["seed"] == entry["seed"]
+        assert status["data_source"] == "/some/cifar.npz"
+        assert store.record(entry["run_id"]).config().seed == entry["seed"]
+    listed = studies.list_studies(store)
+    assert [m["study_id"] for m in listed] == [sid]
+
+
+def test_invalid_study_queues_nothing(store, no_worker):
+    with pytest.raises(ConfigError):
+        studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "groups": 5}, store)
+    assert store.ids() == [] and studies.list_studies(store) == []
+    with pytest.raises(ConfigError):
+        studies.launch_study("nope", {}, store)
+
+
+# ---- results ----------------------------------------------------------------------------------------
+
+def _finish(record, test_acc: float, recall: dict | None = None) -> None:
+    recall = recall or {c: test_acc for c in CLASSES}
+    atomic_write_json(record.results_path, {"test_acc": test_acc, "per_class_acc": recall,
+                                            "confusion_matrix": [[0] * 10 for _ in range(10)]})
+    record.update_status(state="completed", test_acc=test_acc, balanced_acc=test_acc - 0.01,
+                         macro_f1=test_acc - 0.02, train_seconds=10.0 + test_acc)
+
+
+def fabricate_samplers_study(store) -> str:
+    """none: 3 seeds done (0.5, 0.6, 0.7); class_weighted_loss: seeds 0, 1 done, seed 2 still queued."""
+    sid = studies.launch_study("samplers", {"scale": "cpu-quick",
+                                            "strategies": "none,class_weighted_loss"}, store, seeds=3)
+    for entry in studies.read_manifest(store, sid)["runs"]:
+        record = store.record(entry["run_id"])
+        seed, strategy = entry["seed"], entry["cell"]["balance"]
+        if strategy == "none":
+            recall = {c: 0.5 + 0.1 * seed + (0.05 if i == 0 else 0.0) for i, c in enumerate(CLASSES)}
+            _finish(record, 0.5 + 0.1 * seed, recall)
+        elif seed < 2:
+            _finish(record, 0.4 + 0.2 * seed)
+    return sid
+
+
+def test_study_results_and_summary(store, no_worker):
+    sid = fabricate_samplers_study(store)
+    df = studies.study_results(store, sid)
+    assert len(df) == 6
+    assert df.attrs["cell_keys"] == ["balance"]
+    assert {"balance", "seed", "run_id", "state", "test_acc", "balanced_acc", "macro_f1",
+            "train_seconds"} <= set(df.columns)
+    assert {f"recall_{c}" for c in CLASSES} <= set(df.columns)
+    queued = df[df["state"] == "queued"]
+    assert len(queued) == 1 and math.isnan(queued["test_acc"].iloc[0])
+    assert not studies.is_finished(df)
+
+    summary = studies.summarize(df).set_index("balance")
+    none = summary.loc["none"]
+    assert none["done"] == 3 and none["runs"] == 3 and none["state"] == "completed"
+    assert none["test_acc_mean"] == pytest.approx(0.6)
+    assert none["test_acc_std"] == pytest.approx(np.std([0.5, 0.6, 0.7], ddof=1))
+    assert none["balanced_acc_mean"] == pytest.approx(0.59)
+    assert none["recall_airplane_mean"] == pytest.approx(0.65)
+    assert none["recall_truck_mean"] == pytest.approx(0.6)
+    cwl = summary.loc["class_weighted_loss"]
+    assert cwl["done"] == 2 and cwl["state"].startswith("queued")
+    assert cwl["test_acc_mean"] == pytest.approx(0.5)
+    assert cwl["test_acc_std"] == pytest.approx(np.std([0.4, 0.6], ddof=1))
+
+
+def test_summary_single_seed_has_no_std(store, no_worker):
+    sid = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store, seeds=1)
+    for i, entry in enumerate(studies.read_manifest(store, sid)["runs"]):
+        if i != 3:
+            _finish(store.record(entry["run_id"]), 0.2 + 0.1 * i)
+        else:
+            store.record(entry["run_id"]).update_status(state="failed", error="boom")
+    df = studies.study_results(store, sid)
+    assert studies.is_finished(df)
+    summary = studies.summarize(df)
+    assert list(summary.columns[:2]) == ["norm", "batch_size"]
+    assert summary["test_acc_std"].isna().all()
+    done = summary[summary["done"] == 1]
+    assert len(done) == 3 and done["test_acc_mean"].notna().all()
+    failed = summary[summary["done"] == 0]
+    assert len(failed) == 1 and failed["state"].iloc[0].startswith("failed")
+    assert math.isnan(failed["test_acc_mean"].iloc[0])
+    assert df.loc[df["state"] == "failed", "error"].iloc[0] == "boom"
+
+
+def test_deleted_run_and_missing_study(store, no_worker):
+    sid = studies.launch_study("samplers", {"scale": "cpu-quick", "strategies": "none"}, store)
+    run_id = studies.read_manifest(store, sid)["runs"][0]["run_id"]
+    store.delete(run_id)
+    df = studies.study_results(store, sid)
+    assert df["state"].tolist() == ["deleted"]
+    with pytest.raises(ConfigError, match="not found"):
+        studies.study_results(store, "no-such-study")
+    with pytest.raises(ConfigError):
+        studies.study_results(store, "../etc")
+
+
+# ---- the page ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def page_env(monkeypatch, tmp_path, cifar_npz, no_worker):
+    runs = tmp_path / "page_runs"
+    monkeypatch.setenv("CIFAR_LAB_RUNS", str(runs))
+    monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
+    return RunStore(runs)
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+    return AppTest.from_file(PAGE, default_timeout=60)
+
+
+def _text(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "info", "success", "warning", "error"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def test_page_without_studies(page_env):
+    at = _app().run()
+    assert not at.exception, at.exception
+    text = _text(at)
+    assert "No studies yet" in text
+    assert "cpu-quick" in text or "gpu" in text
+    assert len(at.tabs) >= 3
+    assert not at.error
+    launch = [b for b in at.button if b.key == "studies.samplers.launch"]
+    assert launch and not launch[0].disabled
+
+
+def test_page_with_studies(page_env):
+    store = page_env
+    sid_samplers = fabricate_samplers_study(store)
+    sid_bn = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store, seeds=2)
+    for entry in studies.read_manifest(store, sid_bn)["runs"]:
+        _finish(store.record(entry["run_id"]), 0.3 + 0.05 * entry["seed"])
+    sid_ablation = studies.launch_study("ablation", {"scale": "cpu-quick"}, store)
+    for i, entry in enumerate(studies.read_manifest(store, sid_ablation)["runs"][:4]):
+        _finish(store.record(entry["run_id"]), 0.3 + 0.02 * i)
+
+    for sid in (sid_samplers, sid_bn, sid_ablation):
+        at = _app()
+        at.query_params["study"] = sid
+        at.run()
+        assert not at.exception, (sid, at.exception)
+        assert at.selectbox(key="studies.selected").value == sid
+        assert not [e for e in at.error], [e.value for e in at.error]
+        assert len(at.dataframe) >= 1
+
+
+def test_page_launch_button_queues_a_study(page_env):
+    store = page_env
+    at = _app().run()
+    at.text_input(key=f"studies.samplers.{studies.default_scale()}.strategies").set_value("none,random_undersample")
+    at.run()
+    at.button(key="studies.samplers.launch").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    listed = studies.list_studies(store)
+    assert len(listed) == 1 and listed[0]["kind"] == "samplers"
+    assert len(listed[0]["runs"]) == 2
+    assert at.selectbox(key="studies.selected").value == listed[0]["study_id"]
