@@ -26,20 +26,27 @@ REPORT_BASELINE: dict = {
     "epochs": 20, **NO_TRICKS,
 }
 
+# The airbench94 recipe in this engine's terms (its ideas are public; hyperparameters converted
+# from its summed-loss convention to mean-loss SGD: lr 11.5/(1024·(1+1/(1-0.85)))·1024 = 1.5,
+# coupled weight decay 0.0153·1024/7851/1.5 = 1.33e-3): patch-whitened fastnet, batch 1024, Nesterov
+# SGD momentum 0.85, norm/bias LR ×64, triangular one-cycle 0.2 → 1 → 0.07, label smoothing 0.2,
+# crop (2 px reflect) + flip, test-time flip + 1-pixel translations, evaluation only at the end.
 FAST: dict = {
-    "name": "fast", "model": "fastnet", "model_params": {"width": 1.0},
-    "subset": "full", "val_size": 0, "epochs": 10, "batch_size": 512,
-    "optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-    "schedule": "onecycle", "schedule_params": {"warmup_fraction": 0.2, "start_factor": 0.1,
-                                                "final_factor": 0.0},
-    "label_smoothing": 0.2, "tta_flip": True, "grad_clip": "none", "ema_decay": 0.0,
+    "name": "fast", "model": "fastnet", "model_params": {"width": 1.0, "whiten": True, "dropout": 0.0},
+    "subset": "full", "val_size": 0, "test_size": 0, "epochs": 10, "eval_every": 10, "log_every": 5,
+    "batch_size": 1024, "optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "nesterov": True,
+    "weight_decay": 1.33e-3, "bias_lr_scale": 64.0,
+    "schedule": "onecycle", "schedule_params": {"warmup_fraction": 0.23, "start_factor": 0.2,
+                                                "final_factor": 0.07},
+    "label_smoothing": 0.2, "tta_flip": True, "tta_translate": True, "grad_clip": "none", "ema_decay": 0.0,
     "augment": [{"name": "random_crop", "params": {"padding": 2, "pad_mode": "reflect"}, "p": 1.0},
                 {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}],
 }
 
 TINY: dict = {
     "name": "tiny", "model": "fastnet", "model_params": {"width": 0.5},
-    "subset": "per_class", "per_class": 20, "val_size": 100, "epochs": 1, "batch_size": 100,
+    "subset": "per_class", "per_class": 20, "val_size": 100, "test_size": 1000, "epochs": 1,
+    "batch_size": 100,
     "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
     "schedule": "onecycle", "schedule_params": {}, "label_smoothing": 0.1,
     "grad_clip": "none", "ema_decay": 0.0, "tta_flip": False, "log_every": 1,

@@ -411,6 +411,8 @@ class Trainer:
 
     def _log_eval(self, prep, model, step, steps_per_epoch, t0) -> float:
         result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip, self.cfg.tta_translate)
+        if prep.eval_split == "test":  # the final report can reuse these logits (TTA is costly on CPU)
+            self._test_logits = (step, result["logits"])
         now = time.time()
         self.record.append_metrics({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
                                     "val_loss": result["loss"], "val_acc": result["acc"],
@@ -439,7 +441,11 @@ class Trainer:
                            "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _final_report(self, prep, model, t0, step, total_steps):
-        logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip, self.cfg.tta_translate)
+        cached = getattr(self, "_test_logits", None)
+        if cached is not None and cached[0] == step:
+            logits = cached[1]
+        else:
+            logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip, self.cfg.tta_translate)
         y_true = prep.test_y.cpu().numpy()
         report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(_classes()))
         report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=step,

@@ -1,0 +1,263 @@
+"""The Train page (pages/1_Train.py) through streamlit.testing.v1.AppTest, in-process and fast.
+
+Every test gets its own runs folder (CIFAR_LAB_RUNS) and the offline data as a Keras npz
+(CIFAR10_NPZ). The job supervisor is never started: `cifar_core.jobs.ensure_worker` is a no-op, so
+a launched run stays "queued" on disk where the test can read it.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from cifar_core.cli import build_parser, config_from_args  # noqa: E402
+from cifar_core.config import RunConfig  # noqa: E402
+from cifar_core.presets import presets  # noqa: E402
+from cifar_core.runs import RunStore  # noqa: E402
+
+PAGE = str(REPO / "pages" / "1_Train.py")
+LAUNCH = "train.launch"
+FORM = "train.form"
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch, cifar_npz) -> Path:
+    root = tmp_path / "runs"
+    monkeypatch.setenv("CIFAR_LAB_RUNS", str(root))
+    monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
+    import cifar_core.jobs as jobs
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store=None: False)
+    from ui.common import data_status
+    data_status.clear()
+    return root
+
+
+def page(**query) -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def launch_button(at: AppTest):
+    return at.button(key=LAUNCH)
+
+
+def test_every_preset_renders_and_fills_the_form(runs_root):
+    at = page()
+    assert_clean(at)
+    assert not at.warning  # the data is there
+    for name, preset in presets().items():
+        at.selectbox(key="train.start").set_value(name).run()
+        assert_clean(at)
+        assert errors(at) == [], (name, errors(at))
+        assert not launch_button(at).disabled, name
+        expected = RunConfig.from_dict(preset)
+        # the widgets show the preset, not the previous one's values
+        assert at.selectbox(key=f"{FORM}.model").value == expected.model, name
+        assert at.number_input(key=f"{FORM}.epochs").value == expected.epochs, name
+        assert at.number_input(key=f"{FORM}.batch_size").value == expected.batch_size, name
+        steps = at.session_state[f"{FORM}.augment.__steps"]
+        assert [s["name"] for s in steps] == [s["name"] for s in expected.augment], name
+        assert any("Estimated duration: about" in i.value for i in at.info), name
+        # the command line shown on the page gives back exactly this config
+        line = next(c.value for c in at.code
+                    if c.value.startswith("python -m cifar_core train --") and "--config" not in c.value)
+        args = build_parser().parse_args(shlex.split(line)[3:])
+        assert config_from_args(args).to_dict() == expected.to_dict(), (name, line)
+
+
+def test_preset_from_the_link(runs_root):
+    at = page(preset="fast")
+    assert_clean(at)
+    assert at.selectbox(key="train.start").value == "fast"
+    assert at.selectbox(key=f"{FORM}.model").value == "fastnet"
+    assert at.checkbox(key=f"{FORM}.tta_flip").value is True
+    at = page(preset="no such preset")
+    assert_clean(at)
+    assert any("unknown preset" in m for m in errors(at))
+
+
+def test_model_choice_rerenders_its_params(runs_root):
+    at = page(preset="report baseline")
+    assert at.selectbox(key=f"{FORM}.model_params.resnet18.norm").value == "batch"
+    at.selectbox(key=f"{FORM}.model").set_value("lenet").run()
+    assert_clean(at)
+    assert at.selectbox(key=f"{FORM}.model_params.lenet.activation").value == "relu"
+    keys = {w.key for w in at.selectbox}
+    assert f"{FORM}.model_params.resnet18.norm" not in keys
+
+
+def test_group_norm_with_bad_groups_is_reported_and_blocks_launch(runs_root):
+    at = page(preset="report baseline")
+    at.selectbox(key=f"{FORM}.model_params.resnet18.norm").set_value("group").run()
+    assert errors(at) == []
+    at.number_input(key=f"{FORM}.model_params.resnet18.groups").set_value(24).run()
+    assert_clean(at)
+    assert any("groups=24" in m for m in errors(at)), errors(at)
+    assert launch_button(at).disabled
+
+
+def test_val_size_not_below_subset_size_is_reported(runs_root):
+    at = page(preset="report baseline")
+    at.number_input(key=f"{FORM}.val_size").set_value(10000).run()
+    assert_clean(at)
+    assert any("leaves no training images" in m for m in errors(at)), errors(at)
+    assert launch_button(at).disabled
+    at.number_input(key=f"{FORM}.val_size").set_value(500).run()
+    assert errors(at) == []
+    assert not launch_button(at).disabled
+
+
+def test_launch_tiny_queues_a_run_once(runs_root):
+    at = page(preset="tiny (smoke test)")
+    button = launch_button(at)  # the button as the browser shows it before the first click
+    assert not button.disabled
+    button.click().run()
+    assert_clean(at)
+    store = RunStore(runs_root)
+    ids = store.ids()
+    assert len(ids) == 1, ids
+    record = store.record(ids[0])
+    assert record.state() == "queued"
+    assert record.status()["data_source"].endswith("cifar10.npz")
+    assert record.config_dict() == RunConfig.from_dict(presets()["tiny (smoke test)"]).to_dict()
+    # the Runs page is told which run to show
+    assert at.session_state["selected_run"] == ids[0]
+    # run on its own, the page has no Runs page to switch to: it stays and says where the run went
+    assert any(f"queued as **{ids[0]}**" in s.value for s in at.success)
+    # double-click safety: the button is off until the form changes, and a second click that was
+    # already on its way (sent from the page as it was before the first launch) does nothing
+    assert launch_button(at).disabled
+    button.click().run()
+    assert_clean(at)
+    assert len(store.ids()) == 1
+    at.number_input(key=f"{FORM}.seed").set_value(1).run()
+    assert not launch_button(at).disabled
+    launch_button(at).click().run()
+    assert len(store.ids()) == 2
+
+
+@pytest.mark.skipif(not (REPO / "pages" / "2_Runs.py").exists() or not (REPO / "app.py").exists(),
+                    reason="needs app.py and the Runs page")
+def test_launch_switches_to_the_runs_page(runs_root):
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+    at.switch_page("pages/1_Train.py").run()
+    at.selectbox(key="train.start").set_value("tiny (smoke test)").run()
+    launch_button(at).click().run()
+    ids = RunStore(runs_root).ids()
+    assert len(ids) == 1
+    assert at.query_params.get("run") == ids[0]
+    assert at.session_state["selected_run"] == ids[0]
+
+
+def test_from_run_prefills_the_form(runs_root):
+    cfg = RunConfig.from_dict({"name": "old", "model": "lenet", "model_params": {"activation": "tanh"},
+                               "epochs": 3, "subset": "per_class", "per_class": 50, "val_size": 50,
+                               "augment": [{"name": "cutout", "params": {"size": 6}, "p": 0.5}]})
+    record = RunStore(runs_root).create(cfg, state="completed")
+    at = page(from_run=record.run_id)
+    assert_clean(at)
+    assert errors(at) == []
+    assert at.selectbox(key="train.start").value == f"run {record.run_id}"
+    assert at.selectbox(key=f"{FORM}.model").value == "lenet"
+    assert at.selectbox(key=f"{FORM}.model_params.lenet.activation").value == "tanh"
+    assert at.number_input(key=f"{FORM}.epochs").value == 3
+    assert at.number_input(key=f"{FORM}.per_class").value == 50
+    steps = at.session_state[f"{FORM}.augment.__steps"]
+    assert [(s["name"], s["p"]) for s in steps] == [("cutout", 0.5)]
+    # relaunch with a change: a new run with the changed config
+    at.number_input(key=f"{FORM}.epochs").set_value(4).run()
+    launch_button(at).click().run()
+    new = [i for i in RunStore(runs_root).ids() if i != record.run_id]
+    assert len(new) == 1
+    assert RunStore(runs_root).record(new[0]).config().replace(epochs=3).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "no-such-run", "a/b"])
+def test_from_run_with_a_bad_id_shows_an_error(runs_root, bad):
+    at = page(from_run=bad)
+    assert_clean(at)
+    assert errors(at), "expected an error message"
+    assert all("Traceback" not in m for m in errors(at))
+    # the page still works from a preset
+    assert at.selectbox(key="train.start").value == next(iter(presets()))
+    assert not launch_button(at).disabled
+
+
+def test_chain_from_the_link(runs_root):
+    chain = [{"name": "rotation", "params": {"degrees": 30}, "p": 0.5}, {"name": "hflip"}]
+    at = page(preset="tiny (smoke test)", chain=json.dumps(chain))
+    assert_clean(at)
+    steps = at.session_state[f"{FORM}.augment.__steps"]
+    assert [s["name"] for s in steps] == ["rotation", "hflip"]
+    slider = at.slider(key=f"{FORM}.augment.s{steps[0]['uid']}.p")
+    assert slider.value == 0.5
+    at = page(chain="[{\"name\": \"no_such_op\"}]")
+    assert_clean(at)
+    assert any("no_such_op" in m for m in errors(at))
+
+
+def test_augment_editor_add_move_remove(runs_root):
+    at = page(preset="tiny (smoke test)")
+    key = f"{FORM}.augment"
+
+    def names():
+        return [s["name"] for s in at.session_state[f"{key}.__steps"]]
+
+    assert names() == ["random_crop", "hflip"]
+    at.selectbox(key=f"{key}.__add_choice").set_value("cutout").run()
+    at.button(key=f"{key}.__add").click().run()
+    assert names() == ["random_crop", "hflip", "cutout"]
+    uid = at.session_state[f"{key}.__steps"][2]["uid"]
+    at.slider(key=f"{key}.s{uid}.size").set_value(12).run()
+    at.button(key=f"{key}.s{uid}.up").click().run()
+    assert names() == ["random_crop", "cutout", "hflip"]
+    assert at.slider(key=f"{key}.s{uid}.size").value == 12  # values move with their step
+    first = at.session_state[f"{key}.__steps"][0]["uid"]
+    at.button(key=f"{key}.s{first}.remove").click().run()
+    assert names() == ["cutout", "hflip"]
+    assert_clean(at)
+    assert errors(at) == []
+
+
+def test_missing_data_disables_launch(runs_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_NPZ", str(tmp_path / "missing.npz"))
+    from ui.common import data_status
+    data_status.clear()
+    at = page(preset="tiny (smoke test)")
+    assert_clean(at)
+    assert at.warning, "expected the missing-data message"
+    assert launch_button(at).disabled
+
+
+def test_widget_kind_follows_the_declaration():
+    from cifar_core.params import Param
+    from ui.forms import widget_kind
+    assert widget_kind(Param("lr", "float", 0.05, 1e-6, 10.0, log=True)) == "number"
+    assert widget_kind(Param("dropout", "float", 0.0, 0.0, 0.9)) == "slider"
+    assert widget_kind(Param("momentum", "float", 0.9, 0.0, 0.999)) == "number"  # 0.999 is off a 0.01 grid
+    assert widget_kind(Param("weight_decay", "float", 5e-4, 0.0, 1.0)) == "number"
+    assert widget_kind(Param("padding", "int", 4, 0, 16)) == "slider"
+    assert widget_kind(Param("epochs", "int", 10, 1, 2000)) == "number"
+    assert widget_kind(Param("on", "bool", True)) == "checkbox"
+    assert widget_kind(Param("mode", "choice", "a", choices=("a", "b"))) == "select"
+    assert widget_kind(Param("scale", "float_pair", (0.35, 1.0), 0.05, 1.0)) == "range"
+    assert widget_kind(Param("name", "str", "")) == "text"

@@ -1,0 +1,480 @@
+"""Forms generated from declarations: one widget per `Param`, one form per registry entry, the
+augmentation chain editor and the whole RunConfig form.
+
+Nothing here knows about a particular page. State conventions:
+- every widget has an explicit key under the caller's prefix (``<prefix>.<name>``), so keys are stable
+  across reruns and unique on a page;
+- a widget's starting value is written to ``st.session_state[key]`` *before* the widget is created
+  (never passed as ``value=`` as well), so callers can reset a form by clearing its keys
+  (`reset_state`) and rendering it again with new values;
+- widgets whose meaning depends on a choice (a model's parameters, a schedule's parameters, an
+  augmentation step's parameters) are keyed by that choice (``model_params.<model>.<param>``,
+  ``s<step uid>.<param>``), so they re-render from the right values when the choice changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import streamlit as st
+
+from cifar_core.config import RunConfig
+from cifar_core.params import ConfigError, Param, Registry
+
+SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
+                  "optim": "Optimization", "regularization": "Regularization", "speed": "Speed"}
+
+# RunConfig fields backed by a registry: owner field -> (registry loader, params field)
+_OWNERS = ("model", "schedule", "imbalance", "balance")
+
+
+def registries() -> dict[str, Registry]:
+    from cifar_core.balance import BALANCING
+    from cifar_core.data import IMBALANCE
+    from cifar_core.models import MODELS
+    from cifar_core.schedules import SCHEDULES
+    return {"model": MODELS, "schedule": SCHEDULES, "imbalance": IMBALANCE, "balance": BALANCING}
+
+
+def _augmentations() -> Registry:
+    from cifar_core.augment import AUGMENTATIONS
+    return AUGMENTATIONS
+
+
+# ---------------------------------------------------------------------------------------------------
+# state helpers
+# ---------------------------------------------------------------------------------------------------
+
+def reset_state(prefix: str) -> None:
+    """Forget every session-state entry under `prefix` (widgets then start from their given values)."""
+    for k in [k for k in st.session_state.keys() if isinstance(k, str) and k.startswith(prefix + ".")]:
+        del st.session_state[k]
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able value (for 'did this change?' checks)."""
+    text = json.dumps(obj, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _as_widget_value(param: Param, value: Any) -> Any:
+    """The validated value in the Python type its widget holds; ConfigError if invalid."""
+    out = param.validate(value)
+    if param.kind == "float_pair":
+        return tuple(float(v) for v in out)
+    if param.kind == "float":
+        return float(out)
+    return out
+
+
+def _coerce(param: Param, value: Any) -> Any:
+    """Like _as_widget_value, falling back to the default (then to a bound) if `value` is invalid."""
+    for candidate in (value, param.default):
+        try:
+            return _as_widget_value(param, candidate)
+        except (ConfigError, TypeError, ValueError):
+            continue
+    if param.kind in ("int", "float"):  # a default outside its own bounds: clamp
+        typ = int if param.kind == "int" else float
+        return typ(param.low if param.low is not None else param.high)
+    return param.default
+
+
+# ---------------------------------------------------------------------------------------------------
+# one parameter
+# ---------------------------------------------------------------------------------------------------
+
+def _on_grid(x: float, step: float) -> bool:
+    return abs(x / step - round(x / step)) < 1e-6
+
+
+def _float_step(param: Param) -> float:
+    default = abs(float(param.default or 0.0))
+    if default > 0:
+        return 10.0 ** (math.floor(math.log10(default)) - 1)
+    if param.low is not None and param.high is not None and param.high > param.low:
+        return 10.0 ** (math.floor(math.log10(param.high - param.low)) - 2)
+    return 0.01
+
+
+def widget_kind(param: Param) -> str:
+    """Which control renders a param: 'slider' | 'number' | 'checkbox' | 'select' | 'range' | 'pair' | 'text'.
+
+    Depends on the declaration only (never on the current value), so a widget keeps its type and
+    state while the user edits it."""
+    bounded = param.low is not None and param.high is not None
+    if param.kind == "bool":
+        return "checkbox"
+    if param.kind == "choice":
+        return "select"
+    if param.kind == "str":
+        return "text"
+    if param.kind == "float_pair":
+        return "range" if bounded else "pair"
+    if param.kind == "int":
+        return "slider" if bounded and param.high - param.low <= 64 else "number"
+    # float: a slider only for a small linear range whose bounds and default sit on a 0.01 grid
+    if (bounded and not param.log and param.high - param.low <= 2
+            and all(_on_grid(float(v), 0.01) for v in (param.low, param.high, param.default))):
+        return "slider"
+    return "number"
+
+
+def _help(param: Param) -> str:
+    parts = [param.help.strip()] if param.help else []
+    if param.low is not None and param.high is not None:
+        parts.append(f"Range {param.low:g} … {param.high:g}.")
+    elif param.low is not None:
+        parts.append(f"At least {param.low:g}.")
+    if param.kind == "choice":
+        parts.append("Choices: " + ", ".join(map(str, param.choices)) + ".")
+    default = param.default
+    parts.append(f"Default: {list(default) if isinstance(default, tuple) else default!r}.")
+    return " ".join(parts)
+
+
+def param_widget(param: Param, key: str, value: Any = None, label: str | None = None,
+                 disabled: bool = False, format_func=None) -> Any:
+    """Render the control for one declared parameter and return its current value.
+
+    `value` is the starting value (the declared default when None); it is used only the first time
+    the key is seen (or after `reset_state`): afterwards the user's value stays."""
+    label = label or param.name
+    start = _coerce(param, param.default if value is None else value)
+    kind = widget_kind(param)
+    state = st.session_state
+    if key not in state:
+        state[key] = start
+    else:  # keep the user's value, but never hand a widget a value (or type) it cannot show
+        try:
+            current = _as_widget_value(param, state[key])
+        except (ConfigError, TypeError, ValueError):
+            current = start
+        if type(current) is not type(state[key]) or current != state[key]:
+            state[key] = current
+    help_text = _help(param)
+
+    if kind == "checkbox":
+        return bool(st.checkbox(label, key=key, help=help_text, disabled=disabled))
+    if kind == "select":
+        options = list(param.choices)
+        return st.selectbox(label, options, key=key, help=help_text, disabled=disabled,
+                            format_func=format_func or str)
+    if kind == "text":
+        return st.text_input(label, key=key, help=help_text, disabled=disabled)
+    if param.kind == "int":
+        lo = None if param.low is None else int(param.low)
+        hi = None if param.high is None else int(param.high)
+        if kind == "slider":
+            return int(st.slider(label, lo, hi, key=key, step=1, help=help_text, disabled=disabled))
+        return int(st.number_input(label, min_value=lo, max_value=hi, step=1, key=key, help=help_text,
+                                   disabled=disabled))
+    if param.kind == "float":
+        lo = None if param.low is None else float(param.low)
+        hi = None if param.high is None else float(param.high)
+        if kind == "slider":
+            return float(st.slider(label, lo, hi, key=key, step=0.01, help=help_text, disabled=disabled))
+        return float(st.number_input(label, min_value=lo, max_value=hi, step=_float_step(param),
+                                     format="%g", key=key, help=help_text, disabled=disabled))
+    # float_pair
+    if kind == "range":
+        lo, hi = float(param.low), float(param.high)
+        step = 10.0 ** (math.floor(math.log10(hi - lo)) - 2) if hi > lo else 0.01
+        pair = st.slider(label, lo, hi, key=key, step=step, format="%g", help=help_text, disabled=disabled)
+        return [float(pair[0]), float(pair[1])]
+    # unbounded pair: two number inputs side by side (their own keys under `key`)
+    pair = state[key]
+    a, b = st.columns(2)
+    k0, k1 = f"{key}.low", f"{key}.high"
+    state.setdefault(k0, float(pair[0]))
+    state.setdefault(k1, float(pair[1]))
+    v0 = a.number_input(f"{label} (low)", key=k0, format="%g", help=help_text, disabled=disabled)
+    v1 = b.number_input(f"{label} (high)", key=k1, format="%g", disabled=disabled)
+    return [float(v0), float(v1)]
+
+
+def _grid(n_cols: int):
+    """Yield column containers round-robin, creating a new row every n_cols items."""
+    i = 0
+    cols = None
+    while True:
+        if i % n_cols == 0:
+            cols = st.columns(n_cols)
+        yield cols[i % n_cols]
+        i += 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# one registry entry
+# ---------------------------------------------------------------------------------------------------
+
+def registry_params_form(registry: Registry, name: str, key_prefix: str, values: dict | None = None,
+                         columns: int = 3) -> dict:
+    """Render every declared parameter of `registry[name]`; returns {param: value}."""
+    entry = registry.get(name)
+    values = values or {}
+    out = {}
+    if not entry.params:
+        return out
+    cells = _grid(columns)
+    for param in entry.params:
+        with next(cells):
+            out[param.name] = param_widget(param, f"{key_prefix}.{param.name}", values.get(param.name))
+    return out
+
+
+def registry_chooser(registry: Registry, key: str, value: str | None, label: str,
+                     help_text: str = "") -> str:
+    """A selectbox over a registry's names (description shown under it)."""
+    names = registry.names()
+    default = value if value in names else names[0]
+    choice = Param(label, "choice", default, choices=tuple(names), help=help_text)
+    pick, about = st.columns([1, 2], vertical_alignment="bottom")
+    with pick:
+        name = param_widget(choice, key, value)
+    entry = registry.get(name)
+    text = entry.description or ""
+    if not entry.params:
+        text += " No parameters to set."
+    about.caption(text.strip())
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# augmentation chain editor
+# ---------------------------------------------------------------------------------------------------
+
+def _steps_key(key: str) -> str:
+    return f"{key}.__steps"
+
+
+def _new_uid(key: str) -> int:
+    counter = f"{key}.__next_uid"
+    uid = st.session_state.get(counter, 0)
+    st.session_state[counter] = uid + 1
+    return uid
+
+
+def set_augment_chain(key: str, chain: list[dict] | None) -> None:
+    """Replace the editor's chain (e.g. a page loading a preset); widgets start from the new values."""
+    reset_state(key)
+    steps = []
+    for spec in chain or []:
+        if not isinstance(spec, dict):
+            continue
+        steps.append({"uid": _new_uid(key), "name": spec.get("name"),
+                      "params": dict(spec.get("params") or {}), "p": spec.get("p", 1.0)})
+    st.session_state[_steps_key(key)] = steps
+
+
+def _move(key: str, uid: int, delta: int) -> None:
+    steps = st.session_state[_steps_key(key)]
+    i = next(i for i, s in enumerate(steps) if s["uid"] == uid)
+    j = i + delta
+    if 0 <= j < len(steps):
+        steps[i], steps[j] = steps[j], steps[i]
+
+
+def _remove(key: str, uid: int) -> None:
+    st.session_state[_steps_key(key)] = [s for s in st.session_state[_steps_key(key)] if s["uid"] != uid]
+
+
+def _add(key: str) -> None:
+    name = st.session_state.get(f"{key}.__add_choice")
+    if name:
+        st.session_state[_steps_key(key)].append({"uid": _new_uid(key), "name": name, "params": {}, "p": 1.0})
+
+
+def _clear(key: str) -> None:
+    st.session_state[_steps_key(key)] = []
+
+
+_P_PARAM = Param("p", "float", 1.0, 0.0, 1.0,
+                 help="Probability that this step is applied to an image (each image drawn separately).")
+
+
+def augment_chain_editor(key: str, chain: list[dict] | None = None) -> list[dict]:
+    """Edit an ordered augmentation chain; returns [{"name", "params", "p"}, ...] (not yet validated).
+
+    `chain` seeds the editor the first time `key` is seen (use `set_augment_chain` to replace it
+    later). Steps are kept in st.session_state[f"{key}.__steps"]; each step's widgets are keyed by a
+    per-step id, so moving a step keeps its values."""
+    registry = _augmentations()
+    if _steps_key(key) not in st.session_state:
+        set_augment_chain(key, chain)
+    steps = st.session_state[_steps_key(key)]
+    out = []
+    if not steps:
+        st.caption("No augmentation: training images are used as they are.")
+    for i, step in enumerate(steps):
+        uid, name = step["uid"], step["name"]
+        with st.container(border=True):
+            head, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
+            entry = registry.entries.get(name)
+            tags = f" · {', '.join(entry.tags)}" if entry and entry.tags else ""
+            head.markdown(f"**{i + 1}. {name}**{tags}")
+            up.button("↑", key=f"{key}.s{uid}.up", help="Move up", disabled=i == 0,
+                      on_click=_move, args=(key, uid, -1), width="stretch")
+            down.button("↓", key=f"{key}.s{uid}.down", help="Move down", disabled=i == len(steps) - 1,
+                        on_click=_move, args=(key, uid, 1), width="stretch")
+            remove.button("✕", key=f"{key}.s{uid}.remove", help="Remove this step",
+                          on_click=_remove, args=(key, uid), width="stretch")
+            if entry is None:
+                st.error(f"unknown augmentation {name!r} (choose from: {', '.join(registry.names())}); "
+                         "remove this step")
+                out.append({"name": name, "params": step["params"], "p": step["p"]})
+                continue
+            if entry.description:
+                st.caption(entry.description)
+            params, cells = {}, _grid(3)
+            for param in entry.params:
+                with next(cells):
+                    params[param.name] = param_widget(param, f"{key}.s{uid}.{param.name}",
+                                                      step["params"].get(param.name))
+            with next(cells):
+                p = param_widget(_P_PARAM, f"{key}.s{uid}.p", step["p"], label="p (probability)")
+        step["params"], step["p"] = params, p  # so the chain survives the widgets being cleaned up
+        out.append({"name": name, "params": params, "p": p})
+
+    add_col, button_col, clear_col = st.columns([4, 1, 1], vertical_alignment="bottom")
+    names = registry.names()
+
+    def describe(n: str) -> str:
+        tags = registry.get(n).tags
+        return f"{n} ({', '.join(tags)})" if tags else n
+
+    add_col.selectbox("Add a step", names, key=f"{key}.__add_choice", format_func=describe,
+                      help="Steps run in order; each applies to an image with its probability p.")
+    button_col.button("Add", key=f"{key}.__add", on_click=_add, args=(key,), width="stretch")
+    clear_col.button("Clear all", key=f"{key}.__clear", on_click=_clear, args=(key,),
+                     disabled=not steps, width="stretch")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole RunConfig
+# ---------------------------------------------------------------------------------------------------
+
+def initial_dict(initial: RunConfig | dict | None) -> dict:
+    """A full RunConfig dict: RunConfig's defaults overlaid with `initial` (unknown keys dropped)."""
+    base = RunConfig().to_dict()
+    if isinstance(initial, RunConfig):
+        initial = initial.to_dict()
+    for k, v in (initial or {}).items():
+        if k in base:
+            base[k] = v
+    return json.loads(json.dumps(base, default=list))
+
+
+# Scalar fields shown only when they matter: field -> (controlling field, values where it matters)
+_SHOWN_WHEN = {
+    "subset_size": ("subset", ("random",)),
+    "per_class": ("subset", ("per_class",)),
+    "clip_max_norm": ("grad_clip", ("norm",)),
+    "clip_norm_type": ("grad_clip", ("norm",)),
+    "clip_value": ("grad_clip", ("value",)),
+    "nesterov": ("optimizer", ("sgd",)),
+}
+
+_OWNER_HELP = {
+    "model": "The network. Its own parameters appear below and change with the choice.",
+    "schedule": "How the learning rate changes during training (a multiplier of lr).",
+    "imbalance": "Make the training pool class-imbalanced (applied after the validation hold-out).",
+    "balance": "How training counters class imbalance (sampling or loss weights).",
+}
+
+
+def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) -> dict:
+    """Render the whole RunConfig, grouped in tabs by section; returns the raw dict (not validated).
+
+    When `initial` changes (another preset, another run to start from) every widget under `key` is
+    reset to it; while it stays the same, the user's edits are kept. The form is also reset when the
+    page is entered afresh (Streamlit forgets widget values of pages not shown)."""
+    init = initial_dict(initial)
+    sig = fingerprint(init)
+    sentinel = f"{key}.name"  # a widget key: gone after the page was left
+    if st.session_state.get(f"{key}.__initial") != sig or sentinel not in st.session_state:
+        reset_state(key)
+        st.session_state[f"{key}.__initial"] = sig
+
+    by_owner = registries()
+    scalars = RunConfig.scalar_params()
+    values: dict[str, Any] = {}
+    sections = RunConfig.sections()
+    tabs = st.tabs([SECTION_LABELS.get(s, s.title()) for s in sections])
+    for tab, (section, names) in zip(tabs, sections.items()):
+        with tab:
+            cells = _grid(columns)
+            for name in names:
+                if name == "augment":
+                    values["augment"] = augment_chain_editor(f"{key}.augment", init["augment"])
+                    continue
+                if name in _OWNERS or name.endswith("_params"):
+                    continue  # rendered as a group after the section's plain fields
+                rule = _SHOWN_WHEN.get(name)
+                if rule and values.get(rule[0], init[rule[0]]) not in rule[1]:
+                    values[name] = init[name]  # not relevant now: keep the starting value
+                    continue
+                with next(cells):
+                    values[name] = param_widget(scalars[name], f"{key}.{name}", init[name])
+            for i, owner in enumerate(n for n in names if n in _OWNERS):
+                registry = by_owner[owner]
+                if i or len(names) > 2:  # other fields above: set the group apart
+                    st.divider()
+                choice = registry_chooser(registry, f"{key}.{owner}", init[owner], owner,
+                                          _OWNER_HELP.get(owner, ""))
+                values[owner] = choice
+                start = init[f"{owner}_params"] if choice == init[owner] else None
+                values[f"{owner}_params"] = registry_params_form(
+                    registry, choice, f"{key}.{owner}_params.{choice}", start, columns=columns)
+    # keep RunConfig's field order
+    return {name: values[name] for name in init if name in values}
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation that reports every problem, not only the first
+# ---------------------------------------------------------------------------------------------------
+
+def validate_config(values: dict) -> tuple[RunConfig | None, list[str]]:
+    """(validated RunConfig, []) or (None, [messages]). Checks each part separately so that several
+    independent problems are all reported at once."""
+    try:
+        return RunConfig.from_dict(values), []
+    except ConfigError as exc:
+        first = str(exc)
+    except Exception as exc:  # a bug in a check must still read as a message
+        return None, [f"{type(exc).__name__}: {exc}"]
+    errors: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            if str(exc) not in errors:
+                errors.append(str(exc))
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        return None
+
+    scalars = {}
+    for name, param in RunConfig.scalar_params().items():
+        if name in values:
+            scalars[name] = check(param.validate, values[name])
+    for owner, registry in registries().items():
+        if scalars.get(owner) is None:
+            continue
+        if check(registry.get, scalars[owner]) is None:
+            continue
+        params = check(registry.validate, scalars[owner], values.get(f"{owner}_params") or {})
+        if owner == "model" and params is not None:
+            from cifar_core.models import check_model
+            check(check_model, scalars["model"], params)
+    from cifar_core.augment import validate_chain
+    check(validate_chain, values.get("augment", []))
+    if all(v is not None for v in scalars.values()) and len(scalars) == len(RunConfig.scalar_params()):
+        check(RunConfig._check_cross_field, scalars)
+    if first not in errors:
+        errors.insert(0, first)
+    return None, errors
