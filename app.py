@@ -5,7 +5,7 @@ import streamlit as st
 
 from cifar_core import jobs
 from cifar_core.params import ConfigError
-from ui.common import data_status, device_info, friendly_errors, get_store
+from ui.common import clear_data_status, data_status, device_info, friendly_errors, get_store
 
 st.set_page_config(page_title="CIFAR-10 Lab", page_icon="🧪", layout="wide")
 st.title("CIFAR-10 Lab")
@@ -30,7 +30,7 @@ with data_col:
                 try:
                     load_cifar10(download=True,
                                  progress=lambda frac, msg="": bar.progress(min(1.0, max(0.0, frac)), text=msg))
-                    data_status.clear()
+                    clear_data_status()
                     st.rerun()
                 except ConfigError:
                     raise
@@ -69,7 +69,4 @@ for path, label, text in (
     ("pages/3_Compare.py", "Compare", "overlay runs, diff their configs, compare final metrics"),
     ("pages/4_Studies.py", "Studies", "one-click studies: BN vs GN, samplers on imbalanced data, trick ablation"),
 ):
-    try:
-        st.page_link(path, label=f"**{label}** — {text}")
-    except Exception:  # a page not present in this checkout
-        pass
+    st.page_link(path, label=f"**{label}** — {text}")

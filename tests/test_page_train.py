@@ -36,8 +36,8 @@ def runs_root(tmp_path, monkeypatch, cifar_npz) -> Path:
     monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
     import cifar_core.jobs as jobs
     monkeypatch.setattr(jobs, "ensure_worker", lambda store=None: False)
-    from ui.common import data_status
-    data_status.clear()
+    from ui.common import clear_data_status
+    clear_data_status()
     return root
 
 
@@ -240,8 +240,8 @@ def test_augment_editor_add_move_remove(runs_root):
 
 def test_missing_data_disables_launch(runs_root, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_NPZ", str(tmp_path / "missing.npz"))
-    from ui.common import data_status
-    data_status.clear()
+    from ui.common import clear_data_status
+    clear_data_status()
     at = page(preset="tiny (smoke test)")
     assert_clean(at)
     assert at.warning, "expected the missing-data message"

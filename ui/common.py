@@ -21,12 +21,21 @@ def data_source() -> str | None:
     return os.environ.get("CIFAR10_NPZ") or None
 
 
-@st.cache_data(ttl=30, show_spinner=False)
 def data_status() -> dict:
     """Where CIFAR-10 was found, or the message saying how to get it (never raises)."""
+    return _data_status(data_source(), os.environ.get("CIFAR10_DATA_DIR"))
+
+
+def clear_data_status() -> None:
+    _data_status.clear()
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _data_status(source: str | None, data_dir: str | None) -> dict:
+    # The arguments are the cache key: a changed CIFAR10_NPZ / CIFAR10_DATA_DIR is looked up anew.
     from cifar_core.data import load_cifar10
     try:
-        arrays = load_cifar10(data_source())
+        arrays = load_cifar10(source, data_dir)
         return {"ok": True, "origin": arrays.origin, "train": len(arrays.x_train), "test": len(arrays.x_test)}
     except ConfigError as exc:
         return {"ok": False, "message": str(exc)}

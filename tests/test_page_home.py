@@ -1,0 +1,45 @@
+"""AppTest for the home page (app.py)."""
+import pytest
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from cifar_core.config import RunConfig
+from cifar_core.runs import RunStore
+
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_LAB_RUNS", str(tmp_path / "runs"))
+    return RunStore(tmp_path / "runs")
+
+
+def texts(at) -> str:
+    parts = [e.value for e in at.success] + [e.value for e in at.warning] + [e.value for e in at.info]
+    return "\n".join(str(p) for p in parts + [c.value for c in at.caption])
+
+
+def test_home_with_data_counts_runs(runs, cifar_npz, monkeypatch):
+    monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
+    cfg = RunConfig(epochs=1).validated()
+    runs.create(cfg, state="queued")
+    runs.create(cfg, state="completed")
+    runs.create(cfg, state="failed")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert "50,000 training and 10,000 test images" in texts(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["queued"] == "1" and metrics["finished"] == "2" and metrics["running"] == "0"
+
+
+def test_home_without_data_offers_download_and_offline_instruction(runs, tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_NPZ", raising=False)
+    monkeypatch.setenv("CIFAR10_DATA_DIR", str(tmp_path / "empty"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    warning = "\n".join(w.value for w in at.warning)
+    assert "CIFAR10_NPZ" in warning and "download" in warning
+    assert any("Download CIFAR-10" in b.label for b in at.button)
