@@ -31,10 +31,10 @@ FORM_KEY = "train.form"
 #     resnet18 5896 ms, resnet34 9677 ms;
 #   2 threads, fastest step seen in a quiet moment: lenet 21 ms (6,200 img/s), alexnet 713 ms (180),
 #     resnet18 2727 ms (47), resnet34 4698 ms (27) — about twice the single-thread speed;
-#   fastnet never got a quiet moment with 2 threads (62-69 img/s at load 3-4), so its entry is the
-#     single-thread figure (122 img/s), a conservative value.
+#   fastnet, 2 threads on a quiet machine: 173-216 img/s at batch 256-1024 (bench/README.md), and
+#     180-185 img/s over the whole fast preset run.
 # GPU numbers are NOT measured: CPU × CUDA_SPEEDUP_GUESS, labelled as a rough guess on the page.
-CPU_IMAGES_PER_S = {"lenet": 6000.0, "fastnet": 120.0, "alexnet": 180.0, "resnet18": 45.0, "resnet34": 26.0}
+CPU_IMAGES_PER_S = {"lenet": 6000.0, "fastnet": 185.0, "alexnet": 180.0, "resnet18": 45.0, "resnet34": 26.0}
 CUDA_SPEEDUP_GUESS = 10.0
 EVAL_SPEEDUP = 3.0  # evaluation is a forward pass only: roughly 3× a training step's throughput
 STARTUP_SECONDS = 10.0  # process start, imports, loading CIFAR-10 into memory

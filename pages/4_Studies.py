@@ -20,10 +20,7 @@ from cifar_core import jobs, studies  # noqa: E402
 from cifar_core.data import CLASSES  # noqa: E402
 from ui.common import data_source, data_status, device_info, friendly_errors, get_store  # noqa: E402
 
-try:  # the generated widgets of the Train page, when present
-    from ui.forms import param_widget
-except ImportError:  # pragma: no cover - a checkout without ui/forms.py
-    param_widget = None
+from ui.forms import param_widget  # noqa: E402
 
 RUNS_PAGE = "pages/2_Runs.py"
 RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)
@@ -73,25 +70,8 @@ def pct(mean, std=math.nan) -> str:
     return text + " %"
 
 
-def plain_widget(param, key: str):
-    """Fallback widgets when ui/forms.py is not available."""
-    if key not in st.session_state:
-        st.session_state[key] = param.default
-    if param.kind == "choice":
-        return st.selectbox(param.name, list(param.choices), key=key, help=param.help)
-    if param.kind == "int":
-        return int(st.number_input(param.name, int(param.low), int(param.high), step=1, key=key,
-                                   help=param.help))
-    if param.kind == "float":
-        return float(st.number_input(param.name, float(param.low), float(param.high), key=key,
-                                     format="%g", help=param.help))
-    if param.kind == "bool":
-        return st.checkbox(param.name, key=key, help=param.help)
-    return st.text_input(param.name, key=key, help=param.help)
-
-
 def widget(param, key: str):
-    return param_widget(param, key) if param_widget is not None else plain_widget(param, key)
+    return param_widget(param, key)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

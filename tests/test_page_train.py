@@ -155,8 +155,6 @@ def test_launch_tiny_queues_a_run_once(runs_root):
     assert len(store.ids()) == 2
 
 
-@pytest.mark.skipif(not (REPO / "pages" / "2_Runs.py").exists() or not (REPO / "app.py").exists(),
-                    reason="needs app.py and the Runs page")
 def test_launch_switches_to_the_runs_page(runs_root):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
     at.switch_page("pages/1_Train.py").run()
