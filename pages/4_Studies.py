@@ -128,7 +128,7 @@ for kind, tab in zip(kinds, tabs):
                     f"total time about **{human(result['seconds'])}** {where}.")
         reason = ("CIFAR-10 is missing. " if not data["ok"] else "") + ("" if result["ok"] else
                                                                         "Fix the error above.")
-        if st.button("Launch study", key=f"{prefix}.launch", type="primary", icon="🚀",
+        if st.button("Launch study", key=f"{prefix}.launch", type="primary", icon=":material/rocket_launch:",
                      disabled=bool(reason), help=reason or "Queue every run of this study."):
             with friendly_errors("Launching the study"):
                 study_id = studies.launch_study(kind, params, store, data_source=data_source(),
@@ -353,7 +353,7 @@ def show_study(study_id: str, live: bool) -> None:
                 pick = st.selectbox("Open a run", list(labels), format_func=lambda rid: labels[rid],
                                     key=f"studies.open.{study_id}")
                 try:
-                    st.page_link(RUNS_PAGE, label=f"Open {pick} on the Runs page", icon="📈",
+                    st.page_link(RUNS_PAGE, label=f"Open {pick} on the Runs page", icon=":material/monitoring:",
                                  query_params={"run": pick})
                 except Exception:  # the Runs page is not part of this app (this page run on its own)
                     st.caption(f"Runs page: ?run={pick}")
