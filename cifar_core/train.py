@@ -11,6 +11,8 @@ it had never stopped.
 """
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 import signal
@@ -18,7 +20,6 @@ import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from .augment import AugmentChain
 from .balance import build_balance_plan
 from .config import RunConfig
-from .data import CIFAR_MEAN, CIFAR_STD, build_split, load_cifar10, per_class_subset, to_device_tensors
+from .data import CIFAR_MEAN, CIFAR_STD, CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
 from .models import count_params, create_model
 from .params import ConfigError
-from .runs import RunRecord, RunStore
+from .runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
 from .schedules import build_schedule
 
 NUM_CLASSES = 10
@@ -219,6 +220,7 @@ class Trainer:
         self.cfg, self.record, self.data_source = cfg, record, data_source
         self.progress, self.stop_at_step = progress, stop_at_step
         self.stop_requested: str | None = None
+        self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -420,8 +422,6 @@ class Trainer:
         return result["acc"]
 
     def _save_checkpoint(self, which, model, optimizer, ema, scaler, step, best_acc, t0):
-        from .runs import atomic_write_bytes
-        import io
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -435,32 +435,24 @@ class Trainer:
         """On resume, drop metric lines written after the checkpoint so curves don't repeat."""
         rows = self.record.read_metrics()
         kept = [r for r in rows if r.get("step", 0) <= step]
-        from .runs import atomic_write_bytes
-        import json
         atomic_write_bytes(self.record.metrics_path,
                            "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _final_report(self, prep, model, t0, step, total_steps):
-        cached = getattr(self, "_test_logits", None)
+        cached = self._test_logits
         if cached is not None and cached[0] == step:
             logits = cached[1]
         else:
             logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip, self.cfg.tta_translate)
         y_true = prep.test_y.cpu().numpy()
-        report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(_classes()))
+        report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(CLASSES))
         report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=step,
                       total_steps=total_steps, train_seconds=time.time() - t0,
                       evaluated_with="ema" if self.cfg.ema_decay else "model",
                       tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate, test_images=int(y_true.shape[0]))
-        from .runs import atomic_write_json
         atomic_write_json(self.record.results_path, report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
                                   macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])
-
-
-def _classes():
-    from .data import CLASSES
-    return CLASSES
 
 
 def train_run(cfg: RunConfig, store: RunStore | None = None, run_id: str | None = None,
