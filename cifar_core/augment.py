@@ -445,6 +445,8 @@ class ZCAOp(AugOp):
         self.mean: torch.Tensor | None = None    # (1, D) float32, CPU
         self.matrix: torch.Tensor | None = None  # (D, D) float32, CPU
         self.eigenvalues: torch.Tensor | None = None
+        self.eigenvectors: torch.Tensor | None = None  # kept only with fit(keep_eigenvectors=True)
+        self.fit_count = 0  # images the fit used
         self.shape: tuple | None = None
         self._cache: dict = {}
 
@@ -453,7 +455,9 @@ class ZCAOp(AugOp):
         return self.matrix is not None
 
     @torch.no_grad()
-    def fit(self, x, chunk: int = 4096) -> "ZCAOp":
+    def fit(self, x, chunk: int = 4096, keep_eigenvectors: bool = False) -> "ZCAOp":
+        """keep_eigenvectors: keep U (D x D, 37 MB for 3x32x32) so that `with_epsilon` can change
+        epsilon without a new eigendecomposition (the augmentation previewer does)."""
         x = _as_nchw(x)
         n = x.shape[0]
         if n < 2:
@@ -488,9 +492,23 @@ class ZCAOp(AugOp):
         self.mean = mean[None].cpu()
         self.matrix = w.float().cpu()
         self.eigenvalues = s.float().cpu()
+        self.eigenvectors = u.float().cpu() if keep_eigenvectors else None
+        self.fit_count = len(idx)
         self.shape = tuple(x.shape[1:])
         self._cache = {}
         return self
+
+    def with_epsilon(self, epsilon: float) -> "ZCAOp":
+        """A new op with the same fit and another epsilon (no new eigendecomposition; on the CPU the
+        matrix is the one a fresh fit with that epsilon gives). Needs fit(keep_eigenvectors=True)."""
+        if self.eigenvectors is None or self.eigenvalues is None:
+            raise RuntimeError("zca.with_epsilon needs a fit with keep_eigenvectors=True")
+        op = ZCAOp(epsilon, self.fit_images)
+        u, s = self.eigenvectors, self.eigenvalues
+        op.mean, op.eigenvalues, op.eigenvectors = self.mean, s, u
+        op.fit_count, op.shape = self.fit_count, self.shape
+        op.matrix = ((u * (s + epsilon).rsqrt()) @ u.T).float()
+        return op
 
     def _on_device(self, device):
         key = str(device)
