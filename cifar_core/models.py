@@ -426,3 +426,8 @@ def check_model(name: str, params: dict | None = None, num_classes: int = 10) ->
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{name}: expected output shape (2, {num_classes}), got {tuple(out.shape)}")
     return values
+
+
+# Transformers live in their own module and register themselves in MODELS on import (at the end, so
+# that MODELS and the helpers they use already exist).
+from . import transformers  # noqa: E402,F401

@@ -28,7 +28,7 @@ def _x(b=2, seed=0):
 
 def test_registry_entries_have_tags_and_descriptions():
     assert set(ALL) >= {"resnet18", "resnet34", "lenet", "alexnet", "fastnet"}
-    allowed = {"cnn", "resnet", "baseline", "fast"}
+    allowed = {"cnn", "resnet", "baseline", "fast", "transformer", "vit", "cait"}
     for entry in MODELS.entries.values():
         assert entry.description
         assert entry.tags and set(entry.tags) <= allowed
