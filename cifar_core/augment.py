@@ -924,3 +924,6 @@ class AugmentChain:
             entry = {k: v[j] for k, v in values.items()} if j is not None and values else {}
             entry["applied"] = ok
             records[i][key] = entry
+
+
+from . import augment_policies  # noqa: E402,F401  (registers trivial_augment, rand_augment, random_erasing)

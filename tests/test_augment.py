@@ -59,6 +59,9 @@ ZERO = {
     "cutout": {"size": 0},
     "mixup": {"alpha": 0.0},
     "cutmix": {"alpha": 0.0},
+    "trivial_augment": {"strength": 0.0},
+    "rand_augment": {"num_ops": 0},
+    "random_erasing": {"scale": (0.0, 0.0)},
 }
 NORMALIZERS = {"per_image_standardization", "zca"}
 # zca's fit is an eigendecomposition of a (3*H*W)^2 covariance: 8x8 images keep it instant
