@@ -1,4 +1,4 @@
-"""Command line: `python -m cifar_core train|runs|data|describe`.
+"""Command line: `python -m cifar_core train|submit|cancel|runs|export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -216,6 +217,55 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+    from .runs import RunStore, validate_run_id
+    validate_run_id(args.run_id)
+    started = time.time()
+    result = export_run(args.run_id, RunStore(args.runs_root), out=args.out, name=args.name,
+                        data_source=args.data, fp16_weights=args.fp16_weights, evaluate=args.evaluate,
+                        export_command=args.command_line)
+    card, parity = result.card, result.card["parity"]
+    print(f"exported {args.run_id} → {result.onnx_path} ({card['file']['bytes'] / 2**20:.2f} MB) "
+          f"in {time.time() - started:.1f} s")
+    print(f"parity on {parity['images']} real test images: max |Δlogit| batch 1 = "
+          f"{parity['max_abs_diff_batch_1']:.2e}, batch {parity['images']} = {parity['max_abs_diff_batch_n']:.2e}, "
+          f"top-1 mismatches {parity['top1_mismatches']}")
+    evaluation = card["evaluation"]
+    if "onnxruntime_test_acc" in evaluation:
+        print(f"onnxruntime test accuracy {100 * evaluation['onnxruntime_test_acc']:.2f}% "
+              f"(first 1,000: {100 * evaluation['onnxruntime_first_1000_acc']:.2f}%)")
+    print(f"model card: {result.card_path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .images import ImageReadError, read_image
+    from .inference import Classifier, ModelUnusable
+    try:
+        classifier = Classifier(args.model)
+    except ModelUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failures = 0
+    results = []
+    for name in args.images:
+        try:
+            tile = read_image(name, name=name).tile
+        except ImageReadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        prediction = classifier.predict(tile)
+        top = prediction.top_k(args.top_k)[0]
+        results.append({"image": name, "top_k": [{"class": c, "prob": p} for c, p in top]})
+        if not args.json:
+            print(f"{name}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    if args.json:
+        print(json.dumps({"model": str(args.model), "provider": classifier.provider, "results": results}))
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifar_core", description="CIFAR-10 Lab command line")
     parser.add_argument("--runs-root", default=None, help="runs folder (default: $CIFAR_LAB_RUNS or ./runs)")
@@ -255,6 +305,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="download with torchvision if missing")
     data.set_defaults(func=cmd_data)
 
+    export = sub.add_parser("export", help="export a completed run to ONNX (+ model card), parity-checked")
+    export.add_argument("run_id")
+    export.add_argument("--out", default=None, help="the .onnx path (default: <run>/export/<run_id>.onnx)")
+    export.add_argument("--name", default=None, help="model name in the card (default: the run id)")
+    export.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (for --evaluate, ZCA)")
+    export.add_argument("--fp16-weights", action="store_true",
+                        help="store weights as float16 (cast to float32 in the graph): half the file size")
+    export.add_argument("--evaluate", action="store_true",
+                        help="also measure onnxruntime accuracy on the full test set (written to the card)")
+    export.set_defaults(func=cmd_export)
+
+    predict = sub.add_parser("predict", help="classify image files with an exported .onnx model")
+    predict.add_argument("model", help="an .onnx file (shipped in checkpoints/ or exported)")
+    predict.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF ...)")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    predict.set_defaults(func=cmd_predict)
+
     describe = sub.add_parser("describe", help="print every declared parameter as JSON")
     describe.set_defaults(func=cmd_describe)
     return parser
@@ -263,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = "python -m cifar_core " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ConfigError as exc:

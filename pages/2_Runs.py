@@ -323,7 +323,51 @@ def results_section(store, run_id: str, state: str) -> None:
                         st.caption("No confusion matrix in results.json.")
                     else:
                         st.altair_chart(chart, width="content")
+    if state == "completed":
+        export_section(store, record)
     downloads(record)
+
+
+def export_section(store, record) -> None:
+    """Export to ONNX (parity-checked) and hand the file to the Classify page."""
+    from cifar_core.export import default_export_path, read_card
+    path = default_export_path(record)
+    st.markdown("**ONNX export**")
+    card = read_card(path) if path.is_file() else None
+    if card:
+        parity = card.get("parity") or {}
+        st.caption(f"Exported {card.get('date', '')}: `{path.name}` ({_size(path)}), parity on "
+                   f"{parity.get('images', '?')} real test images max |Δlogit| "
+                   f"{parity.get('max_abs_diff_batch_n', float('nan')):.1e} (batch N), "
+                   f"{parity.get('max_abs_diff_batch_1', float('nan')):.1e} (batch 1).")
+    row = st.container(horizontal=True)
+    with row:
+        clicked = st.button("Re-export to ONNX" if card else "Export to ONNX", key="runs_export",
+                            icon=":material/output:",
+                            help="One self-contained .onnx file (opset 17, dynamic batch) with its "
+                                 "normalization and test-time augmentation inside, plus a model card; "
+                                 "checked against PyTorch on real test images.")
+        if card:
+            st.download_button(f"{path.name} ({_size(path)})", data=_reader(path), file_name=path.name,
+                               mime="application/octet-stream", key="runs_dl_onnx", on_click="ignore",
+                               icon=":material/download:")
+            card_path = path.with_suffix(".card.json")
+            st.download_button("model card", data=_reader(card_path), file_name=card_path.name,
+                               mime="application/json", key="runs_dl_card", on_click="ignore",
+                               icon=":material/download:")
+            if st.button("Classify photos with it", key="runs_to_classify", icon=":material/image_search:"):
+                st.switch_page("pages/6_Classify.py",
+                               query_params={"model": f"run/{record.run_id}/{path.name}"})
+    if clicked:
+        from cifar_core.export import export_run
+        from ui.common import data_source
+        with friendly_errors("The export"), st.spinner("Exporting and checking parity…"):
+            result = export_run(record.run_id, store, data_source=data_source(),
+                                export_command=f"python -m cifar_core export {record.run_id}")
+            parity = result.card["parity"]
+            _flash("success", f"Exported {result.onnx_path.name}: parity max |Δlogit| "
+                              f"{parity['max_abs_diff_batch_n']:.1e} on {parity['images']} test images.")
+            st.rerun()
 
 
 def _reader(path):

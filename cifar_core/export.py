@@ -1,0 +1,366 @@
+"""Export a finished run to one self-contained ONNX file with a model card, checked for parity.
+
+Exporter: ``torch.onnx.export(..., dynamo=False)`` (the TorchScript-based exporter), opset 17, with a
+dynamic batch axis. Chosen explicitly because the dynamo exporter needs onnxscript (not a
+dependency here) and, for these models, produces the same graph; the parity check below is what
+guarantees the file, whichever exporter wrote it.
+
+The exported graph takes what a photo becomes after `cifar_core.images` reduced it to 32×32:
+float32 RGB (N, 3, 32, 32) with values in [0, 1] (pixel / 255). Everything the run did to images at
+evaluation time is inside the graph: mean/std normalization (or the run's own normalizer, ZCA or
+per-image standardization) and, if the run used them, test-time flips and translations (their
+logits averaged with the engine's weights). The same facts are written into the ONNX metadata
+(key ``cifar_lab.card``) and into a sidecar ``<name>.card.json``.
+
+Optionally the weights are stored as float16 initializers followed by a Cast to float32 (halves the
+file; arithmetic stays fp32). The parity check then compares against the PyTorch model with the same
+fp16-rounded parameters and buffers, so it still checks the export itself at 1e-4.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import platform
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .augment import AugmentChain
+from .data import CIFAR_MEAN, CIFAR_STD, CLASSES
+from .images import PREPROCESS_DESCRIPTION
+from .models import MODELS, count_params, create_model
+from .params import ConfigError
+from .runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
+from .train import tta_views
+
+__all__ = ["OPSET", "PARITY_ATOL", "ExportError", "InferenceGraph", "ExportResult", "export_run",
+           "export_module", "check_parity", "load_run_model", "card_path_for", "read_card"]
+
+OPSET = 17
+PARITY_ATOL = 1e-4
+CARD_KEY = "cifar_lab.card"
+EXPORTER = "torch.onnx.export (TorchScript-based exporter, dynamo=False)"
+
+
+class ExportError(ConfigError):
+    """Export refused or failed (unfinished run, missing checkpoint, parity failure), with the reason."""
+
+
+class InferenceGraph(nn.Module):
+    """[0, 1] RGB images → logits: the run's evaluation-time normalization, the model, test-time views."""
+
+    def __init__(self, model: nn.Module, normalizers: list, tta_flip: bool, tta_translate: bool):
+        super().__init__()
+        self.model = model
+        self.normalizers = list(normalizers)  # deterministic chain ops (ZCA, per-image standardization)
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+        self.tta_flip = tta_flip
+        self.tta_translate = tta_translate
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        for op in self.normalizers:
+            x = op(x, None, None)[0]
+        if not self.normalizers:
+            x = (x - self.mean) / self.std
+        views = tta_views(x, self.tta_flip, self.tta_translate)
+        return sum(weight * self.model(view) for weight, view in views)
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    card_path: Path
+    card: dict
+
+
+def card_path_for(onnx_path: Path) -> Path:
+    return Path(onnx_path).with_suffix(".card.json")
+
+
+def read_card(onnx_path: Path) -> dict | None:
+    """The sidecar card if present and valid JSON, else None."""
+    try:
+        card = json.loads(card_path_for(onnx_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a run
+# ----------------------------------------------------------------------------------------------
+
+def _checkpoint(record: RunRecord) -> dict:
+    path = record.checkpoint_path("last")
+    if not path.exists():
+        raise ExportError(f"run {record.run_id} has no checkpoint (last.pt) to export")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say so instead of a traceback
+        raise ExportError(f"run {record.run_id}: checkpoint {path.name} is unreadable ({exc})") from None
+
+
+def _fitted_normalizers(record: RunRecord, data_source: str | None) -> list:
+    """The chain's deterministic normalizers, fitted as in training (ZCA needs the training images)."""
+    cfg = record.config()
+    chain = AugmentChain(cfg.augment)
+    normalizers = [op for op in chain.ops if getattr(op, "normalizes", False)]
+    if any(getattr(op, "needs_fit", False) for op in normalizers):
+        from .train import prepare  # loads the data and fits exactly as the training run did
+        prepared = prepare(cfg.__class__.from_dict({**cfg.to_dict(), "device": "cpu"}), data_source)
+        normalizers = [op for op in prepared.chain.ops if getattr(op, "normalizes", False)]
+    return normalizers
+
+
+def load_run_model(record: RunRecord, data_source: str | None = None) -> tuple[InferenceGraph, dict]:
+    """The run's final model (EMA weights if the run kept an EMA) wrapped as an InferenceGraph."""
+    if not record.exists():
+        raise ExportError(f"run {record.run_id} not found")
+    status = record.status()
+    if status.get("state") != "completed":
+        raise ExportError(f"run {record.run_id} is {status.get('state', 'unknown')}: "
+                          "only completed runs can be exported")
+    cfg = record.config()
+    ckpt = _checkpoint(record)
+    model = create_model(ckpt.get("model_name", cfg.model), ckpt.get("model_params", cfg.model_params))
+    state = ckpt["model"]
+    if cfg.ema_decay and ckpt.get("ema"):
+        # AveragedModel keeps the averaged network under "module." plus an n_averaged counter
+        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    model.load_state_dict(state)
+    graph = InferenceGraph(model, _fitted_normalizers(record, data_source), cfg.tta_flip, cfg.tta_translate)
+    return graph.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+# ----------------------------------------------------------------------------------------------
+
+def _round_to_fp16(module: nn.Module) -> None:
+    """Round every float parameter and buffer to fp16 precision (kept as fp32 tensors)."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+
+
+def _fp16_initializers(model_proto) -> int:
+    """Store every float32 initializer as float16 + a Cast node back to float32. Returns the count.
+
+    Hand-written: onnxconverter-common's float16 converter changes the arithmetic to fp16 too; here
+    only storage shrinks and every op still computes in fp32. The graph must be exported without
+    constant folding, so that initializers are exactly the module's (fp16-rounded) parameters and
+    buffers rather than folded products of them (Conv+BatchNorm) that fp16 would round differently."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = model_proto.graph
+    converted, kept, casts = 0, [], []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=init.name + "__cast"))
+        converted += 1
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model_proto)
+    return converted
+
+
+def export_module(graph: nn.Module, path: Path, *, fp16_weights: bool = False,
+                  metadata: dict[str, str] | None = None, opset: int = OPSET) -> Path:
+    """Write `graph` (input [0,1] images (N,3,32,32)) to one self-contained .onnx file, atomically."""
+    import onnx
+    graph = graph.eval()
+    example = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          do_constant_folding=not fp16_weights)
+    proto = onnx.load_from_string(buffer.getvalue())
+    if fp16_weights:
+        _fp16_initializers(proto)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = "CIFAR-10 Lab classifier: input float32 RGB (N,3,32,32) in [0,1], output logits (N,10)"
+    data = proto.SerializeToString()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def check_parity(graph: nn.Module, onnx_path: Path, images_uint8: np.ndarray, *,
+                 atol: float = PARITY_ATOL, single: int = 8) -> dict:
+    """Compare onnxruntime with PyTorch on real images at batch 1 (the first `single` images, one by
+    one) and at batch N (all). Raises ExportError with the numbers when the max absolute logit
+    difference exceeds `atol` or any top-1 differs."""
+    from .inference import create_session
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float().div(255)
+    session = create_session(onnx_path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = graph.eval()(x).numpy()
+    batched = session.run(None, {"images": x.numpy()})[0]
+    singles = np.concatenate([session.run(None, {"images": x[i:i + 1].numpy()})[0]
+                              for i in range(min(single, len(x)))])
+    report = {
+        "images": int(len(x)), "batch_sizes": [1, int(len(x))], "atol": atol,
+        "max_abs_diff_batch_n": float(np.abs(batched - expected).max()),
+        "max_abs_diff_batch_1": float(np.abs(singles - expected[:len(singles)]).max()),
+        "top1_mismatches": int((batched.argmax(1) != expected.argmax(1)).sum()
+                               + (singles.argmax(1) != expected[:len(singles)].argmax(1)).sum()),
+    }
+    report["passed"] = bool(report["max_abs_diff_batch_n"] <= atol and report["max_abs_diff_batch_1"] <= atol
+                            and report["top1_mismatches"] == 0)
+    if not report["passed"]:
+        raise ExportError(
+            f"parity check failed for {Path(onnx_path).name}: max |Δlogit| batch {len(x)} = "
+            f"{report['max_abs_diff_batch_n']:.3g}, batch 1 = {report['max_abs_diff_batch_1']:.3g} "
+            f"(limit {atol:g}), top-1 mismatches {report['top1_mismatches']}")
+    return report
+
+
+def evaluate_onnx(onnx_path: Path, x_uint8: np.ndarray, y: np.ndarray, batch: int = 500) -> dict:
+    """Accuracy of the exported file under onnxruntime (CPU) on the given images."""
+    from .inference import create_session
+    session = create_session(onnx_path, providers=["CPUExecutionProvider"])
+    preds = []
+    for start in range(0, len(x_uint8), batch):
+        chunk = np.ascontiguousarray(x_uint8[start:start + batch].transpose(0, 3, 1, 2), np.float32) / 255
+        preds.append(session.run(None, {"images": chunk})[0].argmax(1))
+    pred = np.concatenate(preds)
+    per_class = {c: float((pred[y == i] == i).mean()) for i, c in enumerate(CLASSES) if (y == i).any()}
+    return {"acc": float((pred == y).mean()), "per_class_acc": per_class, "images": int(len(y))}
+
+
+# ----------------------------------------------------------------------------------------------
+# A run → .onnx + card
+# ----------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _family(model_name: str) -> str:
+    tags = MODELS.get(model_name).tags
+    return "transformer" if "transformer" in tags or "vit" in tags else "cnn"
+
+
+def _train_command(record: RunRecord) -> str:
+    return (f"python -m cifar_core train --config {shlex.quote(str(record.config_path))} "
+            f"--run-id {record.run_id}")
+
+
+def _normalization(graph: InferenceGraph) -> dict:
+    if graph.normalizers:
+        return {"in_graph": True, "kind": "+".join(op.name for op in graph.normalizers),
+                "note": "the run's own normalizer replaces mean/std"}
+    return {"in_graph": True, "kind": "mean_std", "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
+
+
+def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, *,
+               fp16_weights: bool, export_command: str) -> dict:
+    cfg, status, results = record.config(), record.status(), record.results() or {}
+    model_name = ckpt.get("model_name", cfg.model)
+    return {
+        "name": name, "format": "onnx", "opset": OPSET, "exporter": EXPORTER,
+        "architecture": {"model": model_name, "family": _family(model_name),
+                         "params": ckpt.get("model_params", cfg.model_params),
+                         "parameters": count_params(graph.model),
+                         "description": MODELS.get(model_name).description},
+        "classes": list(CLASSES),
+        "input": {"name": "images", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW",
+                  "range": "RGB values in [0, 1] (pixel / 255)", "size": 32},
+        "output": {"name": "logits", "shape": ["batch", len(CLASSES)], "note": "softmax gives probabilities"},
+        "preprocess": PREPROCESS_DESCRIPTION,
+        "normalization": _normalization(graph),
+        "test_time_augmentation": {"flip": bool(graph.tta_flip), "translate": bool(graph.tta_translate)},
+        "weights_storage": "float16 (cast to float32 in the graph)" if fp16_weights else "float32",
+        "training": {"run_id": record.run_id, "config": cfg.to_dict(), "command": _train_command(record),
+                     "data": status.get("data_origin"), "train_images": status.get("train_images"),
+                     "split": status.get("split"), "device": status.get("device"),
+                     "train_seconds": results.get("train_seconds", status.get("train_seconds")),
+                     "finished": _iso(status.get("finished"))},
+        "evaluation": {"test_acc": results.get("test_acc"), "per_class_acc": results.get("per_class_acc"),
+                       "balanced_acc": results.get("balanced_acc"), "macro_f1": results.get("macro_f1"),
+                       "test_images": results.get("test_images"), "by": "pytorch, end of training"},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_command": export_command,
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _iso(timestamp) -> str | None:
+    if not timestamp:
+        return None
+    return _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def default_export_path(record: RunRecord) -> Path:
+    return record.path / "export" / f"{record.run_id}.onnx"
+
+
+def export_run(run_id: str, store: RunStore | None = None, out: str | Path | None = None, *,
+               name: str | None = None, data_source: str | None = None, fp16_weights: bool = False,
+               evaluate: bool = False, export_command: str | None = None) -> ExportResult:
+    """Export a completed run: .onnx + sidecar card, after a parity check on real test images.
+
+    `evaluate` also measures onnxruntime accuracy on the full test set and on the fixed first-1,000
+    slice (the shipped-checkpoint test recomputes the latter). A failed check deletes the file."""
+    from .data import load_cifar10, load_sample
+    store = store or RunStore()
+    record = store.record(run_id)
+    graph, ckpt = load_run_model(record, data_source)
+    name = name or record.run_id
+    onnx_path = Path(out) if out else default_export_path(record)
+    if onnx_path.suffix != ".onnx":
+        raise ExportError(f"export path must end in .onnx, got {onnx_path}")
+    if fp16_weights:
+        _round_to_fp16(graph)
+    export_command = export_command or f"python -m cifar_core export {run_id}" + (
+        f" --out {shlex.quote(str(out))}" if out else "") + (" --fp16-weights" if fp16_weights else "")
+    card = build_card(record, graph, ckpt, name, fp16_weights=fp16_weights, export_command=export_command)
+    export_module(graph, onnx_path, fp16_weights=fp16_weights,
+                  metadata={CARD_KEY: json.dumps(card), "class_names": json.dumps(list(CLASSES)),
+                            "input_size": "32", "mean": json.dumps(list(CIFAR_MEAN)),
+                            "std": json.dumps(list(CIFAR_STD))})
+    try:
+        sample_x, _, _ = load_sample()
+        card["parity"] = check_parity(graph, onnx_path, sample_x)
+        if evaluate:
+            arrays = load_cifar10(data_source)
+            full = evaluate_onnx(onnx_path, arrays.x_test, arrays.y_test)
+            first = evaluate_onnx(onnx_path, arrays.x_test[:1000], arrays.y_test[:1000])
+            card["evaluation"].update(onnxruntime_test_acc=full["acc"],
+                                      onnxruntime_per_class_acc=full["per_class_acc"],
+                                      onnxruntime_first_1000_acc=first["acc"])
+    except Exception:
+        onnx_path.unlink(missing_ok=True)
+        raise
+    card["file"] = {"name": onnx_path.name, "bytes": onnx_path.stat().st_size, "sha256": _sha256(onnx_path)}
+    card_path = card_path_for(onnx_path)
+    atomic_write_json(card_path, card)
+    if onnx_path.is_relative_to(record.path):
+        record.update_status(exported=str(onnx_path.relative_to(record.path)))
+    return ExportResult(onnx_path, card_path, card)

@@ -1,0 +1,230 @@
+"""ONNX export (every model family, TTA, normalizers, fp16 storage), parity, model cards, inference."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from cifar_core.augment import AugmentChain
+from cifar_core.config import RunConfig
+from cifar_core.data import load_sample
+from cifar_core.export import (ExportError, InferenceGraph, check_parity, export_module, export_run,
+                               load_run_model, read_card)
+from cifar_core.inference import Classifier, discover_models, get_classifier, inspect_model, top_k
+from cifar_core.models import MODELS, create_model
+from cifar_core.runs import RunStore
+from cifar_core.train import train_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small but complete variants: every declared architecture option that changes the graph's structure.
+FAMILY_PARAMS = {
+    "resnet18": [{}, {"norm": "group", "groups": 8, "shortcut": "zero_pad", "stem": "imagenet"}],
+    "resnet34": [{}],
+    "lenet": [{}],
+    "alexnet": [{"width": 0.5}],
+    "fastnet": [{"width": 0.5}],
+}
+
+
+def _sample(n: int = 24) -> np.ndarray:
+    x, _, _ = load_sample()
+    return x[:n]
+
+
+def _params_for(name: str) -> list[dict]:
+    return FAMILY_PARAMS.get(name, [{}])  # new registry entries are exported with their defaults
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_family_exports_with_dynamic_batch_and_parity(name, tmp_path):
+    for i, params in enumerate(_params_for(name)):
+        torch.manual_seed(0)
+        graph = InferenceGraph(create_model(name, params), [], tta_flip=False, tta_translate=False).eval()
+        path = export_module(graph, tmp_path / f"{name}-{i}.onnx")
+        report = check_parity(graph, path, _sample())
+        assert report["passed"] and report["max_abs_diff_batch_n"] <= 1e-4, (name, params, report)
+        proto = onnx.load(str(path))
+        assert proto.opset_import[0].version >= 17
+        dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+        assert dim.dim_param and not dim.HasField("dim_value"), "batch axis must be dynamic"
+        assert all(p.suffix == ".onnx" for p in tmp_path.iterdir()), "no external-data side files"
+
+
+def test_tta_and_normalizers_are_inside_the_graph(tmp_path):
+    x = _sample(32)
+    torch.manual_seed(0)
+    model = create_model("fastnet", {"width": 0.25})
+    chain = AugmentChain([{"name": "zca", "params": {"fit_images": 200}}])
+    chain.fit(torch.from_numpy(load_sample()[0]).permute(0, 3, 1, 2))
+    for normalizers in ([], AugmentChain([{"name": "per_image_standardization"}]).ops, chain.ops):
+        graph = InferenceGraph(model, normalizers, tta_flip=True, tta_translate=True).eval()
+        path = export_module(graph, tmp_path / "tta.onnx")
+        assert check_parity(graph, path, x)["passed"]
+    # TTA really changes the output: the plain model gives other logits on the same images
+    plain = InferenceGraph(model, [], False, False).eval()
+    tta = InferenceGraph(model, [], True, True).eval()
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        assert (plain(images) - tta(images)).abs().max() > 1e-3
+
+
+def test_parity_failure_fails_with_numbers(tmp_path):
+    torch.manual_seed(0)
+    exported = InferenceGraph(create_model("lenet"), [], False, False)
+    path = export_module(exported, tmp_path / "a.onnx")
+    torch.manual_seed(1)
+    other = InferenceGraph(create_model("lenet"), [], False, False)
+    with pytest.raises(ExportError, match=r"parity check failed .*max \|Δlogit\| batch 24 = .*\(limit 0.0001\)"):
+        check_parity(other, path, _sample())
+
+
+def _tiny_run(store: RunStore, cifar_npz, run_id: str, **changes):
+    base = dict(model="fastnet", model_params={"width": 0.25}, subset="per_class", per_class=30,
+                val_size=0, test_size=200, epochs=2, batch_size=100, lr=0.2, schedule="onecycle",
+                tta_flip=True, augment=[{"name": "random_crop"}, {"name": "hflip"}])
+    base.update(changes)
+    record = train_run(RunConfig(**base).validated(), store, run_id=run_id, data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    return record
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, cifar_npz):
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    record = _tiny_run(store, cifar_npz, "tiny-export", ema_decay=0.9)
+    result = export_run("tiny-export", store, data_source=str(cifar_npz))
+    return store, record, result
+
+
+def test_export_run_writes_one_file_card_and_metadata(exported_run):
+    store, record, result = exported_run
+    assert result.onnx_path == record.path / "export" / "tiny-export.onnx"
+    assert sorted(p.name for p in result.onnx_path.parent.iterdir()) == ["tiny-export.card.json",
+                                                                        "tiny-export.onnx"]
+    card = json.loads(result.card_path.read_text())
+    assert card == read_card(result.onnx_path)
+    assert card["architecture"]["model"] == "fastnet" and card["architecture"]["parameters"] > 10_000
+    assert card["classes"][0] == "airplane" and len(card["classes"]) == 10
+    assert card["normalization"]["mean"] and card["normalization"]["std"]
+    assert card["test_time_augmentation"] == {"flip": True, "translate": False}
+    assert card["evaluation"]["test_acc"] == record.results()["test_acc"]
+    assert set(card["evaluation"]["per_class_acc"]) == set(card["classes"])
+    assert card["training"]["config"]["model"] == "fastnet" and "--config" in card["training"]["command"]
+    assert card["parity"]["passed"] and card["parity"]["max_abs_diff_batch_1"] <= 1e-4
+    assert card["file"]["bytes"] == result.onnx_path.stat().st_size
+    meta = {p.key: p.value for p in onnx.load(str(result.onnx_path)).metadata_props}
+    assert json.loads(meta["class_names"]) == card["classes"]
+    assert json.loads(meta["cifar_lab.card"])["architecture"] == card["architecture"]
+    assert meta["input_size"] == "32" and len(json.loads(meta["mean"])) == 3
+    assert record.status()["exported"] == "export/tiny-export.onnx"
+
+
+def test_export_uses_the_ema_weights_the_run_was_evaluated_with(exported_run):
+    _, record, _ = exported_run
+    graph, ckpt = load_run_model(record)
+    exported = graph.model.state_dict()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, ckpt["ema"]["module." + name])
+    assert any(not torch.equal(exported[k], ckpt["model"][k]) for k in exported if exported[k].is_floating_point())
+
+
+def test_exported_model_reproduces_the_run_accuracy(exported_run, cifar):
+    from cifar_core.data import per_class_subset
+    _, record, result = exported_run
+    keep = per_class_subset(cifar.y_test, 20, seed=0)  # the run's test_size=200 slice
+    classifier = Classifier(result.onnx_path)
+    pred = classifier.predict(cifar.x_test[keep]).probs.argmax(1)
+    assert float((pred == cifar.y_test[keep]).mean()) == pytest.approx(record.results()["test_acc"], abs=1e-9)
+
+
+def test_fp16_weights_halve_the_file_and_still_pass_parity(exported_run, tmp_path, cifar_npz):
+    store, record, result = exported_run
+    half = export_run("tiny-export", store, out=tmp_path / "half.onnx", fp16_weights=True,
+                      data_source=str(cifar_npz))
+    assert half.card["parity"]["passed"]
+    assert half.card["weights_storage"].startswith("float16")
+    assert half.onnx_path.stat().st_size < 0.6 * result.onnx_path.stat().st_size
+
+
+def test_classifier_and_discovery(exported_run, tmp_path):
+    store, _, result = exported_run
+    shipped = tmp_path / "checkpoints"
+    shipped.mkdir()
+    (shipped / "empty.onnx").write_bytes(b"")
+    (shipped / "garbage.onnx").write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    good = result.onnx_path.read_bytes()
+    (shipped / "truncated.onnx").write_bytes(good[: len(good) // 3])
+    wrong = tmp_path / "wrong.onnx"
+    export_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)), wrong)
+    (shipped / "wrong-classes.onnx").write_bytes(wrong.read_bytes())
+    (shipped / "good.onnx").write_bytes(good)
+    entries = {e.path.name: e for e in discover_models(shipped, store)}
+    assert entries["good.onnx"].usable and entries["tiny-export.onnx"].usable
+    assert entries["tiny-export.onnx"].source == "run"
+    assert entries["empty.onnx"].error == "empty file"
+    assert "not a valid ONNX model" in entries["garbage.onnx"].error
+    assert "not a valid ONNX model" in entries["truncated.onnx"].error
+    assert "output shape" in entries["wrong-classes.onnx"].error
+    x = _sample(5)
+    prediction = get_classifier(shipped / "good.onnx").predict(x)
+    assert prediction.probs.shape == (5, 10) and np.allclose(prediction.probs.sum(1), 1)
+    assert prediction.provider == "CPUExecutionProvider" and prediction.latency_ms > 0
+    ranked = prediction.top_k(3)
+    assert len(ranked) == 5 and all(r[0][1] >= r[1][1] >= r[2][1] for r in ranked)
+    assert top_k(prediction.probs[:1], 99)[0][-1][1] == pytest.approx(prediction.probs[0].min())
+    assert get_classifier(shipped / "good.onnx") is get_classifier(shipped / "good.onnx")  # cached
+    assert inspect_model(shipped / "missing.onnx")[1].startswith("cannot read")
+
+
+def test_export_refuses_unfinished_or_unknown_runs(tmp_path, cifar_npz):
+    from cifar_core.params import ConfigError
+    store = RunStore(tmp_path)
+    store.create(RunConfig(model="lenet").validated(), run_id="queued-run", state="queued")
+    with pytest.raises(ExportError, match="queued.*only completed runs"):
+        export_run("queued-run", store)
+    with pytest.raises(ExportError, match="not found"):
+        export_run("no-such-run", store)
+    with pytest.raises(ConfigError):
+        export_run("../escape", store)
+
+
+def _cli(*args, cwd=REPO, env_runs=None):
+    import os
+    env = dict(os.environ)
+    if env_runs:
+        env["CIFAR_LAB_RUNS"] = str(env_runs)
+    return subprocess.run([sys.executable, "-m", "cifar_core", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_export_and_predict(exported_run, tmp_path):
+    store, _, result = exported_run
+    out = _cli("--runs-root", str(store.root), "export", "tiny-export", "--out", str(tmp_path / "cli.onnx"))
+    assert out.returncode == 0, out.stderr
+    assert "parity on 200 real test images" in out.stdout
+    card = read_card(tmp_path / "cli.onnx")
+    assert card["export_command"].startswith("python -m cifar_core --runs-root")
+    x, y, classes = load_sample()
+    photo = tmp_path / "cat.png"
+    Image.fromarray(x[int(np.flatnonzero(y == 3)[0])]).resize((200, 150)).save(photo)
+    out = _cli("predict", str(tmp_path / "cli.onnx"), str(photo), "--top-k", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["provider"] == "CPUExecutionProvider"
+    assert [len(r["top_k"]) for r in payload["results"]] == [2]
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"definitely not a jpeg")
+    out = _cli("predict", str(tmp_path / "cli.onnx"), str(photo), str(bad))
+    assert out.returncode != 0 and "notes.jpg" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout.startswith(str(photo))
+    out = _cli("predict", str(bad), str(photo))
+    assert out.returncode != 0 and "not a valid ONNX model" in out.stderr and "Traceback" not in out.stderr
