@@ -1,7 +1,10 @@
 """Classify: your own photos through a shipped or exported ONNX model, under onnxruntime."""
 from __future__ import annotations
 
+import hashlib
 import io
+import tempfile
+from pathlib import Path
 
 import altair as alt
 import numpy as np
@@ -10,12 +13,15 @@ import streamlit as st
 from PIL import Image
 
 from cifar_core.images import MAX_PIXELS, MAX_UPLOAD_BYTES, PREPROCESS_DESCRIPTION, ImageReadError, read_image
-from cifar_core.inference import ModelUnusable, checkpoints_dir, discover_models, get_classifier
+from cifar_core.inference import (ModelEntry, ModelUnusable, checkpoints_dir, discover_models, get_classifier,
+                                  inspect_model)
+from cifar_core.runs import atomic_write_bytes
 from ui.common import friendly_errors, get_store
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"]
 MAX_FILES = 200          # per request; each file is also bounded by MAX_UPLOAD_BYTES / MAX_PIXELS
 DETAIL_LIMIT = 12        # images shown with their own chart; all of them are in the table
+MAX_MODEL_UPLOAD_MB = 64  # a fp32 ResNet-18 export is ~45 MB
 TILE_DISPLAY = 128       # the 32×32 tile enlarged with nearest-neighbour, pixels stay visible
 
 
@@ -26,18 +32,40 @@ def _pct(value) -> str:
 def _model_label(entry) -> str:
     acc = ((entry.card or {}).get("evaluation") or {})
     acc = acc.get("onnxruntime_test_acc", acc.get("test_acc"))
-    kind = "shipped" if entry.source == "shipped" else "your export"
+    kind = {"shipped": "shipped", "run": "your export", "upload": "uploaded"}.get(entry.source, entry.source)
     return f"{entry.label} ({kind}{', test ' + _pct(acc) if acc is not None else ''})"
 
 
+def uploaded_models() -> list:
+    """Models the user uploaded in this session, saved under a content-addressed temporary name
+    (the upload's own name is only a label and never becomes a path)."""
+    upload = st.file_uploader("…or use your own .onnx model", type=["onnx"], key="classify_model_upload",
+                              max_upload_size=MAX_MODEL_UPLOAD_MB,
+                              help=f"Up to {MAX_MODEL_UPLOAD_MB} MB. Input (N, 3, 32, 32) RGB in [0, 1], "
+                                   "output (N, 10) logits, as `python -m cifar_core export` writes them.")
+    if upload is None:
+        return []
+    data = upload.getvalue()
+    folder = Path(tempfile.gettempdir()) / "cifar_lab_uploaded_models"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:20]}.onnx"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    card, error = inspect_model(path)
+    return [ModelEntry(f"upload/{path.name}", f"upload {upload.name}", path, "upload", card, error)]
+
+
 def pick_model():
-    entries = discover_models(checkpoints_dir(), get_store())
+    with st.expander("Upload a model"):
+        extra = uploaded_models()
+    entries = discover_models(checkpoints_dir(), get_store()) + extra
     usable = [e for e in entries if e.usable]
     broken = [e for e in entries if not e.usable]
     if broken:
         with st.expander(f"{len(broken)} unusable model file{'s' if len(broken) != 1 else ''}"):
             for entry in broken:
-                st.markdown(f"- `{entry.path.name}` ({entry.source}): {entry.error}")
+                name = entry.label if entry.source == "upload" else entry.path.name
+                st.markdown(f"- `{name}` ({entry.source}): {entry.error}")
     if not usable:
         st.warning("No usable model yet. Shipped models live in `checkpoints/`; export a finished run "
                    "with **Export to ONNX** on the Runs page or `python -m cifar_core export RUN`.")
@@ -159,7 +187,7 @@ def page() -> None:
         st.error(f"This model can't be used: {exc}")
         return
     files = st.file_uploader(
-        "Upload photos (one or many)", type=UPLOAD_TYPES, accept_multiple_files=True,
+        "Upload photos (one or many)", type=UPLOAD_TYPES, accept_multiple_files=True, key="classify_images",
         help=f"Up to {MAX_UPLOAD_BYTES // 2**20} MB and {MAX_PIXELS / 1e6:.0f} megapixels per image. "
              f"{PREPROCESS_DESCRIPTION}")
     k = st.slider("Top-k", 1, len(classifier.classes), 3, key="classify_k")

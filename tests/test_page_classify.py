@@ -88,7 +88,7 @@ def test_uploads_good_and_bad_files(dirs):
     rng = np.random.default_rng(0)
     photo = rng.integers(0, 256, (90, 160, 3), dtype=np.uint8)
     at = AppTest.from_file(CLASSIFY, default_timeout=60).run()
-    at.file_uploader[0].set_value([("wide.jpg", _png(photo, fmt="JPEG"), "image/jpeg"),
+    at.file_uploader(key="classify_images").set_value([("wide.jpg", _png(photo, fmt="JPEG"), "image/jpeg"),
                                    ("alpha.png", _png(photo, "RGBA"), "image/png"),
                                    ("notes.png", b"this is not an image", "image/png")])
     at.slider[0].set_value(5)
@@ -104,7 +104,7 @@ def test_single_upload_shows_detail_without_table(dirs):
     shipped, _ = dirs
     _export_random(shipped / "tiny.onnx")
     at = AppTest.from_file(CLASSIFY, default_timeout=60).run()
-    at.file_uploader[0].set_value(("one.png", _png(np.zeros((40, 40, 3), np.uint8)), "image/png"))
+    at.file_uploader(key="classify_images").set_value(("one.png", _png(np.zeros((40, 40, 3), np.uint8)), "image/png"))
     at.run()
     assert not at.exception
     assert len(at.dataframe) == 0
@@ -159,3 +159,19 @@ def test_runs_page_export_failure_is_a_message(dirs):
     at.button(key="runs_export").click().run()
     assert not at.exception
     assert any("unreadable" in e.value for e in at.error)
+
+
+def test_uploaded_models_good_and_bad(dirs, tmp_path):
+    good = _export_random(tmp_path / "mine.onnx").read_bytes()
+    at = AppTest.from_file(CLASSIFY, default_timeout=60).run()
+    assert "No usable model yet" in _texts(at)
+    at.file_uploader(key="classify_model_upload").set_value(("../../etc/evil.onnx", b"\x08\x01junk", "x"))
+    at.run()
+    assert not at.exception
+    assert "evil.onnx" in _texts(at) and "not a valid ONNX model" in _texts(at)
+    at.file_uploader(key="classify_model_upload").set_value(("mine.onnx", good, "application/octet-stream"))
+    at.run()
+    assert not at.exception
+    key = at.selectbox[0].value
+    assert key.startswith("upload/") and ".." not in key and "upload mine.onnx" in at.selectbox[0].format_func(key)
+    assert len(at.dataframe[-1].value) == 10  # the bundled samples, classified by the uploaded model
