@@ -12,8 +12,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .params import ConfigError, Param
+from .runs import validate_run_id
 
-SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "speed")
+SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "distill", "speed")
 
 
 def _p(section: str, param: Param, default=MISSING):
@@ -92,6 +93,20 @@ class RunConfig:
     tta_translate: bool = _p("regularization", Param("tta_translate", "bool", False,
                                                      help="Also average views shifted by one pixel "
                                                           "(with tta_flip: airbench's TTA level 2)."))
+    # knowledge distillation from a finished run (DeiT-style)
+    distill: str = _p("distill", Param("distill", "choice", "none", choices=("none", "hard", "soft"),
+                                       help="Learn from a finished run's predictions too: hard = cross-entropy "
+                                            "to the teacher's top class (DeiT), soft = KL divergence to its "
+                                            "softened probabilities."))
+    teacher_run: str = _p("distill", Param("teacher_run", "str", "",
+                                           help="Run id of the teacher: a completed run in the same runs "
+                                                "folder (its best checkpoint, else its last)."))
+    distill_alpha: float = _p("distill", Param("distill_alpha", "float", 0.5, 0.0, 1.0,
+                                               help="Weight of the distillation loss; the true-label loss "
+                                                    "gets 1 - alpha (0.5: DeiT's plain average)."))
+    distill_temperature: float = _p("distill", Param("distill_temperature", "float", 3.0, 0.5, 20.0,
+                                                     help="Softmax temperature T of soft distillation "
+                                                          "(its loss is scaled by T²)."))
     # speed
     precision: str = _p("speed", Param("precision", "choice", "fp32", choices=("fp32", "bf16", "fp16"),
                                        help="Autocast dtype on CUDA (CPU runs always fp32)."))
@@ -180,6 +195,14 @@ class RunConfig:
             raise ConfigError("val_size must leave some of the 50,000 training images for training")
         if v["precision"] == "fp16" and v["device"] == "cpu":
             raise ConfigError("precision fp16 needs CUDA; use fp32 (or bf16) on the CPU")
+        if v["teacher_run"]:
+            try:
+                validate_run_id(v["teacher_run"])
+            except ConfigError as exc:
+                raise ConfigError(f"teacher_run: {exc}") from None
+        if v["distill"] != "none" and not v["teacher_run"]:
+            raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
+                              "same runs folder (pick one on the Train page, or --teacher-run RUN_ID)")
 
     # --- summaries for tables -------------------------------------------------------------------
     def key_tricks(self) -> list[str]:
@@ -199,6 +222,8 @@ class RunConfig:
             tricks.append("tta")
         if self.balance != "none":
             tricks.append(self.balance)
+        if self.distill != "none":
+            tricks.append(f"distill-{self.distill}")
         norm = self.model_params.get("norm")
         if norm and norm != "batch":
             tricks.append(f"norm={norm}")

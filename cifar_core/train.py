@@ -29,6 +29,7 @@ from .augment import AugmentChain
 from .balance import build_balance_plan
 from .config import RunConfig
 from .data import CIFAR_MEAN, CIFAR_STD, CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
+from .distill import Teacher, distillation_loss, load_teacher
 from .models import count_params, create_model
 from .params import ConfigError
 from .runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
@@ -221,6 +222,7 @@ class Trainer:
         self.progress, self.stop_at_step = progress, stop_at_step
         self.stop_requested: str | None = None
         self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
+        self.teacher: Teacher | None = None  # set when the config distils from a finished run
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -255,8 +257,11 @@ class Trainer:
     def _train(self, resume: bool, started: float) -> tuple[str, str]:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        self.teacher = self._load_teacher()  # before the data: a bad teacher fails at once
         prep = prepare(cfg, self.data_source)
         device = prep.device
+        if self.teacher is not None:
+            self.teacher.to(device)
         model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
         init = getattr(model, "init_from_data", None)
         if callable(init):
@@ -301,7 +306,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
         t0 = time.time() - elapsed_before
-        window = {"loss": 0.0, "correct": 0.0, "n": 0, "t": time.time(), "images": 0}
+        window = {"loss": 0.0, "correct": 0.0, "n": 0, "t": time.time(), "images": 0, "distill": 0.0}
         stop: StopTraining | None = None
         try:
             while step < total_steps:
@@ -312,9 +317,10 @@ class Trainer:
                     lr = cfg.lr * schedule(step)
                     for group in optimizer.param_groups:
                         group["lr"] = lr * group["lr_scale"]
-                    loss, correct, grad_norm = self._step(prep, model, optimizer, scaler, ema, idx, step)
+                    loss, correct, grad_norm, kd = self._step(prep, model, optimizer, scaler, ema, idx, step)
                     step += 1
                     window["loss"] += loss * idx.shape[0]
+                    window["distill"] += kd * idx.shape[0]
                     window["correct"] += correct
                     window["n"] += idx.shape[0]
                     if bar is not None:
@@ -362,18 +368,33 @@ class Trainer:
             picks = torch.randperm(n, generator=gen)
         return torch.as_tensor(prep.epoch_indices)[picks].to(prep.device)
 
-    def _step(self, prep, model, optimizer, scaler, ema, idx, step) -> tuple[float, float, float | None]:
+    def _load_teacher(self) -> Teacher | None:
+        cfg = self.cfg
+        if cfg.distill == "none":
+            return None
+        teacher = load_teacher(RunStore(self.record.root), cfg.teacher_run, cfg.augment, self.record.run_id)
+        self.record.update_status(teacher=teacher.info)
+        return teacher
+
+    def _step(self, prep, model, optimizer, scaler, ema, idx, step) -> tuple[float, float, float | None, float]:
+        """One optimizer step: (loss, correct predictions, grad norm or None, distillation loss or 0)."""
         cfg = self.cfg
         model.train()
         x_uint8, y = prep.train_x[idx], prep.train_y[idx]
-        x, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, step))
-        x = normalize(prep, x)
+        x_augmented, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, step))
+        x = normalize(prep, x_augmented)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        kd_value = 0.0
         with autocast_context(cfg, prep.device):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y_soft, weight=prep.class_weights,
                                    label_smoothing=cfg.label_smoothing)
+            if self.teacher is not None:  # the teacher sees the same augmented batch
+                kd = distillation_loss(cfg.distill, logits.float(), self.teacher.logits(x_augmented, x),
+                                       cfg.distill_temperature)
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                kd_value = kd.item()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise StopTraining("failed", f"loss became {loss_value} at step {step}: training diverged "
@@ -396,7 +417,7 @@ class Trainer:
         if ema is not None:
             ema.update_parameters(model)
         correct = (logits.argmax(1) == y_soft.argmax(1)).sum().item()
-        return loss_value, correct, grad_norm
+        return loss_value, correct, grad_norm, kd_value
 
     # ---- records -------------------------------------------------------------------------------
     def _log_train(self, window, step, steps_per_epoch, lr, grad_norm, t0):
@@ -408,8 +429,10 @@ class Trainer:
                "lr": lr, "grad_norm": grad_norm,
                "images_per_s": window["n"] / max(1e-9, now - window["t"]), "elapsed": now - t0,
                "time": now}
+        if self.teacher is not None:
+            row["distill_loss"] = window["distill"] / window["n"]
         self.record.append_metrics(row)
-        window.update(loss=0.0, correct=0.0, n=0, t=now)
+        window.update(loss=0.0, correct=0.0, n=0, t=now, distill=0.0)
 
     def _log_eval(self, prep, model, step, steps_per_epoch, t0) -> float:
         result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip, self.cfg.tta_translate)
@@ -450,6 +473,9 @@ class Trainer:
                       total_steps=total_steps, train_seconds=time.time() - t0,
                       evaluated_with="ema" if self.cfg.ema_decay else "model",
                       tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate, test_images=int(y_true.shape[0]))
+        if self.teacher is not None:
+            report["teacher"] = {**self.teacher.info, "distill": self.cfg.distill, "alpha": self.cfg.distill_alpha,
+                                 "temperature": self.cfg.distill_temperature}
         atomic_write_json(self.record.results_path, report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
                                   macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])

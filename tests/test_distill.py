@@ -1,0 +1,160 @@
+"""Knowledge distillation (cifar_core/distill.py and the engine): config checks, teacher checks that
+fail before training, the losses, and short real runs with a fixed teacher (CPU, tiny models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar_core.config import RunConfig
+from cifar_core.distill import (_teacher_input_kind, distillation_loss, load_teacher, teacher_candidates)
+from cifar_core.params import ConfigError
+from cifar_core.runs import RunStore
+from cifar_core.train import train_run
+
+TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "heads": 2, "drop_path": 0.0, "pool": "gap"}
+
+
+def student(teacher_run: str, **changes) -> RunConfig:
+    base = dict(model="vit", model_params=TINY_VIT, subset="per_class", per_class=30, val_size=0,
+                test_size=200, epochs=4, batch_size=50, optimizer="adamw", lr=3e-3, weight_decay=0.0,
+                schedule="none", log_every=1, augment=[], distill="soft", teacher_run=teacher_run,
+                distill_alpha=1.0, distill_temperature=2.0)
+    base.update(changes)
+    return RunConfig(**base).validated()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cifar_npz):
+    """A runs root holding one completed teacher run (LeNet with an EMA of its weights)."""
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    cfg = RunConfig(model="lenet", subset="per_class", per_class=100, val_size=0, test_size=200, epochs=4,
+                    batch_size=50, optimizer="adam", lr=3e-3, weight_decay=0.0, schedule="none", ema_decay=0.9,
+                    log_every=5, augment=[{"name": "hflip"}]).validated()
+    record = train_run(cfg, store, run_id="teacher", data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    assert record.results()["test_acc"] > 0.2  # a teacher with an opinion (chance is 0.1)
+    return store
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def test_config_fields_are_declared_and_validated():
+    params = RunConfig.scalar_params()
+    assert params["distill"].choices == ("none", "hard", "soft")
+    assert {"teacher_run", "distill_alpha", "distill_temperature"} <= set(params)
+    assert set(RunConfig.sections()["distill"]) == {"distill", "teacher_run", "distill_alpha",
+                                                     "distill_temperature"}
+    assert RunConfig().validated().distill == "none"
+    assert "distill-hard" in RunConfig(distill="hard", teacher_run="t1").validated().key_tricks()
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"distill": "hard"}, "distill=hard needs a teacher_run"),
+    ({"distill": "soft", "teacher_run": ""}, "needs a teacher_run"),
+    ({"distill": "hard", "teacher_run": "../runs/x"}, "teacher_run: invalid run id"),
+    ({"teacher_run": "a/b"}, "invalid run id"),
+    ({"distill": "medium", "teacher_run": "t"}, "distill: 'medium' is not one of"),
+    ({"distill_alpha": 1.5}, "distill_alpha"),
+    ({"distill_temperature": 0}, "distill_temperature"),
+])
+def test_bad_distillation_configs_rejected(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        RunConfig(**changes).validated()
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+def test_hard_loss_is_cross_entropy_to_teacher_argmax():
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    torch.testing.assert_close(distillation_loss("hard", s, t, 3.0), F.cross_entropy(s, t.argmax(1)))
+
+
+def test_soft_loss_is_scaled_kl_and_zero_at_agreement():
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    temperature = 4.0
+    p_t = F.softmax(t / temperature, 1)
+    expected = (p_t * (p_t.log() - F.log_softmax(s / temperature, 1))).sum(1).mean() * temperature ** 2
+    torch.testing.assert_close(distillation_loss("soft", s, t, temperature), expected)
+    assert distillation_loss("soft", t, t, temperature).abs() < 1e-6
+    with pytest.raises(ConfigError):
+        distillation_loss("none", s, t, 1.0)
+
+
+def test_teacher_input_must_be_normalized_the_same_way():
+    assert _teacher_input_kind("t", [], []) == "same"
+    assert _teacher_input_kind("t", ["per_image_standardization"], ["per_image_standardization"]) == "same"
+    assert _teacher_input_kind("t", ["per_image_standardization"], []) == "per_image"
+    with pytest.raises(ConfigError, match="zca"):
+        _teacher_input_kind("t", ["zca"], ["zca"])
+    with pytest.raises(ConfigError, match="normalizes its inputs differently"):
+        _teacher_input_kind("t", [], ["per_image_standardization"])
+
+
+# ---- the teacher -------------------------------------------------------------------------------
+
+def test_teacher_loads_frozen_with_its_evaluated_weights(runs):
+    teacher = load_teacher(runs, "teacher", [])
+    assert teacher.info["checkpoint"] == "best.pt" and teacher.info["weights"] == "ema"
+    assert teacher.info["model"] == "lenet" and teacher.info["params"] == 62_006
+    assert teacher.info["test_acc"] == runs.record("teacher").status()["test_acc"]
+    assert not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    x = torch.rand(4, 3, 32, 32)
+    logits = teacher.logits(x, x)
+    assert logits.shape == (4, 10) and not logits.requires_grad
+    assert [c["run_id"] for c in teacher_candidates(runs)] == ["teacher"]
+
+
+@pytest.mark.parametrize("setup,fragment", [
+    ("missing", "no such run"),
+    ("running", "is running, not completed"),
+    ("no_checkpoint", "has no checkpoint"),
+    ("self", "cannot be its own teacher"),
+])
+def test_unusable_teacher_fails_before_training(tmp_path, cifar_npz, setup, fragment):
+    store = RunStore(tmp_path)
+    cfg = RunConfig(model="lenet").validated()
+    if setup == "running":
+        store.create(cfg, run_id="t1", state="running")
+    elif setup == "no_checkpoint":
+        store.create(cfg, run_id="t1", state="completed")
+    run_id = "t1" if setup == "self" else "student"
+    record = train_run(student("t1"), store, run_id=run_id, data_source=str(cifar_npz))
+    status = record.status()
+    assert status["state"] == "failed" and fragment in status["error"], status
+    assert record.read_metrics() == []  # nothing trained
+    assert not record.checkpoint_path("last").exists()
+    if setup in ("missing", "running", "no_checkpoint"):
+        assert "t1" not in [c["run_id"] for c in teacher_candidates(store)]
+
+
+# ---- real runs ---------------------------------------------------------------------------------
+
+def test_distillation_loss_decreases_with_a_fixed_teacher(runs, cifar_npz):
+    before = torch.load(runs.record("teacher").checkpoint_path("best"), weights_only=True)["model"]
+    record = train_run(student("teacher"), runs, run_id="student-soft", data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    rows = [r for r in record.read_metrics() if r["kind"] == "train"]
+    assert len(rows) == 24 and all("distill_loss" in r for r in rows)
+    first = sum(r["distill_loss"] for r in rows[:4]) / 4
+    last = sum(r["distill_loss"] for r in rows[-4:]) / 4
+    assert first > 0.02 and last < 0.7 * first, (first, last)
+    # alpha = 1: the training loss is the distillation loss alone
+    assert all(r["train_loss"] == pytest.approx(r["distill_loss"], rel=1e-5) for r in rows)
+    # the teacher is recorded, and it did not change
+    assert record.status()["teacher"]["run_id"] == "teacher"
+    taught = record.results()["teacher"]
+    assert taught["distill"] == "soft" and taught["temperature"] == 2.0 and taught["weights"] == "ema"
+    after = torch.load(runs.record("teacher").checkpoint_path("best"), weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_hard_distillation_with_augmentation_and_label_smoothing(runs, cifar_npz):
+    cfg = student("teacher", distill="hard", distill_alpha=0.5, label_smoothing=0.1, epochs=3,
+                  augment=[{"name": "random_crop"}, {"name": "hflip"}])
+    record = train_run(cfg, runs, run_id="student-hard", data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    rows = [r for r in record.read_metrics() if r["kind"] == "train"]
+    assert rows[-1]["distill_loss"] < rows[0]["distill_loss"]
+    assert record.results()["teacher"]["distill"] == "hard"
