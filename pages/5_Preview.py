@@ -1,0 +1,197 @@
+"""Augmentation previewer: any chain of the registry's augmentations, live, on the bundled sample,
+CIFAR-10 itself or your own images; N seeded variants per image with the parameters sampled for
+each, two chains side by side, the code to reproduce it and a link that takes the chain to training.
+
+Links: ?chain=<JSON list or 'name:k=v@p;name2'> sets the chain, &compare=<same> turns on the
+comparison with that second chain.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run pages/5_Preview.py` or AppTest on the page itself
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from cifar_core.images import enlarge  # noqa: E402
+from ui import preview as pv  # noqa: E402
+from ui.common import data_status, friendly_errors  # noqa: E402
+from ui.forms import augment_chain_editor, set_augment_chain  # noqa: E402
+
+DEFAULT_A = [{"name": "random_crop", "params": {"padding": 4}, "p": 1.0}, {"name": "hflip", "p": 1.0}]
+DEFAULT_B = [{"name": "random_resized_crop", "p": 1.0}]
+EXAMPLE = ([{"name": "zoom", "p": 1.0}], [{"name": "random_resized_crop", "p": 1.0}])
+KEYS = {"A": "preview.a", "B": "preview.b"}
+
+st.set_page_config(page_title="Augmentation previewer · CIFAR-10 Lab", page_icon="🧪", layout="wide")
+st.title("Augmentation previewer")
+st.caption("Every augmentation of the lab, on real 32×32 images: build a chain, see N seeded variants "
+           "per image with the parameters drawn for each tile (hover a tile or read under it), compare "
+           "two chains on the same images and seed, then copy the code or take the chain to training.")
+
+
+# ---- chains from the link (?chain=, &compare=) ------------------------------------------------------
+def chain_from_link(param: str, key: str) -> bool:
+    raw = st.query_params.get(param)
+    if not raw or st.session_state.get(f"preview.link.{param}") == raw:
+        return False
+    st.session_state[f"preview.link.{param}"] = raw
+    with friendly_errors("Reading the augmentation chain from the link"):
+        from cifar_core.augment import validate_chain
+        from cifar_core.cli import parse_augment
+        set_augment_chain(key, validate_chain(parse_augment(raw)))
+        return True
+    return False
+
+
+chain_from_link("chain", KEYS["A"])
+if chain_from_link("compare", KEYS["B"]):
+    st.session_state["preview.compare"] = True
+
+
+def reroll() -> None:
+    st.session_state["preview.seed"] = random.randrange(1_000_000)
+
+
+def load_example() -> None:
+    set_augment_chain(KEYS["A"], EXAMPLE[0])
+    set_augment_chain(KEYS["B"], EXAMPLE[1])
+
+
+# ---- sidebar: images and grid -----------------------------------------------------------------------
+sources: list[pv.Source] = []
+uploads: list = []
+data_missing = None
+with st.sidebar:
+    st.header("Images")
+    st.session_state.setdefault("preview.source", "sample")
+    kind = st.radio("Source", list(pv.SOURCE_LABELS), format_func=pv.SOURCE_LABELS.get, key="preview.source")
+    with friendly_errors("Choosing the image"):
+        if kind == "dataset":
+            status = data_status()
+            if status["ok"]:
+                sources = [pv.pick_dataset()]
+            else:
+                data_missing = status["message"]
+                sources = [pv.pick_sample()]
+        elif kind == "upload":
+            uploads = pv.pick_uploads()
+        else:
+            sources = [pv.pick_sample()]
+
+    st.header("Grid")
+    st.session_state.setdefault("preview.grid", "8×8")
+    grid = st.selectbox("Variants per image", list(pv.GRIDS), key="preview.grid",
+                        help="Rows × columns of augmented copies of each image.")
+    st.session_state.setdefault("preview.compare", False)
+    compare = st.toggle("Compare two chains", key="preview.compare",
+                        help="Chain A and chain B side by side on the same images with the same seed.")
+    st.session_state.setdefault("preview.scale", 2)
+    scale = st.slider("Tile size (× 32 px)", 1, 6, key="preview.scale",
+                      help="Tiles are enlarged with nearest neighbour: every pixel stays a square.")
+    st.session_state.setdefault("preview.captions", True)
+    captions = st.toggle("Parameters under each tile", key="preview.captions",
+                         help="They are also shown when the pointer rests on a tile.")
+    st.session_state.setdefault("preview.seed", 0)
+    seed_col, reroll_col = st.columns([3, 2], vertical_alignment="bottom")
+    seed = int(seed_col.number_input("Seed", 0, 2**31 - 1, step=1, key="preview.seed"))
+    reroll_col.button("Reroll", key="preview.reroll", on_click=reroll, icon=":material/casino:",
+                      help="A new random seed: new draws for every tile.")
+
+rows, cols = pv.GRIDS[grid]
+n = rows * cols
+
+# ---- uploads: what was read and how -------------------------------------------------------------------
+if data_missing:
+    st.warning(f"{data_missing}\n\nShowing the bundled sample instead.")
+if kind == "upload":
+    if not uploads:
+        st.info("Upload one or more images in the sidebar (PNG, JPEG, GIF, WebP, BMP, TIFF…). "
+                + pv.upload_limits_text())
+    else:
+        with st.expander("Your images and how each was reduced to 32×32", expanded=True):
+            for name, item in uploads:
+                pv.show_upload(name, item)
+        good = [item for _, item in uploads if not isinstance(item, str)]
+        names = [img.name for img in good]
+        if len(good) > 1:
+            st.session_state.setdefault("preview.upload.pick", names[:1])
+            st.session_state["preview.upload.pick"] = [x for x in st.session_state["preview.upload.pick"]
+                                                       if x in names] or names[:1]
+            picked = st.multiselect("Images to augment", names, key="preview.upload.pick",
+                                    max_selections=pv.MAX_PREVIEWED)
+            good = [img for img in good if img.name in picked]
+        sources = [pv.upload_source(img) for img in good]
+
+# ---- chain editors ------------------------------------------------------------------------------------
+specs_by_label: dict[str, list] = {}
+if compare:
+    st.button("Example: zoom vs random resized crop", key="preview.example", on_click=load_example,
+              help="The source report treats these as different augmentations: see why.")
+    editor_columns = st.columns(2)
+    results = st.container()  # the grids go below both editors
+    for (label, key), col, default in zip(KEYS.items(), editor_columns, (DEFAULT_A, DEFAULT_B)):
+        with col, st.container(border=True), friendly_errors(f"Chain {label}"):
+            st.subheader(f"Chain {label}")
+            specs_by_label[label] = augment_chain_editor(key, default)
+else:
+    # controls on the left, the live grid on the right
+    editor_column, results = st.columns([2, 3])
+    with editor_column, st.container(border=True), friendly_errors("The chain"):
+        st.subheader("Chain")
+        specs_by_label["A"] = augment_chain_editor(KEYS["A"], DEFAULT_A)
+
+chains: dict[str, pv.AugmentChain] = {}
+fits: dict[str, list] = {}
+with results:
+    for label, specs in specs_by_label.items():
+        with friendly_errors(f"Chain {label}" if compare else "The chain"):
+            chain = pv.AugmentChain(specs, num_classes=pv.NUM_CLASSES)  # validates: ConfigError → message
+            fitted, notes = pv.fit_steps(chain)
+            chains[label] = pv.make_chain(chain.specs, fitted)
+            fits[label] = notes
+
+# ---- the grids -------------------------------------------------------------------------------------
+xs, ys, _ = pv.sample()
+with results:
+    if sources and chains:
+        st.caption(f"Seed {seed}: every image and both chains use the same draws (tile k of A and tile k "
+                   f"of B start from the same random state)." if compare else
+                   f"Seed {seed}: the same seed gives the same {n} variants; Reroll for new ones.")
+    for source in sources:
+        st.subheader(source.title)
+        columns = st.columns([1] + [3] * len(chains) if compare else [1, 6])
+        with columns[0]:
+            st.image(enlarge(source.tile, scale), caption="original, 32×32", output_format="PNG")
+            if source.label < len(pv.CLASSES):
+                st.caption(f"label: {pv.LABELS[source.label]}")
+        for col, (label, chain) in zip(columns[1:], chains.items()):
+            with col, friendly_errors(f"Chain {label}" if compare else "Augmenting"):
+                if compare:
+                    st.markdown(f"**Chain {label}**")
+                if not chain.specs:
+                    st.info("No steps: the images are used as they are. Add a step.")
+                    continue
+                fixed = pv.is_deterministic(chain)
+                if fixed:
+                    st.caption("Every step always applies and draws nothing: all variants are the same, "
+                               "so one is shown.")
+                v = pv.run_variants(chain, source.tile, source.label, 1 if fixed else n, seed, xs, ys)
+                pv.render_variants(v, source, chain, 1 if fixed else cols, scale, captions,
+                                   f"pv-grid pv-grid-{label.lower()}", fits.get(label, []))
+
+# ---- reproduce / train --------------------------------------------------------------------------------
+if chains:
+    st.divider()
+    st.subheader("Reproduce it, train with it")
+    example = sources[0] if sources else pv.sample_source(0)
+    columns = st.columns(len(chains))
+    for col, (label, chain) in zip(columns, chains.items()):
+        with col, friendly_errors("The code snippet"):
+            name = f"chain {label}" if compare else "this chain"
+            st.markdown(f"**{name.capitalize()}** with `cifar_core` (same image, seed and draws as the grid):")
+            pv.reproduce(name, chain, chain.specs, example, n, seed)
