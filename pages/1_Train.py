@@ -15,6 +15,7 @@ import streamlit as st  # noqa: E402
 
 from cifar_core import jobs  # noqa: E402
 from cifar_core.config import RunConfig  # noqa: E402
+from cifar_core.distill import check_teacher_run, teacher_candidates  # noqa: E402
 from cifar_core.params import ConfigError  # noqa: E402
 from cifar_core.presets import presets  # noqa: E402
 from ui.common import data_source, data_status, device_info, friendly_errors, get_store  # noqa: E402
@@ -22,6 +23,7 @@ from ui.forms import config_form, fingerprint, validate_config  # noqa: E402
 
 RUNS_PAGE = "pages/2_Runs.py"
 FORM_KEY = "train.form"
+TEACHER_PICK = "train.teacher_pick"
 
 # Training throughput in images/s at batch 128 (forward + backward + SGD step, fp32, default model
 # parameters), measured on this project's dev box: 2 CPU cores, torch 2.14, with a timing script
@@ -106,7 +108,40 @@ with st.container(border=True), friendly_errors("Building the form"):
 if values is None:
     st.stop()
 
+
+# ---- teacher for distillation: a picker over the finished runs that fills the form's teacher_run ----
+def _use_picked_teacher():
+    if st.session_state.get(TEACHER_PICK):
+        st.session_state[f"{FORM_KEY}.teacher_run"] = st.session_state[TEACHER_PICK]
+
+
+if values.get("distill", "none") != "none":
+    with friendly_errors("Listing the runs that can teach"):
+        candidates = {c["run_id"]: c for c in teacher_candidates(store)}
+        if not candidates:
+            st.info(f"Distillation needs a teacher: no completed run in {store.root} yet. Train one first "
+                    "(the **fast** preset makes a strong CNN teacher).")
+        else:
+            st.session_state[TEACHER_PICK] = values.get("teacher_run") if values.get("teacher_run") in candidates else ""
+
+            def _label(run_id: str) -> str:
+                if not run_id:
+                    return "choose a completed run…"
+                c = candidates[run_id]
+                acc = f"{c['test_acc']:.1%}" if isinstance(c["test_acc"], (int, float)) else "?"
+                return f"{run_id} · {c['model']} · test {acc}"
+
+            st.selectbox("Teacher run", [""] + list(candidates), key=TEACHER_PICK, format_func=_label,
+                         on_change=_use_picked_teacher,
+                         help="A completed run in this runs folder; its best checkpoint (else its last) "
+                              "teaches. Fills teacher_run in the Distill tab.")
+
 cfg, errors = validate_config(values)
+if cfg is not None and cfg.distill != "none":
+    try:  # the config alone cannot know whether the run exists and has finished
+        check_teacher_run(store, cfg.teacher_run)
+    except ConfigError as exc:
+        cfg, errors = None, [str(exc)]
 for message in errors:
     st.error(message)
 

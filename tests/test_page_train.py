@@ -21,12 +21,13 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from cifar_core.cli import build_parser, config_from_args  # noqa: E402
 from cifar_core.config import RunConfig  # noqa: E402
-from cifar_core.presets import presets  # noqa: E402
+from cifar_core.presets import DISTILLED_PRESETS, presets  # noqa: E402
 from cifar_core.runs import RunStore  # noqa: E402
 
 PAGE = str(REPO / "pages" / "1_Train.py")
 LAUNCH = "train.launch"
 FORM = "train.form"
+PICK = "train.teacher_pick"
 
 
 @pytest.fixture
@@ -60,13 +61,25 @@ def launch_button(at: AppTest):
     return at.button(key=LAUNCH)
 
 
+def finished_run(root: Path, run_id: str = "teacher-1", state: str = "completed") -> str:
+    """A run record that can teach as far as the page can tell (state and a checkpoint file)."""
+    record = RunStore(root).create(RunConfig(model="lenet").validated(), run_id=run_id, state=state)
+    record.checkpoint_path("best").write_bytes(b"")
+    return run_id
+
+
 def test_every_preset_renders_and_fills_the_form(runs_root):
+    teacher = finished_run(runs_root)
     at = page()
     assert_clean(at)
     assert not at.warning  # the data is there
     for name, preset in presets().items():
         at.selectbox(key="train.start").set_value(name).run()
         assert_clean(at)
+        if name in DISTILLED_PRESETS:  # incomplete until a teacher is picked
+            assert any("needs a teacher_run" in m for m in errors(at)), (name, errors(at))
+            at.selectbox(key=PICK).set_value(teacher).run()
+            preset = {**preset, "teacher_run": teacher}
         assert errors(at) == [], (name, errors(at))
         assert not launch_button(at).disabled, name
         expected = RunConfig.from_dict(preset)
@@ -259,3 +272,34 @@ def test_widget_kind_follows_the_declaration():
     assert widget_kind(Param("mode", "choice", "a", choices=("a", "b"))) == "select"
     assert widget_kind(Param("scale", "float_pair", (0.35, 1.0), 0.05, 1.0)) == "range"
     assert widget_kind(Param("name", "str", "")) == "text"
+
+
+def test_teacher_picker_lists_finished_runs_and_fills_teacher_run(runs_root):
+    teacher = finished_run(runs_root, "teacher-1")
+    finished_run(runs_root, "still-running", state="running")
+    at = page(preset="ViT-tiny distilled")
+    assert_clean(at)
+    assert launch_button(at).disabled
+    picker = at.selectbox(key=PICK)
+    assert picker.options == ["choose a completed run…", f"{teacher} · lenet · test ?"]
+    picker.set_value(teacher).run()
+    assert_clean(at)
+    assert errors(at) == []
+    assert at.text_input(key=f"{FORM}.teacher_run").value == teacher
+    launch_button(at).click().run()
+    queued = [i for i in RunStore(runs_root).ids() if i not in (teacher, "still-running")]
+    assert len(queued) == 1
+    config = RunStore(runs_root).record(queued[0]).config_dict()
+    assert config["distill"] == "hard" and config["teacher_run"] == teacher
+
+
+def test_typed_teacher_that_has_not_finished_blocks_launch(runs_root):
+    finished_run(runs_root, "still-running", state="running")
+    at = page(preset="ViT-tiny distilled")
+    assert any("no completed run" in i.value for i in at.info)  # a running run cannot teach
+    at.text_input(key=f"{FORM}.teacher_run").input("still-running").run()
+    assert_clean(at)
+    assert any("is running, not completed" in m for m in errors(at)), errors(at)
+    assert launch_button(at).disabled
+    at.text_input(key=f"{FORM}.teacher_run").input("nope").run()
+    assert any("no such run" in m for m in errors(at)), errors(at)
