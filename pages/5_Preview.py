@@ -140,7 +140,7 @@ if compare:
             specs_by_label[label] = augment_chain_editor(key, default)
 else:
     # controls on the left, the live grid on the right
-    editor_column, results = st.columns([2, 3])
+    editor_column, results = st.columns([4, 5])
     with editor_column, st.container(border=True), friendly_errors("The chain"):
         st.subheader("Chain")
         specs_by_label["A"] = augment_chain_editor(KEYS["A"], DEFAULT_A)
