@@ -12,6 +12,7 @@ The second half renders with Streamlit (sources, fits, grids, histograms, code, 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import html
 import json
@@ -61,6 +62,24 @@ class Variants:
     keys: list[str] = field(default_factory=list)  # step keys as in records ("rotation", "hflip#2")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run torch ops on one intra-op thread. A grid is a tiny batch (64 images of 32×32) that more
+    threads do not speed up, and while other processes keep the cores busy (a training job) the
+    OpenMP threads wait on each other: the 3-step chain of bench/bench_preview.py measured 6.5 ms
+    with 1 thread and 33-1000 ms with 2 on this 2-core machine under load. torch's setting is
+    process-wide, so it is restored afterwards (another session running at the same moment only
+    changes speed, never results)."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
 def partner_pool(n: int, seed: int, pool_size_max: int) -> np.ndarray:
     """Indices of sample images that join the batch as Mixup/CutMix partners (seeded)."""
     size = min(POOL_FACTOR * n, pool_size_max)
@@ -91,7 +110,7 @@ def run_variants(chain: AugmentChain, tile: np.ndarray, label: int, n: int, seed
         x = np.concatenate([x, pool_x[pool]])
         y = np.concatenate([y, np.asarray(pool_y, dtype=np.int64)[pool]])
     gen = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         out, soft, records = chain(torch.from_numpy(x), torch.from_numpy(y), gen, record=True)
     return Variants(specs=chain.specs, out=out[:n].numpy(), soft=None if soft is None else soft[:n].numpy(),
                     records=records[:n], n=n, pool=pool, normalizes=chain.normalizes,
