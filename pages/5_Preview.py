@@ -114,10 +114,10 @@ if kind == "upload":
                 + pv.upload_limits_text())
     else:
         with st.expander("Your images and how each was reduced to 32×32", expanded=True):
-            for name, item in uploads:
-                pv.show_upload(name, item)
-        good = [item for _, item in uploads if not isinstance(item, str)]
-        names = [img.name for img in good]
+            for item in uploads:
+                pv.show_upload(item)
+        good = [item for item in uploads if item.image is not None]
+        names = [item.name for item in good]
         if len(good) > 1:
             st.session_state.setdefault("preview.upload.pick", names[:1])
             st.session_state["preview.upload.pick"] = [x for x in st.session_state["preview.upload.pick"]

@@ -363,6 +363,10 @@ def test_several_uploads_pick_which_to_augment(no_data):
     at.multiselect(key="preview.upload.pick").set_value(["img0.jpg", "img2.jpg"]).run()
     assert_clean(at)
     assert len(grids(at)["a"]) == 2
+    # two files with the same name stay apart
+    at.file_uploader(key="preview.upload").set_value(files + [("img0.jpg", _jpeg((60, 40)), "image/jpeg")]).run()
+    assert_clean(at)
+    assert at.multiselect(key="preview.upload.pick").options == ["img0.jpg", "img1.jpg", "img2.jpg", "img0.jpg (2)"]
 
 
 def test_use_in_training_link_round_trips_to_the_train_page(no_data, tmp_path, monkeypatch):

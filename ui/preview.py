@@ -393,10 +393,23 @@ def pick_dataset() -> Source:
                   imports=("from cifar_core.data import load_cifar10",), key=f"{split}:{i}")
 
 
-def read_uploads(files) -> list[tuple[str, Any]]:
-    """[(name, LoadedImage or error message)] for the uploaded files, decoded once per file."""
+@dataclass
+class Upload:
+    """One uploaded file as read: the image (and a small PNG to show it) or the refusal message."""
+    name: str
+    image: Any = None  # LoadedImage
+    error: str = ""
+    display: bytes = b""  # the upright RGB original, at most DISPLAY_SIDE px, PNG-encoded once
+
+
+DISPLAY_SIDE = 480
+
+
+def read_uploads(files) -> list[Upload]:
+    """The uploaded files, each read with cifar_core.images.read_image once per file (per session)."""
+    from PIL import Image
     cache = st.session_state.setdefault("preview.decoded", {})
-    out, keep = [], set()
+    out, keep, seen = [], set(), {}
     for f in files[:MAX_FILES]:
         fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
         keep.add(fid)
@@ -405,10 +418,17 @@ def read_uploads(files) -> list[tuple[str, Any]]:
                 if f.size > MAX_UPLOAD_BYTES:  # before touching the bytes
                     raise ImageReadError(f"{f.name}: the file is {f.size / 2**20:.1f} MB; the limit is "
                                          f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB")
-                cache[fid] = read_image(f.getvalue(), f.name)
+                img = read_image(f.getvalue(), f.name)
+                thumb = img.original.copy()
+                thumb.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+                cache[fid] = Upload(f.name, img, display=png_bytes(np.asarray(thumb), compress_level=6))
             except ImageReadError as exc:
-                cache[fid] = str(exc)
-        out.append((f.name, cache[fid]))
+                cache[fid] = Upload(f.name, error=str(exc))
+        item = cache[fid]
+        seen[item.name] = seen.get(item.name, 0) + 1
+        if item.image is not None and seen[item.name] > 1:  # two files with one name: tell them apart
+            item = Upload(f"{item.name} ({seen[item.name]})", item.image, item.error, item.display)
+        out.append(item)
     for fid in [k for k in cache if k not in keep]:
         del cache[fid]
     return out
@@ -420,7 +440,7 @@ def upload_limits_text() -> str:
             f"{PREPROCESS_DESCRIPTION}")
 
 
-def pick_uploads() -> list[tuple[str, Any]]:
+def pick_uploads() -> list[Upload]:
     files = st.file_uploader("Your images", type=list(UPLOAD_TYPES), accept_multiple_files=True,
                              key="preview.upload", help=upload_limits_text(),
                              max_upload_size=MAX_UPLOAD_BYTES // 2**20)
@@ -430,26 +450,27 @@ def pick_uploads() -> list[tuple[str, Any]]:
     return read_uploads(files)
 
 
-def upload_source(img) -> Source:
+def upload_source(item: Upload) -> Source:
+    img = item.image
     name = img.name.replace("\\", "/").split("/")[-1]
-    return Source(tile=img.tile, label=UPLOAD_LABEL, title=f"{img.name} (your image)",
+    return Source(tile=img.tile, label=UPLOAD_LABEL, title=f"{item.name} (your image)",
                   code=f"image, label = read_image({name!r}).tile, 10  # your file reduced to 32×32; "
                        "10 = 'your image'",
-                  imports=("from cifar_core.images import read_image",), key=f"upload:{img.name}")
+                  imports=("from cifar_core.images import read_image",), key=f"upload:{item.name}")
 
 
-def show_upload(name: str, item) -> None:
+def show_upload(item: Upload) -> None:
     """One uploaded file: the upload beside its 32×32 tile and how it was reduced, or why not."""
-    if isinstance(item, str):
-        st.error(item)
+    if item.image is None:
+        st.error(item.error)
         return
+    img = item.image
     with st.container(border=True):
         a, b, c = st.columns([2, 1, 3])
-        a.image(item.original, caption=f"{name}: {item.original_size[0]}×{item.original_size[1]}, "
-                                       f"mode {item.original_mode}", width=240,
-                output_format="PNG")
-        b.image(enlarge(item.tile, 4), caption="32×32 tile (what the models get), ×4", output_format="PNG")
-        c.markdown("**How it was reduced**\n" + "\n".join(f"1. {html.escape(s)}" for s in item.steps))
+        a.image(item.display, caption=f"{item.name}: {img.original_size[0]}×{img.original_size[1]}, "
+                                      f"mode {img.original_mode}", width=240)
+        b.image(enlarge(img.tile, 4), caption="32×32 tile (what the models get), ×4", output_format="PNG")
+        c.markdown("**How it was reduced**\n" + "\n".join(f"1. {html.escape(s)}" for s in img.steps))
 
 
 # ---- fitting (zca) --------------------------------------------------------------------------------
