@@ -295,16 +295,23 @@ def chain_link_value(specs: list[dict]) -> str:
     return json.dumps(specs, separators=(",", ":"), default=list)
 
 
-def zca_filters(op) -> np.ndarray:
-    """uint8 (3, 32, 32, 3): the whitening weights feeding the centre pixel's R, G and B outputs,
-    shown with grey = 0 (each row of the symmetric matrix reshaped to an image)."""
+def zca_filters(op, crop: int = 11) -> np.ndarray:
+    """uint8 (3, crop, crop, 3): the whitening weights feeding the centre pixel's R, G and B outputs
+    (a row of the symmetric matrix as an image), cut to the crop×crop pixels around the centre, grey
+    = 0. The large weight of the pixel on itself is left out of the scale (clipped), so the
+    surround shows."""
     c, h, w = op.shape
-    centre = (h // 2) * w + w // 2
-    rows = op.matrix[[ch * h * w + centre for ch in range(c)]].numpy().reshape(c, c, h, w)
+    cy, cx = h // 2, w // 2
+    rows = op.matrix[[ch * h * w + cy * w + cx for ch in range(c)]].numpy().reshape(c, c, h, w)
+    y0, x0 = cy - crop // 2, cx - crop // 2
     out = []
     for r in rows:
-        m = float(np.abs(r).max()) or 1.0
-        out.append(np.rint((0.5 + 0.5 * r / m) * 255).clip(0, 255).astype(np.uint8).transpose(1, 2, 0))
+        r = r[:, y0:y0 + crop, x0:x0 + crop].copy()
+        around = r.copy()
+        around[:, crop // 2, crop // 2] = 0.0
+        m = float(np.abs(around).max()) or 1.0
+        img = np.clip(0.5 + 0.5 * r / m, 0.0, 1.0)
+        out.append(np.rint(img * 255).astype(np.uint8).transpose(1, 2, 0))
     return np.stack(out)
 
 
@@ -592,12 +599,14 @@ def render_fit_note(name: str, op, source: Source) -> None:
                                       None, torch.Generator())[0].numpy(),
                      soft=None, records=[{}], n=1, pool=np.zeros(0, int), normalizes=True, batch_level=False)
     filters = zca_filters(op)
-    st.image([enlarge(source.tile, 3), enlarge(display_tiles(alone)[0], 3)] + [enlarge(f, 3) for f in filters],
+    st.image([enlarge(source.tile, 3), enlarge(display_tiles(alone)[0], 3)] + [enlarge(f, 9) for f in filters],
              caption=["original", f"{name} alone (stretched)", "weights → centre R", "weights → centre G",
                       "weights → centre B"], output_format="PNG")
-    st.caption("The fitted transform: each output pixel is a weighted sum of all input pixels; the last "
-               "three images show the weights feeding the centre pixel (grey = 0). A tight centre-surround "
-               "pattern means the whitening mostly sharpens edges.")
+    st.caption("The fitted transform: each output pixel is a weighted sum of all input pixels. The last "
+               "three images show the weights feeding the centre pixel's red, green and blue outputs, over "
+               "the 11×11 pixels around it (grey = 0, brighter = positive; the pixel's weight on itself "
+               "is off the scale). A tight centre-surround pattern means the whitening mostly sharpens "
+               "edges; a smaller epsilon makes it tighter.")
 
 
 def render_histograms(source: Source, v: Variants) -> None:
