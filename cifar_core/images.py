@@ -14,8 +14,9 @@ Limits (both documented on the pages):
 Only raster formats read entirely by Pillow's own decoders are accepted (`ALLOWED_FORMATS`): no
 EPS (Pillow would run Ghostscript on it), PSD, PDF or other exotic plugins.
 
-Reduction (PREPROCESS_DESCRIPTION): EXIF orientation applied; converted to RGB (transparency
-composited over white, 16-bit and float images scaled to 8 bits rather than clipped); shorter
+Reduction (PREPROCESS_DESCRIPTION): EXIF orientation applied; converted to RGB (an embedded colour
+profile other than sRGB, or LAB, converted to sRGB with LittleCMS; transparency composited over
+white; 16-bit and float images scaled to 8 bits rather than clipped); shorter
 side resized to 32 px with Pillow's bicubic filter (antialiased: its support grows with the
 downscale factor); centre-cropped to 32×32. Pixel for pixel the same as torchvision's
 Resize(32, InterpolationMode.BICUBIC) + CenterCrop(32) on the RGB image (tested).
@@ -40,9 +41,9 @@ MAX_PIXELS: int = 40_000_000  # refuse bigger images before decoding them (decom
 DISPLAY_MAX_SIDE: int = 1024  # LoadedImage.original is thumbnailed to at most this many px a side
 
 PREPROCESS_DESCRIPTION: str = (
-    "EXIF orientation applied; converted to RGB (transparency composited over white; 16-bit and "
-    "float images scaled to 8-bit, not clipped); shorter side resized to 32 px (bicubic, "
-    "antialiased); centre-cropped to 32×32.")
+    "EXIF orientation applied; converted to sRGB (colour profile applied; transparency composited "
+    "over white; 16-bit and float images scaled to 8-bit, not clipped); shorter side resized to "
+    "32 px (bicubic, antialiased); centre-cropped to 32×32.")
 
 # Pillow format names tried by Image.open, and the file extensions an uploader should offer.
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP", "TIFF", "PPM",
@@ -149,8 +150,31 @@ def _scale_to_uint8(img: Image.Image) -> tuple[Image.Image, str]:
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "L"), how
 
 
+def _colour_managed(img: Image.Image, steps: list[str]) -> Image.Image:
+    """RGB / CMYK with an embedded colour profile other than sRGB, and LAB: converted to sRGB with
+    Pillow's ImageCms (LittleCMS). If the profile cannot be used, the values are taken as they are
+    and the steps say so."""
+    mode = img.mode
+    icc = img.info.get("icc_profile")
+    if mode not in ("RGB", "CMYK", "LAB") or (mode != "LAB" and not icc):
+        return img
+    try:
+        from PIL import ImageCms
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc)) if icc else ImageCms.createProfile("LAB")
+        name = (ImageCms.getProfileDescription(source) or "").strip() or "unnamed"
+        if mode != "LAB" and name.lower().startswith("srgb"):
+            return img  # already sRGB
+        out = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        steps.append(f"{mode} colour profile '{name}' → sRGB" if icc else "LAB → sRGB")
+        return out
+    except Exception:  # a broken or unsupported profile: Pillow's plain conversion below
+        steps.append("embedded colour profile unusable: values taken as sRGB")
+        return img
+
+
 def _to_rgb(img: Image.Image, steps: list[str]) -> Image.Image:
     """Any Pillow mode to RGB; transparency composited over white."""
+    img = _colour_managed(img, steps)
     mode = img.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
         img, how = _scale_to_uint8(img)

@@ -122,6 +122,26 @@ def test_cmyk_jpeg_becomes_rgb():
     assert "CMYK → RGB" in out.steps
 
 
+def test_colour_profiles_and_lab():
+    from PIL import ImageCms
+    lab = Image.new("LAB", (40, 40), (136, 208, 195))  # a saturated red in CIELAB (a, b offset by 128)
+    out = read_image(encode(lab, "TIFF"), "lab.tif")
+    r, g, b = mean_rgb(out.tile)
+    assert r > 200 and g < 60 and b < 60, (r, g, b)
+    assert "LAB → sRGB" in out.steps
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out = read_image(encode(solid(RED), "JPEG", quality=95, icc_profile=srgb), "srgb.jpg")
+    assert close(mean_rgb(out.tile), RED, 10) and not any("profile" in s for s in out.steps)
+    out = read_image(encode(solid(RED), "PNG", icc_profile=b"not a profile" * 20), "junk-profile.png")
+    assert close(mean_rgb(out.tile), RED, 1)
+    assert "embedded colour profile unusable: values taken as sRGB" in out.steps
+    # a profile not named sRGB goes through the colour transform (here sRGB renamed: same colours)
+    renamed = srgb.replace("sRGB".encode("utf-16-be"), "wRGB".encode("utf-16-be"))
+    out = read_image(encode(solid((200, 120, 40)), "PNG", icc_profile=renamed), "wide.png")
+    assert "RGB colour profile 'wRGB built-in' → sRGB" in out.steps, out.steps
+    assert close(mean_rgb(out.tile), (200, 120, 40), 2)
+
+
 def test_palette_with_transparency_becomes_white():
     img = Image.new("P", (32, 32), 0)
     img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
