@@ -491,7 +491,9 @@ def fit_source() -> tuple[tuple, str]:
 
 
 def _fit(op, fit_key: tuple, **kw):
-    with warnings.catch_warnings():  # the arrays are read-only on purpose; the fit only reads them
+    # one thread: the lab's training jobs usually keep the cores busy, and then the 3,072² eigh took
+    # 5.4 s on 1 thread vs 13-16 s on 2 on this 2-core machine (bench/README.md)
+    with warnings.catch_warnings(), one_thread():  # arrays are read-only on purpose; fit only reads
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return op.fit(_fit_images(fit_key), **kw)
 
