@@ -68,6 +68,8 @@ for path, label, text in (
     ("pages/2_Runs.py", "Runs", "the queue, live curves, final metrics, confusion matrices"),
     ("pages/3_Compare.py", "Compare", "overlay runs, diff their configs, compare final metrics"),
     ("pages/4_Studies.py", "Studies", "one-click studies: BN vs GN, samplers on imbalanced data, trick ablation"),
+    ("pages/5_Preview.py", "Augmentation previewer", "every augmentation, live on real images or your own, "
+                                                      "with the parameters each tile drew"),
     ("pages/6_Classify.py", "Classify", "your own photos through a shipped or exported ONNX model"),
 ):
     st.page_link(path, label=f"**{label}** — {text}")
