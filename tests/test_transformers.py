@@ -232,8 +232,8 @@ def test_onnx_export_dynamic_batch_parity(name, params):
 
 def test_short_real_training_beats_chance(tmp_path, cifar_npz):
     cfg = RunConfig(
-        model="vit", model_params={"patch_size": 8, "embed_dim": 64, "depth": 2, "heads": 2,
-                                   "tokenizer": "conv", "pool": "gap", "drop_path": 0.0},
+        model="vit", model_params={"patch_size": 4, "embed_dim": 64, "depth": 2, "heads": 2,
+                                   "tokenizer": "linear", "pool": "gap", "drop_path": 0.0},
         subset="per_class", per_class=100, val_size=0, test_size=500, epochs=4, batch_size=50,
         optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
         schedule_params={"warmup_epochs": 0.5}, label_smoothing=0.1, grad_clip="norm", clip_max_norm=1.0,
