@@ -95,16 +95,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = {}
+    if getattr(args, "preset", None):
+        from .presets import preset
+        data = preset(args.preset)
     if getattr(args, "config", None):
         try:
             with open(args.config, encoding="utf-8") as fh:
-                data = json.load(fh)
+                loaded = json.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {args.config} not found") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {args.config} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
+        if not isinstance(loaded, dict):
             raise ConfigError(f"config file {args.config} must hold a JSON object")
+        data = {**data, **loaded}
     for f in fields(RunConfig):
         value = getattr(args, f.name, None)
         if value is None:
@@ -134,6 +138,11 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    if not args.resume:
+        record = store.record(run_id) if run_id and store.record(run_id).exists() else \
+            store.create(cfg, run_id=run_id, state="queued")
+        record.update_status(command=args.command_line)
+        run_id = record.run_id
     record = train_run(cfg, store=store, run_id=run_id, data_source=args.data, resume=bool(args.resume),
                        progress=not args.no_progress)
     status = record.status()
@@ -224,7 +233,7 @@ def cmd_export(args) -> int:
     started = time.time()
     result = export_run(args.run_id, RunStore(args.runs_root), out=args.out, name=args.name,
                         data_source=args.data, fp16_weights=args.fp16_weights, evaluate=args.evaluate,
-                        export_command=args.command_line)
+                        export_command=args.command_line, train_command=args.train_command)
     card, parity = result.card, result.card["parity"]
     print(f"exported {args.run_id} → {result.onnx_path} ({card['file']['bytes'] / 2**20:.2f} MB) "
           f"in {time.time() - started:.1f} s")
@@ -266,6 +275,11 @@ def cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _preset_names() -> list[str]:
+    from .presets import presets
+    return [repr(name) if " " in name else name for name in presets()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifar_core", description="CIFAR-10 Lab command line")
     parser.add_argument("--runs-root", default=None, help="runs folder (default: $CIFAR_LAB_RUNS or ./runs)")
@@ -273,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model and write a run record")
     train.add_argument("--config", help="a config.json to start from (flags override it)")
+    train.add_argument("--preset", default=None, metavar="NAME",
+                        help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
     train.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
     train.add_argument("--run-id", default=None, help="id of the new run folder (default: generated)")
     train.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run from its last checkpoint")
@@ -287,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="queue a run as a background job (same flags as train)")
     submit.add_argument("--config", help="a config.json to start from (flags override it)")
+    submit.add_argument("--preset", default=None, metavar="NAME",
+                        help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
     submit.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
     add_config_flags(submit)
     submit.set_defaults(func=cmd_submit)
@@ -312,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (for --evaluate, ZCA)")
     export.add_argument("--fp16-weights", action="store_true",
                         help="store weights as float16 (cast to float32 in the graph): half the file size")
+    export.add_argument("--train-command", default=None,
+                        help="the command that trained the run, for the card (default: the one recorded "
+                             "in status.json, else one rebuilt from config.json)")
     export.add_argument("--evaluate", action="store_true",
                         help="also measure onnxruntime accuracy on the full test set (written to the card)")
     export.set_defaults(func=cmd_export)

@@ -35,6 +35,7 @@ from .augment import AugmentChain
 from .data import CIFAR_MEAN, CIFAR_STD, CLASSES
 from .images import PREPROCESS_DESCRIPTION
 from .models import MODELS, count_params, create_model
+from .transformers import architecture_summary
 from .params import ConfigError
 from .runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
 from .train import tta_views
@@ -273,6 +274,9 @@ def _family(model_name: str) -> str:
 
 
 def _train_command(record: RunRecord) -> str:
+    recorded = record.status().get("command")
+    if recorded:
+        return recorded
     return (f"python -m cifar_core train --config {shlex.quote(str(record.config_path))} "
             f"--run-id {record.run_id}")
 
@@ -285,13 +289,14 @@ def _normalization(graph: InferenceGraph) -> dict:
 
 
 def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, *,
-               fp16_weights: bool, export_command: str) -> dict:
+               fp16_weights: bool, export_command: str, train_command: str | None = None) -> dict:
     cfg, status, results = record.config(), record.status(), record.results() or {}
     model_name = ckpt.get("model_name", cfg.model)
     return {
         "name": name, "format": "onnx", "opset": OPSET, "exporter": EXPORTER,
         "architecture": {"model": model_name, "family": _family(model_name),
-                         "params": ckpt.get("model_params", cfg.model_params),
+                         "summary": architecture_summary(model_name, graph_params(ckpt, cfg)),
+                         "params": graph_params(ckpt, cfg),
                          "parameters": count_params(graph.model),
                          "description": MODELS.get(model_name).description},
         "classes": list(CLASSES),
@@ -302,7 +307,7 @@ def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, 
         "normalization": _normalization(graph),
         "test_time_augmentation": {"flip": bool(graph.tta_flip), "translate": bool(graph.tta_translate)},
         "weights_storage": "float16 (cast to float32 in the graph)" if fp16_weights else "float32",
-        "training": {"run_id": record.run_id, "config": cfg.to_dict(), "command": _train_command(record),
+        "training": {"run_id": record.run_id, "config": cfg.to_dict(), "command": train_command or _train_command(record),
                      "data": status.get("data_origin"), "train_images": status.get("train_images"),
                      "split": status.get("split"), "device": status.get("device"),
                      "train_seconds": results.get("train_seconds", status.get("train_seconds")),
@@ -314,6 +319,11 @@ def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, 
         "export_command": export_command,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def graph_params(ckpt: dict, cfg) -> dict:
+    """The model's parameters with the registry defaults filled in."""
+    return MODELS.validate(ckpt.get("model_name", cfg.model), ckpt.get("model_params", cfg.model_params))
 
 
 def _iso(timestamp) -> str | None:
@@ -328,7 +338,8 @@ def default_export_path(record: RunRecord) -> Path:
 
 def export_run(run_id: str, store: RunStore | None = None, out: str | Path | None = None, *,
                name: str | None = None, data_source: str | None = None, fp16_weights: bool = False,
-               evaluate: bool = False, export_command: str | None = None) -> ExportResult:
+               evaluate: bool = False, export_command: str | None = None,
+               train_command: str | None = None) -> ExportResult:
     """Export a completed run: .onnx + sidecar card, after a parity check on real test images.
 
     `evaluate` also measures onnxruntime accuracy on the full test set and on the fixed first-1,000
@@ -345,7 +356,8 @@ def export_run(run_id: str, store: RunStore | None = None, out: str | Path | Non
         _round_to_fp16(graph)
     export_command = export_command or f"python -m cifar_core export {run_id}" + (
         f" --out {shlex.quote(str(out))}" if out else "") + (" --fp16-weights" if fp16_weights else "")
-    card = build_card(record, graph, ckpt, name, fp16_weights=fp16_weights, export_command=export_command)
+    card = build_card(record, graph, ckpt, name, fp16_weights=fp16_weights, export_command=export_command,
+                      train_command=train_command)
     export_module(graph, onnx_path, fp16_weights=fp16_weights,
                   metadata={CARD_KEY: json.dumps(card), "class_names": json.dumps(list(CLASSES)),
                             "input_size": "32", "mean": json.dumps(list(CIFAR_MEAN)),

@@ -35,8 +35,11 @@ TEACHER_PICK = "train.teacher_pick"
 #     resnet18 2727 ms (47), resnet34 4698 ms (27) — about twice the single-thread speed;
 #   fastnet, 2 threads on a quiet machine: 173-216 img/s at batch 256-1024 (bench/README.md), and
 #     180-185 img/s over the whole fast preset run.
+#   vit / cait at their preset sizes (ViT-tiny 2.7 M, CaiT-tiny 3.0 M parameters), batch 128, from
+#     bench/bench_vit.py on the loaded box: 39-55 (vit) and 61-64 (cait) img/s on 1 thread, lower bounds.
 # GPU numbers are NOT measured: CPU × CUDA_SPEEDUP_GUESS, labelled as a rough guess on the page.
-CPU_IMAGES_PER_S = {"lenet": 6000.0, "fastnet": 185.0, "alexnet": 180.0, "resnet18": 45.0, "resnet34": 26.0}
+CPU_IMAGES_PER_S = {"lenet": 6000.0, "fastnet": 185.0, "alexnet": 180.0, "resnet18": 45.0, "resnet34": 26.0,
+                    "vit": 45.0, "cait": 60.0}
 CUDA_SPEEDUP_GUESS = 10.0
 EVAL_SPEEDUP = 3.0  # evaluation is a forward pass only: roughly 3× a training step's throughput
 STARTUP_SECONDS = 10.0  # process start, imports, loading CIFAR-10 into memory

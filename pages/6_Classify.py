@@ -12,13 +12,13 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from cifar_core.images import MAX_PIXELS, MAX_UPLOAD_BYTES, PREPROCESS_DESCRIPTION, ImageReadError, read_image
+from cifar_core.images import (MAX_PIXELS, MAX_UPLOAD_BYTES, PREPROCESS_DESCRIPTION, UPLOAD_TYPES, ImageReadError,
+                               read_image)
 from cifar_core.inference import (ModelEntry, ModelUnusable, checkpoints_dir, discover_models, get_classifier,
                                   inspect_model)
 from cifar_core.runs import atomic_write_bytes
 from ui.common import friendly_errors, get_store
 
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"]
 MAX_FILES = 200          # per request; each file is also bounded by MAX_UPLOAD_BYTES / MAX_PIXELS
 DETAIL_LIMIT = 12        # images shown with their own chart; all of them are in the table
 MAX_MODEL_UPLOAD_MB = 64  # a fp32 ResNet-18 export is ~45 MB
@@ -93,7 +93,7 @@ def model_card(entry) -> None:
         cols[2].metric("test accuracy (PyTorch)", _pct(evaluation.get("test_acc")))
         cols[3].metric("test accuracy (onnxruntime)", _pct(evaluation.get("onnxruntime_test_acc")))
         tta = card.get("test_time_augmentation") or {}
-        facts = [f"family **{arch.get('family', '?')}**",
+        facts = [f"**{arch.get('summary') or arch.get('model', '?')}** ({arch.get('family', '?')} family)",
                  f"test-time flip {'on' if tta.get('flip') else 'off'}, translate {'on' if tta.get('translate') else 'off'}",
                  f"weights {card.get('weights_storage', '?')}", f"exported {card.get('date', '?')}"]
         if training.get("data"):

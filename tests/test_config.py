@@ -90,6 +90,19 @@ def test_cli_config_file_overridden_by_flags(tmp_path):
     assert cfg.lr == 0.3 and cfg.epochs == 5
 
 
+def test_cli_preset_then_config_then_flags(tmp_path):
+    from cifar_core.presets import preset
+    args = build_parser().parse_args(["train", "--preset", "fast", "--epochs", "16"])
+    cfg = config_from_args(args)
+    assert cfg.to_dict() == RunConfig.from_dict({**preset("fast"), "epochs": 16}).to_dict()
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.5}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--config", str(path)]))
+    assert cfg.lr == 0.5 and cfg.batch_size == preset("fast")["batch_size"]
+    with pytest.raises(ConfigError, match="unknown preset"):
+        config_from_args(build_parser().parse_args(["train", "--preset", "nope"]))
+
+
 def test_parse_helpers():
     assert parse_kv("a=1,b=x,c=true") == {"a": 1, "b": "x", "c": True}
     assert parse_augment("none") == []

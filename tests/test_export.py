@@ -213,6 +213,7 @@ def test_cli_export_and_predict(exported_run, tmp_path):
     assert "parity on 200 real test images" in out.stdout
     card = read_card(tmp_path / "cli.onnx")
     assert card["export_command"].startswith("python -m cifar_core --runs-root")
+    assert card["training"]["command"].endswith("--run-id tiny-export")  # rebuilt: the run was made in-process
     x, y, classes = load_sample()
     photo = tmp_path / "cat.png"
     Image.fromarray(x[int(np.flatnonzero(y == 3)[0])]).resize((200, 150)).save(photo)

@@ -115,6 +115,7 @@ def test_cli_train_sigterm_cancels_at_safe_point(tmp_path, cifar_npz):
     status = record.status()
     assert status["state"] == "cancelled" and "SIGTERM" in status["error"]
     assert record.checkpoint_path("last").exists()
+    assert status["command"].startswith("python -m cifar_core --runs-root") and "--run-id sig" in status["command"]
     listing = subprocess.run([sys.executable, "-m", "cifar_core", "--runs-root", str(tmp_path), "runs"],
                              cwd=REPO, capture_output=True, text=True)
     assert "sig" in listing.stdout and "cancelled" in listing.stdout
