@@ -245,11 +245,11 @@ def check_parity(graph: nn.Module, onnx_path: Path, images_uint8: np.ndarray, *,
 
 def evaluate_onnx(onnx_path: Path, x_uint8: np.ndarray, y: np.ndarray, batch: int = 500) -> dict:
     """Accuracy of the exported file under onnxruntime (CPU) on the given images."""
-    from .inference import create_session
+    from .inference import create_session, tiles_to_input
     session = create_session(onnx_path, providers=["CPUExecutionProvider"])
     preds = []
     for start in range(0, len(x_uint8), batch):
-        chunk = np.ascontiguousarray(x_uint8[start:start + batch].transpose(0, 3, 1, 2), np.float32) / 255
+        chunk = tiles_to_input(x_uint8[start:start + batch])
         preds.append(session.run(None, {"images": chunk})[0].argmax(1))
     pred = np.concatenate(preds)
     per_class = {c: float((pred[y == i] == i).mean()) for i, c in enumerate(CLASSES) if (y == i).any()}

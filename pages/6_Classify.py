@@ -163,6 +163,7 @@ def results_table(images, prediction, k: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@st.cache_resource(show_spinner=False)
 def sample_images():
     """A few bundled CIFAR-10 test images (already 32×32), read through the same function."""
     from cifar_core.data import load_sample

@@ -2,9 +2,6 @@
 invalid combinations, ONNX export with a dynamic batch, and a short real training (CPU, tiny models)."""
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -213,21 +210,18 @@ def test_architecture_summary_names_the_tokenizer():
     ("vit", {**TINY, "pool": "seq", "tokenizer": "conv", "dropout": 0.1}),
     ("cait", {**TINY_CAIT, "tokenizer": "conv", "patch_size": 8}),
 ])
-def test_onnx_export_dynamic_batch_parity(name, params):
-    ort = pytest.importorskip("onnxruntime")
+def test_onnx_export_dynamic_batch_parity(name, params, tmp_path):
+    from cifar_core.data import load_sample
+    from cifar_core.export import check_parity, export_module
     torch.manual_seed(0)
     model = create_model(name, params).eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(model, _x(3), buffer, dynamo=False, opset_version=17, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    path = export_module(model, tmp_path / f"{name}.onnx")
+    report = check_parity(model, path, load_sample()[0][:7], single=7)  # batch 1 (x7) and batch 7
+    assert report["batch_sizes"] == [1, 7]
+    assert report["max_abs_diff_batch_1"] <= 1e-4 and report["max_abs_diff_batch_n"] <= 1e-4
+    from cifar_core.inference import Classifier
     for batch in (1, 7):
-        x = _x(batch, seed=batch)
-        with torch.no_grad():
-            expected = model(x).numpy()
-        got = session.run(None, {"input": x.numpy()})[0]
-        assert got.shape == (batch, 10)
-        assert np.abs(got - expected).max() <= 1e-4
+        assert Classifier(path).logits(load_sample()[0][:batch]).shape == (batch, 10)
 
 
 def test_short_real_training_beats_chance(tmp_path, cifar_npz):
