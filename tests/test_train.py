@@ -44,9 +44,18 @@ def test_short_training_clearly_beats_chance(tmp_path, cifar_npz):
     assert ckpt["model_name"] == "fastnet"
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, cifar_npz):
-    cfg = tiny(epochs=2, per_class=30, val_size=0, batch_size=60, ema_decay=0.9,
-               augment=[{"name": "random_crop"}, {"name": "hflip"}, {"name": "cutout", "p": 0.5}])
+RESUME_VARIANTS = {
+    "ema+cutout": dict(ema_decay=0.9, augment=[{"name": "random_crop"}, {"name": "hflip"},
+                                               {"name": "cutout", "p": 0.5}]),
+    # stopped at step 7, between two lookahead updates: the slow weights must be in the checkpoint
+    "lookahead+alternating-flip": dict(lookahead_every=3, alternating_flip=True,
+                                       augment=[{"name": "random_crop"}]),
+}
+
+
+@pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
+def test_resume_matches_uninterrupted_run(tmp_path, cifar_npz, variant):
+    cfg = tiny(epochs=2, per_class=30, val_size=0, batch_size=60, **RESUME_VARIANTS[variant])
     store = RunStore(tmp_path)
     full = train_run(cfg, store, run_id="full", data_source=str(cifar_npz))
     part = train_run(cfg, store, run_id="part", data_source=str(cifar_npz), stop_at_step=7)
@@ -62,6 +71,18 @@ def test_resume_matches_uninterrupted_run(tmp_path, cifar_npz):
     assert full.results()["test_acc"] == pytest.approx(part.results()["test_acc"], abs=2e-4)
     steps = [r["step"] for r in part.read_metrics() if r["kind"] == "train"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_fast_preset_tricks_train_in_bf16_on_the_cpu(tmp_path, cifar_npz):
+    cfg = tiny(precision="bf16", channels_last=True, alternating_flip=True, lookahead_every=2,
+               augment=[{"name": "random_crop"}], tta_flip=True, tta_translate=True)
+    record = train_run(cfg, RunStore(tmp_path), data_source=str(cifar_npz))
+    status, results = record.status(), record.results()
+    assert status["state"] == "completed" and status["precision"] == "bf16"
+    assert results["test_acc"] > 0.25, results["test_acc"]
+    last = torch.load(record.checkpoint_path("last"), weights_only=True)
+    for name, slow in last["lookahead"].items():  # training ended on the slow weights
+        assert torch.equal(last["model"][name], slow), name
 
 
 def test_nan_loss_stops_run_as_failed(tmp_path, cifar_npz):

@@ -1,0 +1,98 @@
+"""The airbench-style tricks of the fast preset: lookahead, alternating flips, bf16 autocast on the CPU."""
+import pytest
+import torch
+
+from cifar_core.config import RunConfig
+from cifar_core.models import create_model
+from cifar_core.params import ConfigError
+from cifar_core.presets import preset
+from cifar_core.train import Lookahead, alternating_flips, autocast_context, effective_precision
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+
+def _perturb(model, amount=1.0):
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            if value.is_floating_point():
+                value.add_(amount)
+
+
+def test_lookahead_moves_slow_weights_on_schedule_and_resets_fast_ones():
+    model = _net()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    look = Lookahead(model, every=5, decay=0.9, total_steps=100)
+    _perturb(model)
+    look.after_step(model, step=3)  # not a multiple of `every`: nothing happens
+    assert torch.equal(model[0].weight, start["0.weight"] + 1)
+    look.after_step(model, step=50)
+    keep = 0.9 ** 5 * 0.5 ** 3
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():  # BN running statistics are averaged too
+            expected = start[name] + (1 - keep)
+            torch.testing.assert_close(look.slow[name], expected)
+            torch.testing.assert_close(value, expected)  # fast weights restart from the slow ones
+    assert torch.equal(model[1].num_batches_tracked, start["1.num_batches_tracked"])  # ints untouched
+
+
+def test_lookahead_final_step_ends_on_the_slow_weights():
+    model = _net()
+    look = Lookahead(model, every=5, decay=0.95, total_steps=10)
+    slow = {k: v.clone() for k, v in look.slow.items()}
+    _perturb(model, 3.0)
+    look.after_step(model, step=7, final=True)
+    for name, value in slow.items():
+        torch.testing.assert_close(look.slow[name], value)
+        torch.testing.assert_close(model.state_dict()[name], value)
+
+
+def test_lookahead_state_round_trip():
+    model = _net()
+    look = Lookahead(model, every=2, decay=0.95, total_steps=10)
+    _perturb(model)
+    look.after_step(model, step=8)
+    other = Lookahead(_net(), every=2, decay=0.95, total_steps=10)
+    other.load_state_dict(look.state_dict())
+    for name in look.slow:
+        assert torch.equal(other.slow[name], look.slow[name])
+
+
+def test_alternating_flips_invert_every_other_epoch():
+    base = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    idx = torch.randperm(1000)[:256]
+    e0, e1, e2 = (alternating_flips(base, idx, epoch) for epoch in (0, 1, 2))
+    assert torch.equal(e0, ~e1) and torch.equal(e0, e2)
+    assert 0.35 < e0.float().mean().item() < 0.65
+
+
+def test_alternating_flip_rejects_a_random_flip_step_too():
+    with pytest.raises(ConfigError, match="hflip"):
+        RunConfig(alternating_flip=True, augment=[{"name": "random_crop"}, {"name": "hflip"}]).validated()
+    cfg = RunConfig(alternating_flip=True, augment=[{"name": "random_crop"}]).validated()
+    assert "alt-flip" in cfg.key_tricks()
+
+
+def test_fast_preset_uses_the_airbench_tricks():
+    cfg = RunConfig.from_dict(preset("fast"))
+    assert cfg.alternating_flip and cfg.lookahead_every == 5 and cfg.channels_last
+    assert cfg.precision == "bf16" and cfg.tta_flip and cfg.tta_translate
+    assert [step["name"] for step in cfg.augment] == ["random_crop"]
+
+
+def test_bf16_autocast_runs_on_the_cpu_and_fp16_falls_back_to_fp32():
+    cpu = torch.device("cpu")
+    cfg = RunConfig(precision="bf16").validated()
+    assert effective_precision(cfg, cpu) == "bf16"
+    model = create_model("fastnet", {"width": 0.25}).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with autocast_context(cfg, cpu):
+        assert model.block1.conv1(model.whiten(x)).dtype == torch.bfloat16
+    fp16 = RunConfig(precision="fp16", device="auto").validated()
+    assert effective_precision(fp16, cpu) == "fp32"
+    with autocast_context(fp16, cpu):
+        assert model.whiten(x).dtype == torch.float32
+    with pytest.raises(ConfigError, match="fp16"):
+        RunConfig(precision="fp16", device="cpu").validated()
