@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cifar_core.data import load_sample  # noqa: E402
-from cifar_core.export import InferenceGraph, export_module, load_run_model  # noqa: E402
+from cifar_core.export import InferenceGraph, export_module, load_run_model, read_card  # noqa: E402
 from cifar_core.inference import tiles_to_input  # noqa: E402
 from cifar_core.models import create_model  # noqa: E402
 from cifar_core.runs import RunStore  # noqa: E402
@@ -75,7 +75,7 @@ def bench_pair(label: str, graph: torch.nn.Module, onnx_path: Path, threads: int
         onnx = _summary(_timings(lambda: session.run(None, {"images": x_np}), n, 3), batch)
         rows.append({"model": label, "batch": batch, "threads": threads, "eager": eager, "onnxruntime": onnx,
                      "speedup": round(eager["p50_ms"] / onnx["p50_ms"], 2)})
-        print(f"{label:28s} batch {batch:4d}  eager p50 {eager['p50_ms']:8.2f} ms p95 {eager['p95_ms']:8.2f} ms "
+        print(f"{label:50s} batch {batch:4d}  eager p50 {eager['p50_ms']:8.2f} ms p95 {eager['p95_ms']:8.2f} ms "
               f"{eager['images_per_s']:8.1f} img/s | onnxruntime p50 {onnx['p50_ms']:8.2f} ms "
               f"p95 {onnx['p95_ms']:8.2f} ms {onnx['images_per_s']:8.1f} img/s | ×{rows[-1]['speedup']}",
               flush=True)
@@ -103,8 +103,13 @@ def main(argv=None) -> int:
     for i, run_id in enumerate(args.run):
         graph, _ = load_run_model(store.record(run_id))
         path = Path(args.onnx[i]) if i < len(args.onnx) else export_module(graph, tmp / f"{run_id}.onnx")
+        card = read_card(path) or {}
+        views = card.get("test_time_augmentation") or {}
+        if views:  # eager runs the same test-time views as the file (an export may have chosen fewer)
+            graph.tta_flip, graph.tta_translate = bool(views.get("flip")), bool(views.get("translate"))
+        storage = "int8" if str(card.get("weights_storage", "")).startswith("int8") else "fp32"
         label = f"{run_id} ({graph.model.__class__.__name__}, tta {'flip' if graph.tta_flip else '-'}"\
-                f"{'+translate' if graph.tta_translate else ''})"
+                f"{'+translate' if graph.tta_translate else ''}, onnx {storage})"
         rows += bench_pair(label, graph, path, args.threads, batches, repeats)
     for name in args.model:
         graph = InferenceGraph(create_model(name), [], False, False).eval()

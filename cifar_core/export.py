@@ -44,6 +44,7 @@ __all__ = ["OPSET", "PARITY_ATOL", "ExportError", "InferenceGraph", "ExportResul
            "export_module", "check_parity", "load_run_model", "card_path_for", "read_card"]
 
 OPSET = 17
+TTA_CHOICES = ("run", "none", "flip", "flip+translate")
 PARITY_ATOL = 1e-4
 CARD_KEY = "cifar_lab.card"
 EXPORTER = "torch.onnx.export (TorchScript-based exporter, dynamo=False)"
@@ -243,6 +244,67 @@ def check_parity(graph: nn.Module, onnx_path: Path, images_uint8: np.ndarray, *,
     return report
 
 
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over uint8 tiles (N, 32, 32, 3), in batches."""
+
+    def __init__(self, tiles_uint8: np.ndarray, batch: int = 100):
+        from .inference import tiles_to_input
+        self._batches = iter([tiles_to_input(tiles_uint8[i:i + batch]) for i in range(0, len(tiles_uint8), batch)])
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {"images": batch}
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration_uint8: np.ndarray) -> dict:
+    """Static int8 quantization of an exported fp32 file with onnxruntime.quantization: QDQ format,
+    signed per-channel int8 weights, unsigned int8 activations with ranges calibrated (min/max) on
+    `calibration_uint8` images. Returns a description for the model card."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_static(str(prepared), str(quantized), _Calibration(calibration_uint8),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        calibrate_method=CalibrationMethod.MinMax)
+        proto = onnx.load(str(quantized))
+    source = onnx.load(str(fp32_path), load_external_data=False)
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(source.metadata_props)
+    proto.doc_string = source.doc_string
+    atomic_write_bytes(Path(out_path), proto.SerializeToString())
+    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8, per output channel", "activations": "uint8, min/max calibration",
+            "calibration_images": int(len(calibration_uint8))}
+
+
+def check_agreement(reference_path: Path, candidate_path: Path, images_uint8: np.ndarray,
+                    min_agreement: float = 0.97) -> dict:
+    """Top-1 agreement of a quantized file with its fp32 original on real images (int8 cannot meet
+    the fp32 logit tolerance, so the check is on decisions). Raises ExportError below `min_agreement`."""
+    from .inference import create_session, tiles_to_input
+    x = tiles_to_input(images_uint8)
+    ref = create_session(reference_path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    got = create_session(candidate_path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    single = create_session(candidate_path, providers=["CPUExecutionProvider"]).run(None, {"images": x[:1]})[0]
+    report = {"images": int(len(x)), "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+              "max_abs_logit_diff": float(np.abs(ref - got).max()),
+              "batch_1_matches_batch_n": bool(np.allclose(single, got[:1], atol=1e-4)),
+              "min_agreement": min_agreement}
+    report["passed"] = bool(report["top1_agreement"] >= min_agreement and report["batch_1_matches_batch_n"])
+    if not report["passed"]:
+        raise ExportError(f"int8 check failed for {Path(candidate_path).name}: top-1 agreement with fp32 "
+                          f"{report['top1_agreement']:.1%} (need {min_agreement:.0%}), batch 1 consistent: "
+                          f"{report['batch_1_matches_batch_n']}")
+    return report
+
+
 def evaluate_onnx(onnx_path: Path, x_uint8: np.ndarray, y: np.ndarray, batch: int = 500) -> dict:
     """Accuracy of the exported file under onnxruntime (CPU) on the given images."""
     from .inference import create_session, tiles_to_input
@@ -339,34 +401,57 @@ def default_export_path(record: RunRecord) -> Path:
 def export_run(run_id: str, store: RunStore | None = None, out: str | Path | None = None, *,
                name: str | None = None, data_source: str | None = None, fp16_weights: bool = False,
                evaluate: bool = False, export_command: str | None = None,
-               train_command: str | None = None) -> ExportResult:
+               train_command: str | None = None, int8: bool = False, tta: str = "run",
+               int8_min_agreement: float = 0.97) -> ExportResult:
     """Export a completed run: .onnx + sidecar card, after a parity check on real test images.
 
     `evaluate` also measures onnxruntime accuracy on the full test set and on the fixed first-1,000
-    slice (the shipped-checkpoint test recomputes the latter). A failed check deletes the file."""
+    slice (the shipped-checkpoint test recomputes the latter). `int8` writes a statically quantized
+    file instead (calibrated on 1,000 training images; checked by top-1 agreement with the fp32 export,
+    which must pass the parity check first). `tta` overrides the run's test-time views in the graph
+    (run | none | flip | flip+translate): fewer views, faster inference. A failed check deletes the file."""
     from .data import load_cifar10, load_sample
     store = store or RunStore()
     record = store.record(run_id)
     graph, ckpt = load_run_model(record, data_source)
+    if tta not in TTA_CHOICES:
+        raise ExportError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+    if tta != "run":
+        graph.tta_flip, graph.tta_translate = tta != "none", tta == "flip+translate"
     name = name or record.run_id
     onnx_path = Path(out) if out else default_export_path(record)
     if onnx_path.suffix != ".onnx":
         raise ExportError(f"export path must end in .onnx, got {onnx_path}")
+    if fp16_weights and int8:
+        raise ExportError("choose fp16 weights or int8 quantization, not both")
     if fp16_weights:
         _round_to_fp16(graph)
     export_command = export_command or f"python -m cifar_core export {run_id}" + (
-        f" --out {shlex.quote(str(out))}" if out else "") + (" --fp16-weights" if fp16_weights else "")
+        f" --out {shlex.quote(str(out))}" if out else "") + (" --fp16-weights" if fp16_weights else "") + (
+        " --int8" if int8 else "") + (f" --tta {tta}" if tta != "run" else "")
     card = build_card(record, graph, ckpt, name, fp16_weights=fp16_weights, export_command=export_command,
                       train_command=train_command)
-    export_module(graph, onnx_path, fp16_weights=fp16_weights,
+    if int8:
+        card["weights_storage"] = "int8 (static QDQ quantization; activations uint8)"
+    if tta != "run":
+        card["test_time_augmentation"]["chosen_at_export"] = tta
+        card["evaluation"]["by"] += (" with the run's own test-time views (onnxruntime_test_acc, with "
+                                     "--evaluate, is this file's)")
+    fp32_path = onnx_path.with_name(onnx_path.stem + ".fp32-tmp.onnx") if int8 else onnx_path
+    export_module(graph, fp32_path, fp16_weights=fp16_weights,
                   metadata={CARD_KEY: json.dumps(card), "class_names": json.dumps(list(CLASSES)),
                             "input_size": "32", "mean": json.dumps(list(CIFAR_MEAN)),
                             "std": json.dumps(list(CIFAR_STD))})
     try:
         sample_x, _, _ = load_sample()
-        card["parity"] = check_parity(graph, onnx_path, sample_x)
+        card["parity"] = check_parity(graph, fp32_path, sample_x)
+        arrays = load_cifar10(data_source) if evaluate or int8 else None
+        if int8:
+            calibration = arrays.x_train[np.random.default_rng(0).choice(len(arrays.x_train), 1000, replace=False)]
+            card["quantization"] = quantize_int8(fp32_path, onnx_path, calibration)
+            card["quantization"]["agreement"] = check_agreement(fp32_path, onnx_path, sample_x,
+                                                                 min_agreement=int8_min_agreement)
         if evaluate:
-            arrays = load_cifar10(data_source)
             full = evaluate_onnx(onnx_path, arrays.x_test, arrays.y_test)
             first = evaluate_onnx(onnx_path, arrays.x_test[:1000], arrays.y_test[:1000])
             card["evaluation"].update(onnxruntime_test_acc=full["acc"],
@@ -375,6 +460,9 @@ def export_run(run_id: str, store: RunStore | None = None, out: str | Path | Non
     except Exception:
         onnx_path.unlink(missing_ok=True)
         raise
+    finally:
+        if int8:
+            fp32_path.unlink(missing_ok=True)
     card["file"] = {"name": onnx_path.name, "bytes": onnx_path.stat().st_size, "sha256": _sha256(onnx_path)}
     card_path = card_path_for(onnx_path)
     atomic_write_json(card_path, card)

@@ -39,5 +39,10 @@ def test_shipped_checkpoint_matches_its_card(path: Path, cifar):
                            for chunk in np.array_split(cifar.x_test[SLICE], 4)])
     acc = float((pred == cifar.y_test[SLICE]).mean())
     assert acc == pytest.approx(evaluation["onnxruntime_first_1000_acc"], abs=1e-9)
-    assert evaluation["onnxruntime_test_acc"] == pytest.approx(evaluation["test_acc"], abs=0.002)
+    quantized = "quantization" in card
+    if quantized:
+        assert card["quantization"]["agreement"]["top1_agreement"] >= 0.97
+    if not quantized and "chosen_at_export" not in card["test_time_augmentation"]:
+        # the file computes what the run evaluated: onnxruntime must reproduce PyTorch's test accuracy
+        assert evaluation["onnxruntime_test_acc"] == pytest.approx(evaluation["test_acc"], abs=0.002)
     assert abs(acc - evaluation["onnxruntime_test_acc"]) <= TOLERANCE, (acc, evaluation["onnxruntime_test_acc"])

@@ -155,6 +155,33 @@ def test_fp16_weights_halve_the_file_and_still_pass_parity(exported_run, tmp_pat
     assert half.onnx_path.stat().st_size < 0.6 * result.onnx_path.stat().st_size
 
 
+def test_int8_export_is_smaller_agrees_with_fp32_and_classifies(exported_run, tmp_path, cifar_npz):
+    store, record, result = exported_run
+    # a 2-epoch quarter-width model has many near-tied logits, so int8 flips more of its decisions than
+    # a trained one (the shipped fastnet-int8 agrees on 98.5%; tests/test_checkpoints.py checks ≥ 97%)
+    q = export_run("tiny-export", store, out=tmp_path / "q.onnx", int8=True, data_source=str(cifar_npz),
+                   int8_min_agreement=0.8)
+    agreement = q.card["quantization"]["agreement"]
+    assert agreement["passed"] and agreement["top1_agreement"] >= 0.8 and agreement["batch_1_matches_batch_n"]
+    assert q.card["parity"]["passed"]  # the fp32 graph it was made from passed the strict check
+    assert q.card["weights_storage"].startswith("int8") and "--int8" in q.card["export_command"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.card.json", "q.onnx"]  # no temporary files left
+    proto = onnx.load(str(q.onnx_path))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in proto.graph.node}
+    assert "cifar_lab.card" in {p.key for p in proto.metadata_props}
+    card, error = inspect_model(q.onnx_path)
+    assert error is None and card["weights_storage"].startswith("int8")
+    probs = Classifier(q.onnx_path).predict(_sample(8)).probs
+    assert probs.shape == (8, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_int8_agreement_check_fails_with_numbers(exported_run, tmp_path):
+    from cifar_core.export import check_agreement
+    _, _, result = exported_run
+    with pytest.raises(ExportError, match="top-1 agreement"):
+        check_agreement(result.onnx_path, result.onnx_path, _sample(), min_agreement=1.01)
+
+
 def test_classifier_and_discovery(exported_run, tmp_path):
     store, _, result = exported_run
     shipped = tmp_path / "checkpoints"
