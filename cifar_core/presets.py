@@ -30,7 +30,10 @@ REPORT_BASELINE: dict = {
 # from its summed-loss convention to mean-loss SGD: lr 11.5/(1024·(1+1/(1-0.85)))·1024 = 1.5,
 # coupled weight decay 0.0153·1024/7851/1.5 = 1.33e-3): patch-whitened fastnet, batch 1024, Nesterov
 # SGD momentum 0.85, norm/bias LR ×64, triangular one-cycle 0.2 → 1 → 0.07, label smoothing 0.2,
-# crop (2 px reflect) + flip, test-time flip + 1-pixel translations, evaluation only at the end.
+# crop (2 px reflect) + alternating flips, lookahead every 5 steps, test-time flip + 1-pixel
+# translations, evaluation only at the end. bf16 autocast and channels_last: on a CPU with AVX-512 BF16
+# the step runs 2.5x faster than fp32 (bench/README.md), which buys 15 epochs instead of airbench's
+# 10: 94.15% in 25.9 min on the dev box's 2 cores.
 FAST: dict = {
     "name": "fast", "model": "fastnet", "model_params": {"width": 1.0, "whiten": True, "dropout": 0.0},
     "subset": "full", "val_size": 0, "test_size": 0, "epochs": 15, "eval_every": 15, "log_every": 5,

@@ -90,9 +90,14 @@ def model_card(entry) -> None:
         cols = st.columns(4)
         cols[0].metric("architecture", str(arch.get("model", "?")))
         cols[1].metric("parameters", f"{arch['parameters']:,}" if isinstance(arch.get("parameters"), int) else "—")
-        cols[2].metric("test accuracy (PyTorch)", _pct(evaluation.get("test_acc")))
-        cols[3].metric("test accuracy (onnxruntime)", _pct(evaluation.get("onnxruntime_test_acc")))
         tta = card.get("test_time_augmentation") or {}
+        # an int8 file, or one exported with other test-time views, is not what the run evaluated
+        differs = bool(card.get("quantization")) or "chosen_at_export" in tta
+        cols[2].metric("run's test accuracy (PyTorch)" if differs else "test accuracy (PyTorch)",
+                       _pct(evaluation.get("test_acc")),
+                       help="Measured at the end of training with the run's own weights precision and views; "
+                            "this file differs (quantized or other test-time views)." if differs else None)
+        cols[3].metric("this file's test accuracy (onnxruntime)", _pct(evaluation.get("onnxruntime_test_acc")))
         facts = [f"**{arch.get('summary') or arch.get('model', '?')}** ({arch.get('family', '?')} family)",
                  f"test-time flip {'on' if tta.get('flip') else 'off'}, translate {'on' if tta.get('translate') else 'off'}",
                  f"weights {card.get('weights_storage', '?')}", f"exported {card.get('date', '?')}"]
