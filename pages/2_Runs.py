@@ -376,9 +376,8 @@ def export_section(store, record) -> None:
         from cifar_core.export import export_run
         from ui.common import data_source
         with friendly_errors("The export"), st.spinner("Exporting and checking parity…"):
-            flags = (" --int8" if options.get("int8") else "") + (f" --tta {options['tta']}" if "tta" in options else "")
-            result = export_run(record.run_id, store, out=path, data_source=data_source(), **options,
-                                export_command=f"python -m cifar_core export {record.run_id} --out {path}{flags}")
+            # export_run writes the equivalent CLI command (--out, --int8, --tta) into the card itself
+            result = export_run(record.run_id, store, out=path, data_source=data_source(), **options)
             parity = result.card["parity"]
             _flash("success", f"Exported {result.onnx_path.name}: parity max |Δlogit| "
                               f"{parity['max_abs_diff_batch_n']:.1e} on {parity['images']} test images."
