@@ -292,6 +292,26 @@ class _ConvGroup(nn.Module):
         x = self.act(self.norm1(self.pool(self.conv1(x))))
         return self.act(self.norm2(self.conv2(x)))
 
+    @torch.no_grad()
+    def fold_norm1(self) -> bool:
+        """Inference only: fold norm1 into conv1 across the max-pool. Exact, because an eval-mode BN
+        whose per-channel scale is positive is increasing in each channel and so commutes with
+        max-pooling. Afterwards conv1 → pool → GELU has no separate BN, which exporters can no longer
+        fuse on their own (the pool sits between them). Returns False (and changes nothing) in train
+        mode or when a scale is not positive."""
+        norm, conv = self.norm1, self.conv1
+        if self.training or not isinstance(norm, nn.BatchNorm2d) or norm.running_var is None:
+            return False
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        if not bool((scale > 0).all()):
+            return False
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                          bias=True).to(conv.weight.device, conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(norm.bias - norm.running_mean * scale)
+        self.conv1, self.norm1 = fused.eval(), nn.Identity()
+        return True
+
 
 class FastNet(nn.Module):
     """A compact, fast CIFAR-10 net in the spirit of airbench94 (Keller Jordan's fast CIFAR-10 trainer).
@@ -375,6 +395,13 @@ class FastNet(nn.Module):
         self.whiten.bias.requires_grad_(False)
         self.whitened = True
         return True
+
+    def fold_for_inference(self) -> str | None:
+        """Fold each group's pooled BN into its conv (see `_ConvGroup.fold_norm1`); for export only.
+        Returns what was done, or None if nothing could be folded."""
+        folded = sum(block.fold_norm1() for block in (self.block1, self.block2, self.block3))
+        return (f"BatchNorm folded into the preceding conv across the max-pool in {folded} of 3 conv groups "
+                "(exact: BN scales are positive)") if folded else None
 
     def forward(self, x):
         x = self.act(self.whiten(x))

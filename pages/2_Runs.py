@@ -358,7 +358,7 @@ def export_section(store, record) -> None:
     with row:
         clicked = st.button("Re-export to ONNX" if card else "Export to ONNX", key="runs_export",
                             icon=":material/output:",
-                            help="One self-contained .onnx file (opset 17, dynamic batch) with its "
+                            help="One self-contained .onnx file (opset 20, dynamic batch) with its "
                                  "normalization and test-time augmentation inside, plus a model card; "
                                  "checked against PyTorch on real test images.")
         if card:

@@ -128,6 +128,16 @@ def test_export_run_writes_one_file_card_and_metadata(exported_run):
     assert record.status()["exported"] == "export/tiny-export.onnx"
 
 
+def test_fastnet_export_folds_the_pooled_norms_and_still_matches_the_unfolded_model(exported_run):
+    _, _, result = exported_run
+    card = json.loads(result.card_path.read_text())
+    assert "3 of 3" in card["inference_folding"]
+    ops = [node.op_type for node in onnx.load(str(result.onnx_path)).graph.node]
+    assert "MaxPool" in ops and "BatchNormalization" not in ops  # folded ones gone, the rest fused by the exporter
+    # parity was measured against the unfolded PyTorch model (load_run_model), at batch 1 and N
+    assert card["parity"]["passed"] and card["parity"]["max_abs_diff_batch_n"] <= 1e-4
+
+
 def test_export_uses_the_ema_weights_the_run_was_evaluated_with(exported_run):
     _, record, _ = exported_run
     graph, ckpt = load_run_model(record)

@@ -273,3 +273,39 @@ def test_meta_build_allocates_nothing():
     with torch.device("meta"):
         model = create_model("resnet34")
     assert all(p.is_meta for p in model.parameters())
+
+
+def _fastnet_with_trained_like_norms(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("fastnet", {"width": 0.25})
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 2)
+            module.running_var.uniform_(0.1, 9)
+            module.bias.data.normal_(0, 1)
+    return model.eval()
+
+
+def test_fastnet_fold_for_inference_is_exact_and_removes_the_pooled_norms():
+    model = _fastnet_with_trained_like_norms()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        note = model.fold_for_inference()
+        after = model(x)
+    assert note and "3 of 3" in note
+    assert all(isinstance(b.norm1, nn.Identity) and b.conv1.bias is not None
+               for b in (model.block1, model.block2, model.block3))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 3  # only the norm2s remain
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_fastnet_fold_refuses_train_mode_and_negative_scales():
+    model = _fastnet_with_trained_like_norms().train()
+    assert model.fold_for_inference() is None and isinstance(model.block1.norm1, nn.BatchNorm2d)
+    model.eval()
+    with torch.no_grad():
+        model.block2.norm1.weight[0] = -1.0  # then BN is decreasing in that channel: max-pool no longer commutes
+    assert "2 of 3" in model.fold_for_inference()
+    assert isinstance(model.block2.norm1, nn.BatchNorm2d)
+    assert isinstance(model.block1.norm1, nn.Identity) and isinstance(model.block3.norm1, nn.Identity)
