@@ -9,11 +9,17 @@ run id alone (exported to a temporary file first):
 Both sides get the same thread count (torch.set_num_threads / onnxruntime intra-op threads) and
 the same real images (the bundled sample, tiled up to the batch size). Numbers are wall-clock per
 call after warm-up; images/s = batch / median latency.
+
+onnxruntime is timed in a fresh process of its own, as a deployment would run it: after eager calls,
+PyTorch's OpenMP worker threads keep spinning, and in the same process they slowed onnxruntime at
+batch 1 by up to 2× on the 2-core dev box (forcing them passive instead slows eager by ~50%).
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -53,14 +59,21 @@ def _summary(ms: list[float], batch: int) -> dict:
             "images_per_s": round(batch * 1000 / p50, 1)}
 
 
-def bench_pair(label: str, graph: torch.nn.Module, onnx_path: Path, threads: int,
-               batches: tuple[int, ...], repeats: dict[int, int]) -> list[dict]:
+def _onnxruntime_summary(onnx_path: str, threads: int, batch: int, repeats: int) -> dict:
+    """Runs in a spawned process that never executes a PyTorch op (see the module note)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    sample = load_sample()[0]
+    x_np = tiles_to_input(np.resize(sample, (batch, *sample.shape[1:])))
+    return _summary(_timings(lambda: session.run(None, {"images": x_np}), repeats, 3), batch)
+
+
+def bench_pair(label: str, graph: torch.nn.Module, onnx_path: Path, threads: int,
+               batches: tuple[int, ...], repeats: dict[int, int]) -> list[dict]:
     torch.set_num_threads(threads)
     sample = load_sample()[0]
     rows = []
@@ -72,7 +85,8 @@ def bench_pair(label: str, graph: torch.nn.Module, onnx_path: Path, threads: int
         n = repeats.get(batch, 20)
         with torch.inference_mode():
             eager = _summary(_timings(lambda: graph(x_t), n, 3), batch)
-        onnx = _summary(_timings(lambda: session.run(None, {"images": x_np}), n, 3), batch)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            onnx = pool.submit(_onnxruntime_summary, str(onnx_path), threads, batch, n).result()
         rows.append({"model": label, "batch": batch, "threads": threads, "eager": eager, "onnxruntime": onnx,
                      "speedup": round(eager["p50_ms"] / onnx["p50_ms"], 2)})
         print(f"{label:50s} batch {batch:4d}  eager p50 {eager['p50_ms']:8.2f} ms p95 {eager['p95_ms']:8.2f} ms "
