@@ -82,6 +82,16 @@ def test_samples_by_default_and_unusable_files_listed(dirs):
     assert np.allclose(table["p1"] >= table["p2"], True)
 
 
+def test_most_accurate_shipped_model_is_the_default(dirs):
+    shipped, _ = dirs
+    for name, acc in (("a-weak.onnx", 0.4), ("b-best.onnx", 0.9), ("c-mid.onnx", 0.6)):
+        _export_random(shipped / name, {"name": name, "evaluation": {"onnxruntime_test_acc": acc, "test_acc": 0.1}})
+    at = AppTest.from_file(CLASSIFY, default_timeout=60).run()
+    assert not at.exception
+    assert at.selectbox[0].value == "shipped/b-best.onnx"
+    assert at.query_params["model"] == "shipped/b-best.onnx"
+
+
 def test_uploads_good_and_bad_files(dirs):
     shipped, _ = dirs
     _export_random(shipped / "tiny.onnx")
