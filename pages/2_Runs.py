@@ -332,6 +332,8 @@ def results_section(store, run_id: str, state: str) -> None:
 EXPORT_KINDS = {
     "fp32, as the run evaluated": ("", {}),
     "int8, the run's test-time views (¼ size, ~2.5× faster on CPU)": ("-int8", {"int8": True}),
+    "int8, flip views only (2 views: the shipped fast model's choice, near full accuracy)":
+        ("-int8-flip", {"int8": True, "tta": "flip"}),
     "int8, one view (fastest; a little less accurate)": ("-int8-1view", {"int8": True, "tta": "none"}),
 }
 

@@ -159,22 +159,27 @@ def test_runs_page_exports_and_classify_picks_it(dirs):
     assert at.selectbox[0].value == "run/lenet-run/lenet-run.onnx"
 
 
-def test_runs_page_int8_export_writes_its_own_file(dirs, cifar_npz, monkeypatch):
+@pytest.mark.parametrize("choice, suffix, tta", [
+    ("int8, one view (fastest; a little less accurate)", "-int8-1view", "none"),
+    ("int8, flip views only (2 views: the shipped fast model's choice, near full accuracy)", "-int8-flip", "flip"),
+])
+def test_runs_page_int8_export_writes_its_own_file(dirs, cifar_npz, monkeypatch, choice, suffix, tta):
     monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))  # int8 calibration reads training images
     _, store = dirs
     record = _completed_lenet_run(store, "lenet-q")
     at = AppTest.from_file(RUNS, default_timeout=120)
     at.query_params["run"] = "lenet-q"
     at.run()
-    at.selectbox(key="runs_export_kind").set_value("int8, one view (fastest; a little less accurate)").run()
+    at.selectbox(key="runs_export_kind").set_value(choice).run()
     at.button(key="runs_export").click().run()
     assert not at.exception, at.exception
-    path = record.path / "export" / "lenet-q-int8-1view.onnx"
+    path = record.path / "export" / f"lenet-q{suffix}.onnx"
     assert not (record.path / "export" / "lenet-q.onnx").exists()  # the fp32 file is a separate choice
     assert path.is_file(), [e.value for e in at.error]
     card = json.loads(path.with_suffix(".card.json").read_text())
-    assert card["weights_storage"].startswith("int8") and card["test_time_augmentation"]["chosen_at_export"] == "none"
-    assert "--int8 --tta none" in card["export_command"]
+    assert card["weights_storage"].startswith("int8") and card["test_time_augmentation"]["chosen_at_export"] == tta
+    assert card["test_time_augmentation"]["flip"] is (tta == "flip")
+    assert f"--int8 --tta {tta}" in card["export_command"]
     assert "int8: top-1 agreement" in _texts(at) + " ".join(s.value for s in at.success)
 
 
