@@ -153,7 +153,11 @@ def _bar_chart(top: list[tuple[str, float]]):
     return alt.Chart(frame).mark_bar().encode(
         x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         y=alt.Y("class:N", sort="-x", title=None),
-        tooltip=["class", alt.Tooltip("probability:Q", format=".2%")]).properties(height=24 * len(top) + 20)
+        tooltip=["class", alt.Tooltip("probability:Q", format=".2%")])
+
+
+def _chart_height(top: list) -> int:
+    return 34 * len(top) + 70  # a readable bar row per class plus the probability axis
 
 
 def show_detail(image, top) -> None:
@@ -165,7 +169,8 @@ def show_detail(image, top) -> None:
         st.image(_enlarged(image.tile), caption="what the model sees (32×32)")
     with right:
         st.markdown(f"**{top[0][0]}** — {100 * top[0][1]:.1f}%")
-        st.altair_chart(_bar_chart(top), width="stretch")
+        # an explicit pixel height: with the default height="content", Streamlit 1.67 squeezed the bars
+        st.altair_chart(_bar_chart(top), width="stretch", height=_chart_height(top))
         if image.steps:
             st.caption("Reduced by: " + "; ".join(image.steps))
 
@@ -223,7 +228,12 @@ def page() -> None:
     prediction = classifier.predict(np.stack([im.tile for im in images]))
     st.caption(f"onnxruntime · **{prediction.provider}** · {prediction.latency_ms:.1f} ms for "
                f"{len(images)} image{'s' if len(images) != 1 else ''} "
-               f"({prediction.latency_ms / len(images):.2f} ms each) · model `{entry.path.name}`")
+               f"({prediction.latency_ms / len(images):.2f} ms each) · model `{entry.path.name}`",
+               help="Wall time of this one onnxruntime call in the app's server process, as it happened. "
+                    "When the browser runs on the same few CPU cores it is busy drawing the page at that "
+                    "moment, which can make the call several times slower (on the 2-core dev box, the ten "
+                    "samples with fastnet-int8: 57–87 ms with Chromium on the same cores, 8–10 ms without a "
+                    "browser). Back-to-back p50 figures are in bench/README.md.")
     tops = prediction.top_k(k)
     if len(images) > 1:
         table = results_table(images, prediction, k)
