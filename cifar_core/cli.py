@@ -341,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8-min-agreement", type=float, default=0.97,
                         help="with --int8: the least top-1 agreement with the fp32 export on the 200 sample "
                              "images (weak models, with many near-ties, agree less)")
+    # export.TTA_CHOICES, spelled out so that the CLI does not import torch to build its parser
     export.add_argument("--tta", default="run", choices=("run", "none", "flip", "flip+translate"),
                         help="test-time views inside the graph: as the run evaluated (default), or fewer for "
                              "faster inference (each view is one more pass through the network)")

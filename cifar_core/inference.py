@@ -52,6 +52,12 @@ class ModelEntry:
     def usable(self) -> bool:
         return self.error is None
 
+    @property
+    def accuracy(self) -> float | None:
+        """The card's test accuracy: this file's own (onnxruntime) if measured, else its run's."""
+        evaluation = (self.card or {}).get("evaluation") or {}
+        return evaluation.get("onnxruntime_test_acc", evaluation.get("test_acc"))
+
 
 # ----------------------------------------------------------------------------------------------
 # Inspection

@@ -29,22 +29,17 @@ def _pct(value) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "—"
 
 
-def _card_acc(entry) -> float | None:
-    acc = ((entry.card or {}).get("evaluation") or {})
-    return acc.get("onnxruntime_test_acc", acc.get("test_acc"))
-
-
 def _default_index(usable: list) -> int:
     """A model the user just uploaded, else the most accurate shipped model, else the first."""
     for i, entry in enumerate(usable):
         if entry.source == "upload":
             return i
-    shipped = [(acc, i) for i, e in enumerate(usable) if e.source == "shipped" and (acc := _card_acc(e)) is not None]
+    shipped = [(e.accuracy, i) for i, e in enumerate(usable) if e.source == "shipped" and e.accuracy is not None]
     return max(shipped)[1] if shipped else 0
 
 
 def _model_label(entry) -> str:
-    acc = _card_acc(entry)
+    acc = entry.accuracy
     kind = {"shipped": "shipped", "run": "your export", "upload": "uploaded"}.get(entry.source, entry.source)
     return f"{entry.label} ({kind}{', test ' + _pct(acc) if acc is not None else ''})"
 

@@ -9,12 +9,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
+
+
+def require_chromium() -> None:
+    """Fail a browser test module plainly when Chromium is missing (.ci/run installs it: make browser)."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (Debian packages chromium, "
+                    "chromium-driver)", pytrace=False)
 
 
 def free_port() -> int:
@@ -53,3 +63,18 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+
+
+@contextmanager
+def chromium_page(width: int, height: int):
+    """A page in headless Chromium (Debian's package, driven by Playwright), 60 s default timeout."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(60_000)
+        try:
+            yield page
+        finally:
+            browser.close()

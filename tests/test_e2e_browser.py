@@ -11,18 +11,15 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from cifar_core import jobs
 from cifar_core.runs import RunStore
-from tests.streamlit_server import CHROMIUM, CHROMIUM_ARGS, Server, free_port
+from tests.streamlit_server import Server, chromium_page, free_port, require_chromium
 
-if not Path(CHROMIUM).exists():  # .ci/run installs it (make browser); say so plainly if it did not
-    pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (Debian packages chromium, "
-                "chromium-driver)", pytrace=False)
+require_chromium()
 
 
 @pytest.fixture
@@ -71,15 +68,9 @@ def wait_state(store: RunStore, run_id: str, wanted: str, timeout: float = 120) 
 
 
 def test_launch_watch_queue_cancel_restart(lab, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     server, store = lab
     base = f"http://127.0.0.1:{server.port}"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.set_default_timeout(60_000)
-
+    with chromium_page(1400, 1600) as page:
         # 1. launch a training from the Train page; the app takes us to its live view
         launch_from_train_page(page, base, epochs=60)
         assert len(store.ids()) == 1
@@ -140,4 +131,3 @@ def test_launch_watch_queue_cancel_restart(lab, tmp_path):
         assert step_b > step_a
         assert store.record(second).state() == "running"
         page.screenshot(path=str(tmp_path / "runs_after_restart.png"))
-        browser.close()

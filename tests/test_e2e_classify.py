@@ -5,30 +5,22 @@ message, never a traceback.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
-from cifar_core.inference import CHECKPOINTS_DIR
-from tests.streamlit_server import CHROMIUM, CHROMIUM_ARGS, Server, free_port
+from cifar_core.inference import CHECKPOINTS_DIR, discover_models
+from tests.streamlit_server import Server, chromium_page, free_port, require_chromium
 from tests.test_e2e_preview import photo
 
-if not Path(CHROMIUM).exists():  # .ci/run installs it (make browser); say so plainly if it did not
-    pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (Debian packages chromium, "
-                "chromium-driver)", pytrace=False)
+require_chromium()
 
 CHART = "[data-testid='stVegaLiteChart']"
 
 
 def most_accurate_shipped() -> str:
-    accuracies = {}
-    for card_path in CHECKPOINTS_DIR.glob("*.card.json"):
-        evaluation = json.loads(card_path.read_text())["evaluation"]
-        accuracies[card_path.name.replace(".card.json", ".onnx")] = evaluation.get(
-            "onnxruntime_test_acc", evaluation.get("test_acc"))
-    return max(accuracies, key=accuracies.get)
+    shipped = [entry for entry in discover_models(CHECKPOINTS_DIR) if entry.usable and entry.accuracy is not None]
+    return max(shipped, key=lambda entry: entry.accuracy).path.name
 
 
 @pytest.fixture
@@ -42,13 +34,7 @@ def app(tmp_path):
 
 
 def test_shipped_model_classifies_samples_and_uploads(app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        page.set_default_timeout(60_000)
-
+    with chromium_page(1400, 1200) as page:
         # 1. first visit: the most accurate shipped model, the ten samples, a table and charts
         page.goto(f"{app}/Classify")
         page.get_by_text("onnxruntime · ").first.wait_for()
@@ -72,4 +58,3 @@ def test_shipped_model_classifies_samples_and_uploads(app, tmp_path):
         body = page.inner_text("body")
         assert "for 1 image " in body and "Traceback" not in body
         page.screenshot(path=str(tmp_path / "classify_upload.png"))
-        browser.close()

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.streamlit_server import CHROMIUM, CHROMIUM_ARGS, Server, free_port
+from tests.streamlit_server import Server, chromium_page, free_port, require_chromium
 
-if not Path(CHROMIUM).exists():  # .ci/run installs it (make browser); say so plainly if it did not
-    pytest.fail(f"Chromium not found at {CHROMIUM}: run `make browser` (Debian packages chromium, "
-                "chromium-driver)", pytrace=False)
+require_chromium()
 
 TILES = ".pv-grid-a img[alt^='variant']"
 
@@ -54,13 +52,7 @@ def wait_for_change(page, before: list[str], timeout: float = 60) -> list[str]:
 
 
 def test_slider_changes_the_grid_and_an_upload_appears(app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.set_default_timeout(60_000)
-
+    with chromium_page(1500, 1100) as page:
         # 1. the default chain (random_crop padding 4 + hflip) on a sample image: an 8×8 grid
         page.goto(f"{app}/Preview")
         page.locator(TILES).nth(63).wait_for()
@@ -90,4 +82,3 @@ def test_slider_changes_the_grid_and_an_upload_appears(app, tmp_path):
         uploaded = tile_sources(page)
         assert len(uploaded) == 64 and not set(uploaded) & set(after)
         page.screenshot(path=str(tmp_path / "preview_upload.png"))
-        browser.close()

@@ -128,6 +128,14 @@ def test_export_run_writes_one_file_card_and_metadata(exported_run):
     assert record.status()["exported"] == "export/tiny-export.onnx"
 
 
+def test_cli_tta_choices_are_the_export_ones():
+    from cifar_core.cli import build_parser
+    from cifar_core.export import TTA_CHOICES
+    export = next(a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+                  if a.dest == "tta")
+    assert tuple(export.choices) == TTA_CHOICES
+
+
 def test_fastnet_export_folds_the_pooled_norms_and_still_matches_the_unfolded_model(exported_run):
     _, _, result = exported_run
     card = json.loads(result.card_path.read_text())
