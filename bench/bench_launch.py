@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.streamlit_server import CHROMIUM, CHROMIUM_ARGS, Server, free_port  # noqa: E402
+from tests.streamlit_server import CHROMIUM, CHROMIUM_ARGS, Server, free_port
 
 
 def one_launch(page, base: str) -> tuple[float, float]:

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -31,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cifar_core.data import load_sample  # noqa: E402
-from cifar_core.export import InferenceGraph, export_module, load_run_model, read_card  # noqa: E402
-from cifar_core.inference import tiles_to_input  # noqa: E402
-from cifar_core.models import create_model  # noqa: E402
-from cifar_core.runs import RunStore  # noqa: E402
+from cifar_core.data import load_sample
+from cifar_core.serve.export import InferenceGraph, export_module, load_run_model, read_card
+from cifar_core.serve.inference import tiles_to_input
+from cifar_core.models import create_model
+from cifar_core.runs import RunStore
 
 
 def _timings(fn, repeats: int, warmup: int) -> list[float]:

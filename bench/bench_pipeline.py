@@ -38,20 +38,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from cifar_core.config import RunConfig  # noqa: E402
-from cifar_core.data import CIFAR_MEAN, CIFAR_STD, load_cifar10  # noqa: E402
-from cifar_core.models import create_model  # noqa: E402
-from cifar_core.params import ConfigError  # noqa: E402
-from cifar_core.train import (NUM_CLASSES, Trainer, _generator, autocast_context,  # noqa: E402
+from cifar_core.config import RunConfig
+from cifar_core.data import CIFAR_MEAN, CIFAR_STD, load_cifar10
+from cifar_core.models import create_model
+from cifar_core.params import ConfigError
+from cifar_core.engine import (NUM_CLASSES, Trainer, _generator, autocast_context,
                               build_optimizer, device_description, normalize, prepare)
 
 AUGMENT = [{"name": "random_crop", "params": {"padding": 4, "pad_mode": "reflect"}, "p": 1.0},
@@ -298,8 +297,8 @@ def report(rows: list[dict], args, cfg: RunConfig, device: torch.device, origin:
         f"- Settings: batch {cfg.batch_size}, steps per row: {args.steps} timed after {args.warmup} "
         f"warm-up, {precision}, channels_last {'on' if cfg.channels_last else 'off'}, "
         f"SGD (nesterov, momentum {cfg.momentum:g}, wd {cfg.weight_decay:g}) step included",
-        f"- Ours: uint8 (N,3,32,32) on the device, AugmentChain random_crop(padding=4, reflect) + "
-        f"hflip, normalize (cifar_core.train)",
+        "- Ours: uint8 (N,3,32,32) on the device, AugmentChain random_crop(padding=4, reflect) + "
+        "hflip, normalize (cifar_core.engine)",
         f"- Reference: PIL dataset (as torchvision.datasets.CIFAR10) + torchvision.transforms."
         f"{args.ref_api} {ref_ops}, DataLoader(shuffle=True), batches copied to the device",
         f"- Data: {origin}",

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET_MS = 200.0
 DEFAULT_CHAIN = "random_resized_crop;rotation:degrees=15;hue:strength=0.1"
@@ -31,7 +29,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def bench_grid(chain_text: str, repeat: int, warmup: int, scale: int, rows: int, cols: int):
     from cifar_core.augment import validate_chain
-    from cifar_core.cli import parse_augment
+    from cifar_core.config import parse_augment
     from ui import preview as pv
 
     xs, ys, _ = pv.sample()

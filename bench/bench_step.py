@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cifar_core.models import create_model  # noqa: E402
+from cifar_core.models import create_model
 
 
 def step_rate(model_name: str, batch: int, precision: str, channels_last: bool, steps: int) -> float:

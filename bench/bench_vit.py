@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from cifar_core.augment import AugmentChain
 from cifar_core.config import RunConfig
 from cifar_core.data import CIFAR_MEAN, CIFAR_STD, load_sample
-from cifar_core.distill import distillation_loss
+from cifar_core.engine.distill import distillation_loss
 from cifar_core.models import count_params, create_model
-from cifar_core.presets import preset
-from cifar_core.train import build_optimizer
+from cifar_core.experiments.presets import preset
+from cifar_core.engine import build_optimizer
 
 PRESETS = ("ViT-tiny", "CCT-tiny", "CaiT-tiny", "ViT-tiny distilled")
 TEACHER = "fastnet"  # the model of the "fast" preset, the natural CNN teacher

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from cifar_core.data import SAMPLE_PATH, load_offline_folder  # noqa: E402
+from cifar_core.data import SAMPLE_PATH, load_offline_folder
 
 PER_CLASS = 20
 FIRST = 1000  # draw from the test images that keep the original order

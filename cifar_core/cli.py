@@ -12,60 +12,8 @@ import sys
 import time
 from dataclasses import fields
 
-from .config import RunConfig
+from .config import RunConfig, parse_augment, parse_kv
 from .params import ConfigError
-
-
-def parse_kv(text: str) -> dict:
-    """'a=1,b=x' or a JSON object -> dict (values parsed as JSON when they can be)."""
-    text = text.strip()
-    if not text:
-        return {}
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"not valid JSON: {text!r} ({exc})") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"expected a JSON object, got {text!r}")
-        return value
-    out = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = _scalar(raw.strip())
-    return out
-
-
-def _scalar(raw: str):
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def parse_augment(text: str) -> list[dict]:
-    """JSON list, or 'random_crop:padding=4,pad_mode=zero;hflip;cutout:size=8@0.5' ('@p' = probability);
-    'none' or '' for no augmentation."""
-    text = text.strip()
-    if text in ("", "none"):
-        return []
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"augment is not valid JSON: {exc}") from None
-    chain = []
-    for part in text.split(";"):
-        part = part.strip()
-        prob = 1.0
-        if "@" in part:
-            part, p_text = part.rsplit("@", 1)
-            prob = _scalar(p_text)
-        name, _, params = part.partition(":")
-        chain.append({"name": name.strip(), "params": parse_kv(params), "p": prob})
-    return chain
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +44,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     data = {}
     if getattr(args, "preset", None):
-        from .presets import preset
+        from .experiments.presets import preset
         data = preset(args.preset)
     if getattr(args, "config", None):
         try:
@@ -124,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def cmd_train(args) -> int:
     from .runs import RunStore
-    from .train import train_run
+    from .engine import train_run
     store = RunStore(args.runs_root)
     if args.resume:
         record = store.record(args.resume)
@@ -214,7 +162,7 @@ def cmd_data(args) -> int:
 
 def cmd_describe(args) -> int:
     from .augment import AUGMENTATIONS
-    from .balance import BALANCING
+    from .imbalance import BALANCING
     from .data import IMBALANCE
     from .models import MODELS
     from .schedules import SCHEDULES
@@ -227,7 +175,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .serve.export import export_run
     from .runs import RunStore, validate_run_id
     validate_run_id(args.run_id)
     started = time.time()
@@ -255,7 +203,7 @@ def cmd_export(args) -> int:
 
 def cmd_predict(args) -> int:
     from .images import ImageReadError, read_image
-    from .inference import Classifier, ModelUnusable
+    from .serve.inference import Classifier, ModelUnusable
     try:
         classifier = Classifier(args.model)
     except ModelUnusable as exc:
@@ -281,7 +229,7 @@ def cmd_predict(args) -> int:
 
 
 def _preset_names() -> list[str]:
-    from .presets import presets
+    from .experiments.presets import presets
     return [repr(name) if " " in name else name for name in presets()]
 
 

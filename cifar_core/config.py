@@ -11,8 +11,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .params import ConfigError, Param
-from .runs import validate_run_id
+from .params import ConfigError, Param, reject_unknown, validate_id
 
 SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "distill", "speed")
 
@@ -151,10 +150,7 @@ class RunConfig:
     def from_dict(cls, data: dict, validate: bool = True) -> "RunConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a run config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        reject_unknown(data, (f.name for f in fields(cls)), "", "config key(s)")
         cfg = cls(**data)
         return cfg.validated() if validate else cfg
 
@@ -173,7 +169,7 @@ class RunConfig:
     def validated(self) -> "RunConfig":
         """Return a copy with every value coerced and every registry's defaults filled in."""
         from .augment import validate_chain
-        from .balance import BALANCING
+        from .imbalance import BALANCING
         from .data import IMBALANCE
         from .models import MODELS, check_model
         from .schedules import SCHEDULES
@@ -216,7 +212,7 @@ class RunConfig:
                               "the augmentation chain (or turn alternating_flip off)")
         if v["teacher_run"]:
             try:
-                validate_run_id(v["teacher_run"])
+                validate_id(v["teacher_run"], "run id")
             except ConfigError as exc:
                 raise ConfigError(f"teacher_run: {exc}") from None
         if v["distill"] != "none" and not v["teacher_run"]:
@@ -266,3 +262,57 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]
         elif va != vb:
             out[path] = (va, vb)
     return out
+
+
+# ---- text forms of the registry-backed fields (CLI flags, links, the app's text boxes) ----------
+
+def parse_kv(text: str) -> dict:
+    """'a=1,b=x' or a JSON object -> dict (values parsed as JSON when they can be)."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {text!r} ({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a JSON object, got {text!r}")
+        return value
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = parse_scalar(raw.strip())
+    return out
+
+
+def parse_scalar(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_augment(text: str) -> list[dict]:
+    """JSON list, or 'random_crop:padding=4,pad_mode=zero;hflip;cutout:size=8@0.5' ('@p' = probability);
+    'none' or '' for no augmentation."""
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"augment is not valid JSON: {exc}") from None
+    chain = []
+    for part in text.split(";"):
+        part = part.strip()
+        prob = 1.0
+        if "@" in part:
+            part, p_text = part.rsplit("@", 1)
+            prob = parse_scalar(p_text)
+        name, _, params = part.partition(":")
+        chain.append({"name": name.strip(), "params": parse_kv(params), "p": prob})
+    return chain

@@ -7,12 +7,34 @@ range. The CLI, the app's forms and config validation are all generated from the
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is meant for the user as is."""
+
+
+# The one id rule (run ids, study ids): ids become folder and file names, so nothing else gets in.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
+
+
+def validate_id(value: Any, what: str = "run id") -> str:
+    """`value` if it is a safe id (letters, digits, '-' and '_', at most 96), else ConfigError."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise ConfigError(f"invalid {what} {value!r}: letters, digits, '-' and '_' only")
+    return value
+
+
+def reject_unknown(given: Iterable, allowed: Iterable, where: str, what: str = "parameter(s)") -> None:
+    """ConfigError naming the keys of `given` that are not in `allowed` (and what is allowed)."""
+    allowed = list(allowed)
+    unknown = sorted(set(map(str, given)) - set(map(str, allowed)))
+    if unknown:
+        listed = ", ".join(sorted(map(str, allowed))) or "none"
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown {what} {', '.join(unknown)} (allowed: {listed})")
 
 
 @dataclass(frozen=True)
@@ -116,12 +138,7 @@ class Entry:
     def validate(self, values: dict | None) -> dict:
         """Fill defaults, coerce types, reject unknown names. Returns a new dict."""
         values = dict(values or {})
-        known = {p.name for p in self.params}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            allowed = ", ".join(sorted(known)) or "none"
-            raise ConfigError(f"{self.name}: unknown parameter(s) {', '.join(unknown)} "
-                              f"(allowed: {allowed})")
+        reject_unknown(values, (p.name for p in self.params), self.name)
         return {p.name: p.validate(values.get(p.name, p.default), self.name) for p in self.params}
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .params import ConfigError
+from .config import RunConfig
+from .params import ID_RE, ConfigError, validate_id
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 
 
 def default_runs_root() -> Path:
@@ -30,9 +30,7 @@ def default_runs_root() -> Path:
 
 
 def validate_run_id(run_id: str) -> str:
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
-        raise ConfigError(f"invalid run id {run_id!r}: letters, digits, '-' and '_' only")
-    return run_id
+    return validate_id(run_id, "run id")
 
 
 def new_run_id(label: str = "") -> str:
@@ -144,7 +142,6 @@ class RunRecord:
         return read_json(self.config_path)
 
     def config(self):
-        from .config import RunConfig
         data = self.config_dict()
         if data is None:
             raise ConfigError(f"run {self.run_id} has no readable config.json")
@@ -217,7 +214,7 @@ class RunStore:
         if not self.root.is_dir():
             return []
         out = [p.name for p in self.root.iterdir()
-               if p.is_dir() and RUN_ID_RE.match(p.name) and (p / "config.json").exists()]
+               if p.is_dir() and ID_RE.match(p.name) and (p / "config.json").exists()]
         return sorted(out)
 
     def records(self) -> Iterator[RunRecord]:

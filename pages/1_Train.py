@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run pages/1_Train.py` or AppTest on the page itself
-    sys.path.insert(0, str(ROOT))
 
-import streamlit as st  # noqa: E402
+import streamlit as st
 
-from cifar_core import jobs  # noqa: E402
-from cifar_core.config import RunConfig  # noqa: E402
-from cifar_core.distill import check_teacher_run, teacher_candidates  # noqa: E402
-from cifar_core.models import MODELS  # noqa: E402
-from cifar_core.params import ConfigError  # noqa: E402
-from cifar_core.presets import presets  # noqa: E402
-from ui.common import data_source, data_status, device_info, friendly_errors, get_store  # noqa: E402
-from ui.forms import config_form, fingerprint, validate_config  # noqa: E402
+from cifar_core import jobs
+from cifar_core.config import RunConfig
+from cifar_core.engine.distill import check_teacher_run, teacher_candidates
+from cifar_core.models import MODELS
+from cifar_core.params import ConfigError
+from cifar_core.experiments.presets import presets
+from ui.common import data_source, data_status, device_info, friendly_errors, get_store
+from ui.forms import config_form, fingerprint, validate_config
 
 RUNS_PAGE = "pages/2_Runs.py"
 FORM_KEY = "train.form"
@@ -79,7 +74,7 @@ chain_override = None
 if query.get("chain"):
     with friendly_errors("Reading the augmentation chain from the link"):
         from cifar_core.augment import validate_chain
-        from cifar_core.cli import parse_augment
+        from cifar_core.config import parse_augment
         chain_override = validate_chain(parse_augment(query["chain"]))
 
 run_option = f"run {from_run_id}" if from_run_config is not None else None

@@ -340,7 +340,7 @@ EXPORT_KINDS = {
 
 def export_section(store, record) -> None:
     """Export to ONNX (parity-checked) and hand the file to the Classify page."""
-    from cifar_core.export import default_export_path, read_card
+    from cifar_core.serve.export import default_export_path, read_card
     st.markdown("**ONNX export**")
     kind = st.selectbox("Export as", list(EXPORT_KINDS), key="runs_export_kind",
                         help="int8: onnxruntime static quantization calibrated on 1,000 training images "
@@ -375,7 +375,7 @@ def export_section(store, record) -> None:
                 st.switch_page("pages/6_Classify.py",
                                query_params={"model": f"run/{record.run_id}/{path.name}"})
     if clicked:
-        from cifar_core.export import export_run
+        from cifar_core.serve.export import export_run
         from ui.common import data_source
         with friendly_errors("The export"), st.spinner("Exporting and checking parity…"):
             # export_run writes the equivalent CLI command (--out, --int8, --tta) into the card itself

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run pages/4_Studies.py` or AppTest on the page itself
-    sys.path.insert(0, str(ROOT))
 
-import altair as alt  # noqa: E402
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
+import altair as alt
+import pandas as pd
+import streamlit as st
 
-from cifar_core import jobs, studies  # noqa: E402
-from cifar_core.data import CLASSES  # noqa: E402
-from ui.common import data_source, data_status, device_info, friendly_errors, get_store  # noqa: E402
+from cifar_core import jobs
+from cifar_core.experiments import studies
+from cifar_core.data import CLASSES
+from ui.common import data_source, data_status, device_info, friendly_errors, get_store
 
-from ui.forms import param_widget  # noqa: E402
+from ui.forms import param_widget
 
 RUNS_PAGE = "pages/2_Runs.py"
 RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)

@@ -8,19 +8,14 @@ comparison with that second chain.
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `streamlit run pages/5_Preview.py` or AppTest on the page itself
-    sys.path.insert(0, str(ROOT))
 
-import streamlit as st  # noqa: E402
+import streamlit as st
 
-from cifar_core.images import enlarge  # noqa: E402
-from ui import preview as pv  # noqa: E402
-from ui.common import data_status, friendly_errors  # noqa: E402
-from ui.forms import augment_chain_editor, set_augment_chain  # noqa: E402
+from cifar_core.images import enlarge
+from ui import preview as pv
+from ui.common import data_status, friendly_errors
+from ui.forms import augment_chain_editor, set_augment_chain
 
 DEFAULT_A = [{"name": "random_crop", "params": {"padding": 4}, "p": 1.0}, {"name": "hflip", "p": 1.0}]
 DEFAULT_B = [{"name": "random_resized_crop", "p": 1.0}]
@@ -42,7 +37,7 @@ def chain_from_link(param: str, key: str) -> bool:
     st.session_state[f"preview.link.{param}"] = raw
     with friendly_errors("Reading the augmentation chain from the link"):
         from cifar_core.augment import validate_chain
-        from cifar_core.cli import parse_augment
+        from cifar_core.config import parse_augment
         set_augment_chain(key, validate_chain(parse_augment(raw)))
         return True
     return False

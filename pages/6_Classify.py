@@ -14,7 +14,7 @@ from PIL import Image
 
 from cifar_core.images import (MAX_PIXELS, MAX_UPLOAD_BYTES, PREPROCESS_DESCRIPTION, UPLOAD_TYPES, ImageReadError,
                                read_image)
-from cifar_core.inference import (ModelEntry, ModelUnusable, checkpoints_dir, discover_models, get_classifier,
+from cifar_core.serve.inference import (ModelEntry, ModelUnusable, checkpoints_dir, discover_models, get_classifier,
                                   inspect_model)
 from cifar_core.runs import atomic_write_bytes
 from ui.common import friendly_errors, get_store

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifar_core.augment import AUGMENTATIONS, AugmentChain
-from cifar_core.augment_policies import OP_NAMES, RAND_AUGMENT_SPACE, TRIVIAL_AUGMENT_SPACE
+from cifar_core.augment.policies import OP_NAMES, RAND_AUGMENT_SPACE, TRIVIAL_AUGMENT_SPACE
 
 B = 64
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_core.inference import CHECKPOINTS_DIR, Classifier, inspect_model
+from cifar_core.serve.inference import CHECKPOINTS_DIR, Classifier, inspect_model
 
 SHIPPED = sorted(CHECKPOINTS_DIR.glob("*.onnx"))
 BUDGET_BYTES = 25 * 2**20

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from cifar_core.cli import build_parser, config_from_args, parse_augment, parse_kv
+from cifar_core.cli import build_parser, config_from_args
+from cifar_core.config import parse_augment, parse_kv
 from cifar_core.config import RunConfig, config_diff
 from cifar_core.params import ConfigError, Param
 
@@ -91,7 +92,7 @@ def test_cli_config_file_overridden_by_flags(tmp_path):
 
 
 def test_cli_preset_then_config_then_flags(tmp_path):
-    from cifar_core.presets import preset
+    from cifar_core.experiments.presets import preset
     args = build_parser().parse_args(["train", "--preset", "fast", "--epochs", "16"])
     cfg = config_from_args(args)
     assert cfg.to_dict() == RunConfig.from_dict({**preset("fast"), "epochs": 16}).to_dict()

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from cifar_core.config import RunConfig
-from cifar_core.distill import (_teacher_input_kind, distillation_loss, load_teacher, teacher_candidates)
+from cifar_core.engine.distill import (_teacher_input_kind, distillation_loss, load_teacher, teacher_candidates)
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
-from cifar_core.train import train_run
+from cifar_core.engine import train_run
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 1, "heads": 2, "drop_path": 0.0, "pool": "gap"}
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from cifar_core.inference import CHECKPOINTS_DIR, discover_models
+from cifar_core.serve.inference import CHECKPOINTS_DIR, discover_models
 from tests.streamlit_server import Server, chromium_page, free_port, require_chromium
 from tests.test_e2e_preview import photo
 

@@ -1,7 +1,6 @@
 """ONNX export (every model family, TTA, normalizers, fp16 storage), parity, model cards, inference."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -16,12 +15,12 @@ from PIL import Image
 from cifar_core.augment import AugmentChain
 from cifar_core.config import RunConfig
 from cifar_core.data import load_sample
-from cifar_core.export import (ExportError, InferenceGraph, check_parity, export_module, export_run,
+from cifar_core.serve.export import (ExportError, InferenceGraph, check_parity, export_module, export_run,
                                load_run_model, read_card)
-from cifar_core.inference import Classifier, discover_models, get_classifier, inspect_model, top_k
+from cifar_core.serve.inference import Classifier, discover_models, get_classifier, inspect_model, top_k
 from cifar_core.models import MODELS, create_model
 from cifar_core.runs import RunStore
-from cifar_core.train import train_run
+from cifar_core.engine import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +129,7 @@ def test_export_run_writes_one_file_card_and_metadata(exported_run):
 
 def test_cli_tta_choices_are_the_export_ones():
     from cifar_core.cli import build_parser
-    from cifar_core.export import TTA_CHOICES
+    from cifar_core.serve.export import TTA_CHOICES
     export = next(a for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
                   if a.dest == "tta")
     assert tuple(export.choices) == TTA_CHOICES
@@ -194,7 +193,7 @@ def test_int8_export_is_smaller_agrees_with_fp32_and_classifies(exported_run, tm
 
 
 def test_int8_agreement_check_fails_with_numbers(exported_run, tmp_path):
-    from cifar_core.export import check_agreement
+    from cifar_core.serve.export import check_agreement
     _, _, result = exported_run
     with pytest.raises(ExportError, match="top-1 agreement"):
         check_agreement(result.onnx_path, result.onnx_path, _sample(), min_agreement=1.01)

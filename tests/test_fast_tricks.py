@@ -5,8 +5,8 @@ import torch
 from cifar_core.config import RunConfig
 from cifar_core.models import create_model
 from cifar_core.params import ConfigError
-from cifar_core.presets import preset
-from cifar_core.train import Lookahead, alternating_flips, autocast_context, effective_precision
+from cifar_core.experiments.presets import preset
+from cifar_core.engine import Lookahead, alternating_flips, autocast_context, effective_precision
 
 
 def _net():

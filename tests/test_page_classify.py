@@ -16,7 +16,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cifar_core.config import RunConfig
-from cifar_core.export import InferenceGraph, export_module
+from cifar_core.serve.export import InferenceGraph, export_module
 from cifar_core.models import create_model
 from cifar_core.runs import RunStore, atomic_write_json
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
@@ -17,16 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+
+from streamlit.testing.v1 import AppTest
+
+from cifar_core.augment import AUGMENTATIONS, ZCAOp, validate_chain
+from ui import preview as pv
+from ui.forms import widget_kind
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from cifar_core.augment import AUGMENTATIONS, ZCAOp, validate_chain  # noqa: E402
-from ui import preview as pv  # noqa: E402
-from ui.forms import widget_kind  # noqa: E402
-
 PAGE = str(REPO / "pages" / "5_Preview.py")
 EDITOR = "preview.a"
 

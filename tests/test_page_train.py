@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
+
+from streamlit.testing.v1 import AppTest
+
+from cifar_core.cli import build_parser, config_from_args
+from cifar_core.config import RunConfig
+from cifar_core.experiments.presets import DISTILLED_PRESETS, presets
+from cifar_core.runs import RunStore
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from cifar_core.cli import build_parser, config_from_args  # noqa: E402
-from cifar_core.config import RunConfig  # noqa: E402
-from cifar_core.presets import DISTILLED_PRESETS, presets  # noqa: E402
-from cifar_core.runs import RunStore  # noqa: E402
-
 PAGE = str(REPO / "pages" / "1_Train.py")
 LAUNCH = "train.launch"
 FORM = "train.form"

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cifar_core.balance import build_balance_plan
+from cifar_core.imbalance import build_balance_plan
 from cifar_core.params import ConfigError
 from cifar_core.schedules import SCHEDULES, build_schedule
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_core import jobs, studies
-from cifar_core.balance import BALANCING
+from cifar_core import jobs
+from cifar_core.experiments import studies
+from cifar_core.imbalance import BALANCING
 from cifar_core.data import CLASSES
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore, atomic_write_json
@@ -100,7 +101,7 @@ def test_samplers_five_strategies_on_report_random():
 
 
 def test_ablation_is_cumulative():
-    from cifar_core.presets import ablation_presets
+    from cifar_core.experiments.presets import ablation_presets
 
     built = studies.build_study("ablation", {"scale": "cpu-quick"}, seeds=1)
     assert len(built) == len(ablation_presets()) == 7
@@ -130,7 +131,7 @@ def test_estimate_is_positive_and_grows_with_seeds():
 def test_launch_study_queues_runs_with_meta_and_manifest(store, no_worker):
     sid = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store,
                                data_source="/some/cifar.npz", seeds=2)
-    assert studies.STUDY_ID_RE.match(sid)
+    assert studies.validate_study_id(sid) == sid
     assert len(no_worker) == 1
     manifest = studies.read_manifest(store, sid)
     assert manifest["kind"] == "bn_vs_gn" and manifest["seeds"] == 2

@@ -11,7 +11,7 @@ import torch
 
 from cifar_core.config import RunConfig
 from cifar_core.runs import RunStore
-from cifar_core.train import train_run
+from cifar_core.engine import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from cifar_core.config import RunConfig
 from cifar_core.models import MODELS, check_model, count_params, create_model
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
-from cifar_core.train import train_run
-from cifar_core.transformers import (ClassAttentionBlock, LayerScale, architecture_summary)
+from cifar_core.engine import train_run
+from cifar_core.models.transformers import (ClassAttentionBlock, LayerScale, architecture_summary)
 
 TINY = {"embed_dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "drop_path": 0.0}
 TINY_CAIT = {**TINY, "class_depth": 2}
@@ -212,14 +211,14 @@ def test_architecture_summary_names_the_tokenizer():
 ])
 def test_onnx_export_dynamic_batch_parity(name, params, tmp_path):
     from cifar_core.data import load_sample
-    from cifar_core.export import check_parity, export_module
+    from cifar_core.serve.export import check_parity, export_module
     torch.manual_seed(0)
     model = create_model(name, params).eval()
     path = export_module(model, tmp_path / f"{name}.onnx")
     report = check_parity(model, path, load_sample()[0][:7], single=7)  # batch 1 (x7) and batch 7
     assert report["batch_sizes"] == [1, 7]
     assert report["max_abs_diff_batch_1"] <= 1e-4 and report["max_abs_diff_batch_n"] <= 1e-4
-    from cifar_core.inference import Classifier
+    from cifar_core.serve.inference import Classifier
     for batch in (1, 7):
         assert Classifier(path).logits(load_sample()[0][:batch]).shape == (batch, 10)
 

@@ -31,7 +31,7 @@ _OWNERS = ("model", "schedule", "imbalance", "balance")
 
 
 def registries() -> dict[str, Registry]:
-    from cifar_core.balance import BALANCING
+    from cifar_core.imbalance import BALANCING
     from cifar_core.data import IMBALANCE
     from cifar_core.models import MODELS
     from cifar_core.schedules import SCHEDULES

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from .params import ConfigError
+from ..params import ConfigError
 
 # "No tricks": no augmentation, no weight decay, constant LR, no dropout, no clipping, no smoothing.
 NO_TRICKS: dict = {

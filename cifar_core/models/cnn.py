@@ -1,37 +1,12 @@
-"""Model registry: build a CIFAR-10 network by name, timm-style.
-
-Every entry of `MODELS` is a function ``fn(num_classes=10, **declared_params) -> nn.Module`` whose
-parameters are declared with `Param`, so the CLI, the app's forms and config validation come from the
-declarations. Use `create_model(name, params, num_classes)` to build and `check_model(name, params)` to
-validate a configuration cheaply (it builds once on the meta device and runs a meta forward pass, so no
-memory is allocated and no arithmetic is done).
-
-All models take float input (B, 3, 32, 32) and return logits (B, num_classes). They work with
-``channels_last`` memory format and under ``torch.autocast``, and their forward passes contain no
-data-dependent Python control flow, so they can be exported to ONNX.
-"""
+"""Convolutional networks for 32x32 inputs: ResNet-18/34, LeNet, AlexNet-style, fastnet."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .params import ConfigError, Param, Registry
-
-__all__ = ["MODELS", "create_model", "check_model", "count_params",
-           "ResNet", "BasicBlock", "LeNet", "AlexNet", "FastNet"]
-
-MODELS = Registry("model")
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all of them, frozen ones included, unless trainable_only)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _dropout(p: float) -> nn.Module:
-    """A Dropout layer when p > 0, otherwise Identity (so 'dropout present iff p > 0')."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+from ..params import ConfigError, Param
+from .registry import MODELS, dropout_layer
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,7 +106,7 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = _dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.fc = nn.Linear(in_ch, num_classes)
         self._init_weights(norm, sum(layers))
 
@@ -201,8 +176,8 @@ class LeNet(nn.Module):
             nn.Conv2d(6, 16, 5), act(), nn.MaxPool2d(2))
         self.classifier = nn.Sequential(
             nn.Flatten(1),
-            nn.Linear(16 * 5 * 5, 120), act(), _dropout(dropout),
-            nn.Linear(120, 84), act(), _dropout(dropout),
+            nn.Linear(16 * 5 * 5, 120), act(), dropout_layer(dropout),
+            nn.Linear(120, 84), act(), dropout_layer(dropout),
             nn.Linear(84, num_classes))
 
     def forward(self, x):
@@ -234,8 +209,8 @@ class AlexNet(nn.Module):
             nn.Conv2d(c4, c5, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
         self.classifier = nn.Sequential(
             nn.Flatten(1),
-            _dropout(dropout), nn.Linear(c5 * 4 * 4, hidden), nn.ReLU(inplace=True),
-            _dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            dropout_layer(dropout), nn.Linear(c5 * 4 * 4, hidden), nn.ReLU(inplace=True),
+            dropout_layer(dropout), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes))
 
     def forward(self, x):
@@ -347,7 +322,7 @@ class FastNet(nn.Module):
         self.block1 = _ConvGroup(24, w1)
         self.block2 = _ConvGroup(w1, w2)
         self.block3 = _ConvGroup(w2, w3)
-        self.dropout = _dropout(dropout)
+        self.dropout = dropout_layer(dropout)
         self.head = nn.Linear(w3, num_classes, bias=False)
         self.whitened = False
 
@@ -419,42 +394,3 @@ class FastNet(nn.Module):
     description="airbench94-style fast net: frozen 2x2 patch-whitening conv + 3 conv groups, ~2.0 M parameters.")
 def fastnet(num_classes: int = 10, width: float = 1.0, whiten: bool = True, dropout: float = 0.0) -> nn.Module:
     return FastNet(num_classes, width=width, whiten=whiten, dropout=dropout)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Public API
-# ---------------------------------------------------------------------------------------------------
-
-def _check_num_classes(num_classes) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a whole number >= 1, got {num_classes!r}")
-    return num_classes
-
-
-def create_model(name: str, params: dict | None = None, num_classes: int = 10) -> nn.Module:
-    """Validate `params` against the entry's declarations and build the model.
-    Raises ConfigError for unknown names, bad values or invalid combinations."""
-    return MODELS.build(name, params, num_classes=_check_num_classes(num_classes))
-
-
-def check_model(name: str, params: dict | None = None, num_classes: int = 10) -> dict:
-    """Return the validated params (defaults filled in) after building the model once on the meta device
-    and running a meta forward pass on a (2, 3, 32, 32) input: invalid combinations are found without
-    allocating memory or doing arithmetic. Raises ConfigError."""
-    values = MODELS.validate(name, params)
-    _check_num_classes(num_classes)
-    with torch.device("meta"):
-        model = MODELS.get(name).fn(num_classes=num_classes, **values)
-        model.eval()
-        try:
-            out = model(torch.empty(2, 3, 32, 32))
-        except RuntimeError as e:  # shape mismatches etc.
-            raise ConfigError(f"{name}: this configuration does not build: {e}") from None
-    if tuple(out.shape) != (2, num_classes):
-        raise ConfigError(f"{name}: expected output shape (2, {num_classes}), got {tuple(out.shape)}")
-    return values
-
-
-# Transformers live in their own module and register themselves in MODELS on import (at the end, so
-# that MODELS and the helpers they use already exist).
-from . import transformers  # noqa: E402,F401

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASSES
+from ..data import CLASSES
 
 __all__ = ["CHECKPOINTS_DIR", "MAX_MODEL_BYTES", "ModelEntry", "Prediction", "Classifier",
            "checkpoints_dir", "inspect_model", "discover_models", "create_session", "get_classifier",
            "tiles_to_input", "top_k", "ModelUnusable"]
 
-CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 MAX_MODEL_BYTES = 512 * 1024 * 1024
 CARD_KEY = "cifar_lab.card"
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")

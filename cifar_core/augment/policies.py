@@ -25,8 +25,8 @@ from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with
 from kornia.geometry.transform import rotate, shear, translate
 from torchvision.transforms.v2.functional import autocontrast
 
-from .augment import AUGMENTATIONS, AugOp, _image_op, _on, _uniform
-from .params import ConfigError, Param
+from ..params import ConfigError, Param
+from .base import AUGMENTATIONS, AugOp, draw_uniform, image_op, to_device_of
 
 __all__ = ["OP_NAMES", "trivial_augment", "rand_augment", "random_erasing"]
 
@@ -138,7 +138,7 @@ def _apply_drawn(x: torch.Tensor, space, which: torch.Tensor, values: torch.Tens
             continue
         idx_d = idx.to(x.device)
         part = x.index_select(0, idx_d)
-        changed = op.apply(part, _on(values[idx], x))
+        changed = op.apply(part, to_device_of(values[idx], x))
         if op.name in _UNSCALED and blend < 1.0:
             changed = torch.lerp(part, changed, blend)
         out = out.index_copy(0, idx_d, changed.clamp(0.0, 1.0))
@@ -170,7 +170,7 @@ def trivial_augment(strength: float = 1.0) -> AugOp:
         if strength == 0:
             return x, sampled
         return _apply_drawn(x, TRIVIAL_AUGMENT_SPACE, which, values, blend=strength), sampled
-    return _image_op("trivial_augment", {"strength": strength}, fn)
+    return image_op("trivial_augment", {"strength": strength}, fn)
 
 
 @AUGMENTATIONS.register(
@@ -189,7 +189,7 @@ def rand_augment(num_ops: int = 2, magnitude: int = 9) -> AugOp:
         for step in range(num_ops):  # each image's ops run in order: one pass per position
             x = _apply_drawn(x, RAND_AUGMENT_SPACE, which[:, step], values[:, step])
         return x, {"op": which, "magnitude": values}
-    return _image_op("rand_augment", {"num_ops": num_ops, "magnitude": magnitude}, fn)
+    return image_op("rand_augment", {"num_ops": num_ops, "magnitude": magnitude}, fn)
 
 
 @AUGMENTATIONS.register(
@@ -212,8 +212,8 @@ def random_erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value: str = "random") 
         # Hand-written: torchvision's v2 RandomErasing draws one box per call and kornia's from the
         # global RNG; a broadcast comparison against per-image corners erases the whole batch at once.
         b, c, h, w = x.shape
-        area = _uniform(gen, b, *scale) * (h * w)
-        log_r = _uniform(gen, b, math.log(ratio[0]), math.log(ratio[1]))
+        area = draw_uniform(gen, b, *scale) * (h * w)
+        log_r = draw_uniform(gen, b, math.log(ratio[0]), math.log(ratio[1]))
         box_w = torch.sqrt(area * torch.exp(log_r)).round().clamp(0, w).long()
         box_h = torch.sqrt(area / torch.exp(log_r)).round().clamp(0, h).long()
         x0 = (torch.rand(b, generator=gen) * (w - box_w + 1)).long().clamp(max=w - 1)
@@ -221,16 +221,16 @@ def random_erasing(scale=(0.02, 0.33), ratio=(0.3, 3.3), value: str = "random") 
         noise = torch.rand(b, c, h, w, generator=gen) if value == "random" else None
         box = torch.stack([x0, y0, box_w, box_h], 1)
         sampled = {"box": box, "area": (box_w * box_h).float() / (h * w)}
-        bd = _on(box, x)[:, :, None, None]
+        bd = to_device_of(box, x)[:, :, None, None]
         rows = torch.arange(h, device=x.device)[:, None]
         cols = torch.arange(w, device=x.device)[None, :]
         inside = ((rows >= bd[:, 1]) & (rows < bd[:, 1] + bd[:, 3])
                   & (cols >= bd[:, 0]) & (cols < bd[:, 0] + bd[:, 2]))[:, None]  # (B, 1, H, W)
         if value == "random":
-            fill = _on(noise, x)
+            fill = to_device_of(noise, x)
         elif value == "mean":
             fill = x.mean((2, 3), keepdim=True)
         else:
             fill = torch.zeros((), device=x.device)
         return torch.where(inside, fill, x), sampled
-    return _image_op("random_erasing", {"scale": tuple(scale), "ratio": tuple(ratio), "value": value}, fn)
+    return image_op("random_erasing", {"scale": tuple(scale), "ratio": tuple(ratio), "value": value}, fn)

@@ -11,7 +11,7 @@ from them) and a builder that turns validated parameters into one RunConfig per 
   random) trained with each balancing strategy; compared on per-class recall and balanced accuracy.
 - ``ablation``: the report's cumulative trick ablation (baseline → + crop & flip → + rotation →
   + weight decay → + inverse-time LR decay → + dropout → + gradient clipping). The steps come from
-  `cifar_core.presets` (the Train page's presets), so they are defined once.
+  `cifar_core.experiments.presets` (the Train page's presets), so they are defined once.
 
 Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks settings
 that finish the whole study in about 2–3 minutes on this project's idle 2-core CPU box — small
@@ -42,23 +42,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
-from .params import ConfigError, Param, Registry
-from .runs import FINAL_STATES, RunStore, atomic_write_json, read_json
+from ..config import RunConfig
+from ..params import ID_RE, ConfigError, Param, Registry, reject_unknown, validate_id
+from ..runs import FINAL_STATES, RunStore, atomic_write_json, read_json
 
 STUDIES = Registry("study")
 SCALES = ("cpu-quick", "gpu")
 SEEDS_PARAM = Param("seeds", "int", 1, 1, 5, help="Repeat every cell with seeds 0 … n-1 (mean ± std "
                                                    "over seeds in the results).")
 MANIFEST_DIR = ".studies"
-STUDY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,95}$")
 SEED_VALUE = RunConfig.scalar_params()["seed"]
 METRICS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
 RECALL_PREFIX = "recall_"
@@ -129,11 +127,7 @@ def validate_params(kind: str, params: dict | None) -> dict:
     scale = params.get("scale") or default_scale()
     scale = _scale_param().validate(scale, kind)
     declared = study_params(kind, scale)
-    known = {p.name for p in declared}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"{kind}: unknown parameter(s) {', '.join(unknown)} "
-                          f"(allowed: {', '.join(sorted(known))})")
+    reject_unknown(params, (p.name for p in declared), kind)
     return {p.name: p.validate(params.get(p.name, p.default), kind) for p in declared}
 
 
@@ -168,18 +162,18 @@ def parse_name_list(text, name: str, choices: list[str]) -> list[str]:
 
 
 def _models_with(param_name: str) -> tuple[str, ...]:
-    from .models import MODELS
+    from ..models import MODELS
     return tuple(n for n, e in MODELS.entries.items() if any(p.name == param_name for p in e.params))
 
 
 def _all_models() -> tuple[str, ...]:
-    from .models import MODELS
+    from ..models import MODELS
     return tuple(MODELS.names())
 
 
 def _model_params_for(model: str, wanted: dict) -> dict:
     """Keep only the parameters that `model` declares (others would be rejected)."""
-    from .models import MODELS
+    from ..models import MODELS
     declared = {p.name for p in MODELS.get(model).params}
     return {k: v for k, v in wanted.items() if k in declared}
 
@@ -280,7 +274,7 @@ def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, s
 # ---- 2. balancing strategies on the report's imbalanced set --------------------------------------
 
 def _balancing_names() -> list[str]:
-    from .balance import BALANCING
+    from ..imbalance import BALANCING
     return BALANCING.names()
 
 
@@ -347,7 +341,7 @@ def build_samplers(seeds: list[int], scale: str, strategies: str, low: int, high
 # ---- 3. cumulative trick ablation ----------------------------------------------------------------
 
 def ablation_steps() -> list[tuple[str, dict]]:
-    """The report's cumulative ablation, from cifar_core.presets: [(label, full partial config)],
+    """The report's cumulative ablation, from cifar_core.experiments.presets: [(label, full partial config)],
     each step including all the previous ones."""
     from .presets import ablation_presets
     return list(ablation_presets().items())
@@ -495,9 +489,7 @@ def new_study_id(kind: str) -> str:
 
 
 def validate_study_id(study_id: str) -> str:
-    if not isinstance(study_id, str) or not STUDY_ID_RE.match(study_id):
-        raise ConfigError(f"invalid study id {study_id!r}: letters, digits, '-' and '_' only")
-    return study_id
+    return validate_id(study_id, "study id")
 
 
 def manifest_path(store: RunStore, study_id: str) -> Path:
@@ -510,7 +502,7 @@ def launch_study(kind: str, params: dict | None, store: RunStore | None = None,
 
     All configs are built and validated before anything is queued, so an invalid study queues
     nothing. The manifest is written even if queuing stops half way (it lists what was queued)."""
-    from . import jobs
+    from .. import jobs
 
     store = store or RunStore()
     values = validate_params(kind, params)
@@ -549,7 +541,7 @@ def list_studies(store: RunStore | None = None) -> list[dict]:
         return []
     out = []
     for path in folder.glob("*.json"):
-        if not STUDY_ID_RE.match(path.stem):
+        if not ID_RE.match(path.stem):
             continue
         manifest = read_json(path)
         if isinstance(manifest, dict) and isinstance(manifest.get("runs"), list) and manifest.get("kind"):

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from .models import MODELS, _dropout
-from .params import ConfigError, Param
+from ..params import ConfigError, Param
+from .registry import MODELS, dropout_layer
 
 __all__ = ["ViT", "CaiT", "Attention", "ClassAttention", "Block", "ClassAttentionBlock", "LayerScale",
            "architecture_summary"]
@@ -65,8 +65,8 @@ def _layer_scale(dim: int, init: float | None) -> nn.Module:
 
 class Mlp(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), _dropout(dropout),
-                         nn.Linear(hidden, dim), _dropout(dropout))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), dropout_layer(dropout),
+                         nn.Linear(hidden, dim), dropout_layer(dropout))
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = _dropout(dropout)
+        self.proj_drop = dropout_layer(dropout)
 
     def forward(self, x):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
@@ -105,7 +105,7 @@ class ClassAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = _dropout(dropout)
+        self.proj_drop = dropout_layer(dropout)
 
     def forward(self, x):
         q = _split_heads(self.q(x[:, :1]), self.heads)
@@ -256,7 +256,7 @@ class ViT(nn.Module):
         self.tokenizer = _tokenizer(tokenizer, patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, embed_dim))
-        self.pos_drop = _dropout(dropout)
+        self.pos_drop = dropout_layer(dropout)
         self.blocks = nn.Sequential(*[Block(embed_dim, heads, mlp_hidden, dropout, rate)
                                       for rate in _drop_path_rates(drop_path, depth)])
         self.norm = nn.LayerNorm(embed_dim)
@@ -295,7 +295,7 @@ class CaiT(nn.Module):
         mlp_hidden = _check_shapes("cait", patch_size, embed_dim, heads, mlp_ratio)
         self.tokenizer = _tokenizer(tokenizer, patch_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, (IMAGE_SIZE // patch_size) ** 2, embed_dim))
-        self.pos_drop = _dropout(dropout)
+        self.pos_drop = dropout_layer(dropout)
         self.blocks = nn.Sequential(*[Block(embed_dim, heads, mlp_hidden, dropout, rate, layer_scale_init)
                                       for rate in _drop_path_rates(drop_path, depth)])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

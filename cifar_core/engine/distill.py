@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import AUGMENTATIONS, AugmentChain
-from .models import count_params, create_model
-from .params import ConfigError
-from .runs import RunRecord, RunStore
+from ..augment import AUGMENTATIONS, AugmentChain
+from ..models import count_params, create_model
+from ..params import ConfigError
+from ..runs import RunRecord, RunStore
 
 CHECKPOINT_ORDER = ("best", "last")
 

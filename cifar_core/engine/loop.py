@@ -11,32 +11,29 @@ it had never stopped.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import signal
 import time
 import traceback
-from contextlib import nullcontext
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import AugmentChain
-from .balance import build_balance_plan
-from .config import RunConfig
-from .data import CIFAR_MEAN, CIFAR_STD, CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
+from ..config import RunConfig
+from ..data import CLASSES, NUM_CLASSES
+from ..devices import device_description
+from ..models import count_params, create_model
+from ..params import ConfigError
+from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
+from ..schedules import build_schedule
+from .checkpoints import RESUME_ORDER, normalizer_states, read_checkpoint, write_checkpoint
 from .distill import Teacher, distillation_loss, load_teacher
-from .models import count_params, create_model
-from .params import ConfigError
-from .runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
-from .schedules import build_schedule
-
-NUM_CLASSES = 10
-EVAL_BATCH = 1000
+from .evaluation import classification_report, evaluate, predict_logits
+from .prepare import Prepared, normalize, prepare
+from .rng import seeded_generator
+from .tricks import Lookahead, alternating_flips, autocast_context, effective_precision
 
 
 class StopTraining(Exception):
@@ -45,106 +42,6 @@ class StopTraining(Exception):
     def __init__(self, state: str, reason: str):
         super().__init__(reason)
         self.state, self.reason = state, reason
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def _generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs, built from its config."""
-
-    cfg: RunConfig
-    device: torch.device
-    train_x: torch.Tensor        # uint8 (N,3,32,32) on device
-    train_y: torch.Tensor        # int64 (N,) on device
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
-    eval_split: str              # "val" or "test"
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    epoch_indices: np.ndarray    # positions into train_x used each epoch (after resampling)
-    sample_weights: torch.Tensor | None
-    class_weights: torch.Tensor | None
-    chain: AugmentChain
-    mean: torch.Tensor
-    std: torch.Tensor
-    data_origin: str
-    split_summary: dict
-
-
-def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
-    device = resolve_device(cfg.device)
-    arrays = load_cifar10(data_source)
-    split = build_split(arrays.y_train, {
-        "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
-        "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
-        "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
-    labeled = split.train_idx[split.labeled_mask]  # unlabeled images are for semi-supervised runs
-    train_y_np = arrays.y_train[labeled]
-    plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
-    test_x, test_y = arrays.x_test, arrays.y_test
-    if cfg.test_size:
-        keep = per_class_subset(test_y, cfg.test_size // NUM_CLASSES, seed=0)
-        test_x, test_y = test_x[keep], test_y[keep]
-    if len(split.val_idx):
-        eval_x, eval_y, eval_split = arrays.x_train[split.val_idx], arrays.y_train[split.val_idx], "val"
-    else:
-        eval_x, eval_y, eval_split = test_x, test_y, "test"
-    as_labels = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
-    chain = AugmentChain(cfg.augment)
-    train_x = to_device_tensors(arrays.x_train[labeled], device)
-    if any(getattr(op, "needs_fit", False) for op in chain.ops):
-        chain.fit(train_x.float().div_(255))
-    return Prepared(
-        cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
-        eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
-        test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
-        epoch_indices=plan.indices,
-        sample_weights=None if plan.sample_weights is None else torch.as_tensor(plan.sample_weights),
-        class_weights=None if plan.class_weights is None else torch.as_tensor(plan.class_weights,
-                                                                               device=device),
-        chain=chain,
-        mean=torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
-        data_origin=arrays.origin, split_summary=split.summary())
-
-
-def normalize(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0,1] float -> model input. Chains that standardize themselves skip mean/std."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
-    if prep.chain.normalizes:
-        return x
-    return (x - prep.mean) / prep.std
-
-
-def eval_transform(prep: Prepared, x_uint8: torch.Tensor) -> torch.Tensor:
-    """Evaluation input: only the chain's deterministic normalizers (ZCA, standardization)."""
-    x = x_uint8.float().div_(255)
-    for op in prep.chain.ops:
-        if getattr(op, "normalizes", False):
-            x, _, _ = op(x, None, torch.Generator().manual_seed(0))
-    return normalize(prep, x)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -158,105 +55,6 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-
-
-def effective_precision(cfg: RunConfig, device: torch.device) -> str:
-    """fp16 autocast is CUDA-only; a CPU run asked for fp16 (device auto) trains in fp32."""
-    if cfg.precision == "fp16" and device.type != "cuda":
-        return "fp32"
-    return cfg.precision
-
-
-def autocast_context(cfg: RunConfig, device: torch.device):
-    precision = effective_precision(cfg, device)
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def alternating_flips(base: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-    """Which images of the batch `idx` to mirror in `epoch`: each image's fixed random state `base`,
-    inverted in odd epochs (airbench's derandomized flip)."""
-    return base[idx] ^ bool(epoch % 2)
-
-
-class Lookahead:
-    """airbench94's lookahead: slow weights that every `every` steps move towards the trained (fast)
-    weights, which then restart from them. The move keeps decay^every · progress³ of the slow
-    weights, so early on it is a plain copy and late in training a slow average. At the last step the
-    fast weights take the slow ones. Covers every floating-point entry of the state dict (BN running
-    statistics too). Not in torch.optim: its Lookahead-style wrappers neither reset BN buffers nor
-    follow this schedule."""
-
-    def __init__(self, model: torch.nn.Module, every: int, decay: float, total_steps: int):
-        self.every, self.decay, self.total_steps = every, decay, max(1, total_steps)
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def after_step(self, model: torch.nn.Module, step: int, final: bool = False) -> None:
-        if final:
-            keep = 1.0
-        elif step % self.every:
-            return
-        else:
-            keep = self.decay ** self.every * (step / self.total_steps) ** 3
-        fast = model.state_dict()
-        for name, slow in self.slow.items():
-            slow.lerp_(fast[name], 1.0 - keep)
-            fast[name].copy_(slow)
-
-    def state_dict(self) -> dict:
-        return dict(self.slow)
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, slow in self.slow.items():
-            slow.copy_(state[name])
-
-
-def tta_views(x: torch.Tensor, flip: bool, translate: bool) -> list[tuple[float, torch.Tensor]]:
-    """(weight, view) pairs whose weighted logits are averaged at test time."""
-    views = [(1.0, x)]
-    if translate:
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        views = [(0.5, x), (0.25, padded[..., :h, :w]), (0.25, padded[..., 2:, 2:])]
-    if flip:
-        views = [(wt * 0.5, v) for wt, v in views] + [(wt * 0.5, v.flip(-1)) for wt, v in views]
-    return views
-
-
-@torch.no_grad()
-def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool,
-                   tta_translate: bool = False) -> torch.Tensor:
-    model.eval()
-    outs = []
-    for start in range(0, x_uint8.shape[0], EVAL_BATCH):
-        x = eval_transform(prep, x_uint8[start:start + EVAL_BATCH])
-        if prep.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(prep.cfg, prep.device):
-            logits = sum(wt * model(view).float() for wt, view in tta_views(x, tta_flip, tta_translate))
-        outs.append(logits)
-    return torch.cat(outs)
-
-
-def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
-             tta_translate: bool = False) -> dict:
-    logits = predict_logits(model, prep, x, tta_flip, tta_translate)
-    loss = F.cross_entropy(logits, y).item()
-    acc = (logits.argmax(1) == y).float().mean().item()
-    return {"loss": loss, "acc": acc, "logits": logits}
-
-
-def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
-    return {"test_acc": float((y_true == y_pred).mean()),
-            "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "per_class_acc": dict(zip(classes, per_class)),
-            "confusion_matrix": cm.tolist(), "classes": classes}
 
 
 class Trainer:
@@ -305,14 +103,14 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.teacher = self._load_teacher()  # before the data: a bad teacher fails at once
-        prep = prepare(cfg, self.data_source)
+        prep = self.prep = prepare(cfg, self.data_source)
         device = prep.device
         if self.teacher is not None:
             self.teacher.to(device)
         model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
         init = getattr(model, "init_from_data", None)
         if callable(init):
-            sample = prep.train_x[torch.randperm(prep.train_x.shape[0], generator=_generator(cfg.seed, 7))[:5000].to(device)]
+            sample = prep.train_x[torch.randperm(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, 7))[:5000].to(device)]
             init(normalize(prep, sample))
         model.to(device)
         if cfg.channels_last:
@@ -334,11 +132,11 @@ class Trainer:
         self.lookahead = lookahead  # saved with the checkpoints
         flip_base = None
         if cfg.alternating_flip:  # one random flip state per training image, inverted every odd epoch
-            flip_base = (torch.rand(prep.train_x.shape[0], generator=_generator(cfg.seed, 3)) < 0.5).to(device)
+            flip_base = (torch.rand(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, 3)) < 0.5).to(device)
 
         step, best_acc, elapsed_before = 0, -1.0, 0.0
         if resume and self.record.checkpoint_path("last").exists():
-            ckpt = torch.load(self.record.checkpoint_path("last"), map_location=device, weights_only=True)
+            ckpt = read_checkpoint(self.record, RESUME_ORDER, map_location=device).data
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if ema is not None and ckpt.get("ema") is not None:
@@ -421,7 +219,7 @@ class Trainer:
         return "completed", f"finished {step} steps{limit_note}"
 
     def _epoch_order(self, prep: Prepared, epoch: int) -> torch.Tensor:
-        gen = _generator(self.cfg.seed, 1, epoch)
+        gen = seeded_generator(self.cfg.seed, 1, epoch)
         n = len(prep.epoch_indices)
         if prep.sample_weights is not None:
             picks = torch.multinomial(prep.sample_weights, n, replacement=True, generator=gen)
@@ -446,7 +244,7 @@ class Trainer:
         x_uint8, y = prep.train_x[idx], prep.train_y[idx]
         if flips is not None:
             x_uint8 = torch.where(flips[:, None, None, None], x_uint8.flip(-1), x_uint8)
-        x_augmented, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, step))
+        x_augmented, y_soft, _ = prep.chain(x_uint8, y, seeded_generator(cfg.seed, 2, step))
         x = normalize(prep, x_augmented)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -510,15 +308,17 @@ class Trainer:
         return result["acc"]
 
     def _save_checkpoint(self, which, model, optimizer, ema, scaler, step, best_acc, t0):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None,
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
-                 "step": step, "best_acc": best_acc, "elapsed": time.time() - t0,
-                 "model_name": self.cfg.model, "model_params": self.cfg.model_params}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(self.record.checkpoint_path(which), buffer.getvalue())
+        cfg = self.cfg
+        write_checkpoint(self.record, which, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "step": step, "best_acc": best_acc, "elapsed": time.time() - t0,
+            "model_name": cfg.model, "model_params": cfg.model_params,
+            "eval_weights": "ema" if ema is not None else "model",
+            "normalizers": normalizer_states(self.prep.chain),
+            "tta": {"flip": cfg.tta_flip, "translate": cfg.tta_translate}})
 
     def _truncate_metrics_after(self, step: int) -> None:
         """On resume, drop metric lines written after the checkpoint so curves don't repeat."""

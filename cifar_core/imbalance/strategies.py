@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .params import Param, Registry
+from ..params import Param, Registry
 
 BALANCING = Registry("balancing strategy")
 

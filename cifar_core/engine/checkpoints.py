@@ -1,0 +1,143 @@
+"""The one reader and writer of run checkpoints (`last.pt`, `best.pt`).
+
+A checkpoint holds what resuming needs (model, optimizer, EMA, scaler, lookahead, step, timing) and
+what evaluating needs without the data: the weights the run is evaluated with (EMA when kept), the
+fitted normalizers (ZCA's mean and matrix) and the test-time views. Export, distillation and resume
+all read through `read_checkpoint`; files load with ``weights_only=True``.
+
+Which file: resume reads `last.pt` only. A finished run is represented by the weights its test
+report measured, `last.pt`; when that file is missing or damaged, `best.pt` is used instead and the
+checkpoint says so (`fallback`).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..augment import AugmentChain
+from ..models import create_model
+from ..params import ConfigError
+from ..runs import RunRecord, atomic_write_bytes
+
+__all__ = ["CHECKPOINT_FORMAT", "RESUME_ORDER", "FINISHED_ORDER", "CheckpointError", "Checkpoint",
+           "write_checkpoint", "read_checkpoint", "normalizer_states", "restore_normalizers"]
+
+CHECKPOINT_FORMAT = 2  # 1: before normalizers/tta/eval_weights were saved
+RESUME_ORDER = ("last",)
+FINISHED_ORDER = ("last", "best")
+
+
+class CheckpointError(ConfigError):
+    """No usable checkpoint: the message names each file tried and why it could not be used."""
+
+
+def normalizer_states(chain: AugmentChain) -> list[dict]:
+    """The chain's deterministic normalizing steps as {name, params, state} (state: the fit, if any)."""
+    out = []
+    for spec, op in zip(chain.specs, chain.ops):
+        if getattr(op, "normalizes", False):
+            state = op.state_dict() if getattr(op, "needs_fit", False) else None
+            out.append({"name": spec["name"], "params": dict(spec["params"]), "state": state})
+    return out
+
+
+def restore_normalizers(entries: list[dict]) -> list:
+    """Ops from `normalizer_states` output, fitted again from their saved state (no data needed)."""
+    chain = AugmentChain([{"name": e["name"], "params": e["params"]} for e in entries])
+    for entry, op in zip(entries, chain.ops):
+        if entry.get("state") is not None:
+            op.load_state_dict(entry["state"])
+    return list(chain.ops)
+
+
+def write_checkpoint(record: RunRecord, which: str, state: dict) -> Path:
+    """Write `state` (plus the format number) atomically as the run's `which`.pt."""
+    buffer = io.BytesIO()
+    torch.save({**state, "format": CHECKPOINT_FORMAT}, buffer)
+    path = record.checkpoint_path(which)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+@dataclass
+class Checkpoint:
+    which: str              # "last" or "best"
+    path: Path
+    data: dict
+    fallback: str | None = None  # why a preferred file was skipped, when one was
+
+    @property
+    def step(self) -> int:
+        return int(self.data.get("step", 0))
+
+    @property
+    def model_name(self) -> str:
+        return self.data["model_name"]
+
+    @property
+    def model_params(self) -> dict:
+        return dict(self.data.get("model_params") or {})
+
+    def evaluation_weights(self) -> tuple[dict, str]:
+        """(state dict, "ema" | "model"): the weights the run was evaluated with."""
+        ema = self.data.get("ema")
+        if ema:
+            # AveragedModel keeps the averaged network under "module." plus an n_averaged counter
+            return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}, "ema"
+        return self.data["model"], "model"
+
+    def build_model(self) -> torch.nn.Module:
+        """The network with its evaluation weights, in eval mode, on the CPU."""
+        model = create_model(self.model_name, self.model_params)
+        state, _ = self.evaluation_weights()
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: the weights do not fit {self.model_name}: {exc}") from None
+        return model.eval()
+
+    def normalizers(self, augment: list | None = None) -> list:
+        """Fitted evaluation normalizers. Checkpoints from before format 2 saved none: their chain's
+        normalizers are rebuilt from `augment` when none needs a fit, else CheckpointError."""
+        if self.data.get("normalizers") is not None:
+            return restore_normalizers(self.data["normalizers"])
+        ops = [op for op in AugmentChain(augment or []).ops if getattr(op, "normalizes", False)]
+        if any(getattr(op, "needs_fit", False) for op in ops):
+            raise CheckpointError(f"{self.path} was written before checkpoints kept the fitted ZCA "
+                                  "whitening; train the run again to export or distil from it")
+        return ops
+
+    def tta(self, flip: bool = False, translate: bool = False) -> tuple[bool, bool]:
+        """(flip, translate) views the run evaluated with (the given defaults for old checkpoints)."""
+        saved = self.data.get("tta")
+        if saved is None:
+            return flip, translate
+        return bool(saved.get("flip")), bool(saved.get("translate"))
+
+
+def _load(path: Path, map_location) -> dict:
+    data = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError("not a checkpoint of this lab (no model weights inside)")
+    return data
+
+
+def read_checkpoint(record: RunRecord, order: tuple[str, ...] = FINISHED_ORDER,
+                    map_location="cpu") -> Checkpoint:
+    """The first usable checkpoint of `order`; CheckpointError naming every file tried otherwise."""
+    problems = []
+    for which in order:
+        path = record.checkpoint_path(which)
+        if not path.exists():
+            problems.append(f"{path} does not exist")
+            continue
+        try:
+            data = _load(path, map_location)
+        except Exception as exc:  # truncated, foreign or corrupt file: say which and why
+            problems.append(f"{path} is unreadable ({type(exc).__name__}: {exc})")
+            continue
+        return Checkpoint(which, path, data, fallback="; ".join(problems) or None)
+    raise CheckpointError(f"run {record.run_id}: no usable checkpoint: " + "; ".join(problems))

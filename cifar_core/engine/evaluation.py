@@ -1,0 +1,58 @@
+"""Evaluation: test-time views, batched prediction, accuracy and the classification report."""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .prepare import Prepared, eval_transform
+from .tricks import autocast_context
+
+EVAL_BATCH = 1000
+
+
+def tta_views(x: torch.Tensor, flip: bool, translate: bool) -> list[tuple[float, torch.Tensor]]:
+    """(weight, view) pairs whose weighted logits are averaged at test time."""
+    views = [(1.0, x)]
+    if translate:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        views = [(0.5, x), (0.25, padded[..., :h, :w]), (0.25, padded[..., 2:, 2:])]
+    if flip:
+        views = [(wt * 0.5, v) for wt, v in views] + [(wt * 0.5, v.flip(-1)) for wt, v in views]
+    return views
+
+
+@torch.no_grad()
+def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool,
+                   tta_translate: bool = False) -> torch.Tensor:
+    model.eval()
+    outs = []
+    for start in range(0, x_uint8.shape[0], EVAL_BATCH):
+        x = eval_transform(prep, x_uint8[start:start + EVAL_BATCH])
+        if prep.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(prep.cfg, prep.device):
+            logits = sum(wt * model(view).float() for wt, view in tta_views(x, tta_flip, tta_translate))
+        outs.append(logits)
+    return torch.cat(outs)
+
+
+def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: bool,
+             tta_translate: bool = False) -> dict:
+    logits = predict_logits(model, prep, x, tta_flip, tta_translate)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return {"loss": loss, "acc": acc, "logits": logits}
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
+    return {"test_acc": float((y_true == y_pred).mean()),
+            "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "per_class_acc": dict(zip(classes, per_class)),
+            "confusion_matrix": cm.tolist(), "classes": classes}

@@ -1,0 +1,91 @@
+"""A run's data on its device, split, balancing plan and augmentation chain, built from its config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..augment import AugmentChain
+from ..config import RunConfig
+from ..data import CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
+from ..devices import resolve_device
+from ..imbalance import build_balance_plan
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built from its config."""
+
+    cfg: RunConfig
+    device: torch.device
+    train_x: torch.Tensor        # uint8 (N,3,32,32) on device
+    train_y: torch.Tensor        # int64 (N,) on device
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    eval_split: str              # "val" or "test"
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    epoch_indices: np.ndarray    # positions into train_x used each epoch (after resampling)
+    sample_weights: torch.Tensor | None
+    class_weights: torch.Tensor | None
+    chain: AugmentChain
+    mean: torch.Tensor
+    std: torch.Tensor
+    data_origin: str
+    split_summary: dict
+
+
+def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
+    device = resolve_device(cfg.device)
+    arrays = load_cifar10(data_source)
+    split = build_split(arrays.y_train, {
+        "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
+        "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
+        "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
+    labeled = split.train_idx[split.labeled_mask]  # unlabeled images are for semi-supervised runs
+    train_y_np = arrays.y_train[labeled]
+    plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
+    test_x, test_y = arrays.x_test, arrays.y_test
+    if cfg.test_size:
+        keep = per_class_subset(test_y, cfg.test_size // NUM_CLASSES, seed=0)
+        test_x, test_y = test_x[keep], test_y[keep]
+    if len(split.val_idx):
+        eval_x, eval_y, eval_split = arrays.x_train[split.val_idx], arrays.y_train[split.val_idx], "val"
+    else:
+        eval_x, eval_y, eval_split = test_x, test_y, "test"
+    as_labels = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
+    chain = AugmentChain(cfg.augment)
+    train_x = to_device_tensors(arrays.x_train[labeled], device)
+    if any(getattr(op, "needs_fit", False) for op in chain.ops):
+        chain.fit(train_x.float().div_(255))
+    return Prepared(
+        cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
+        eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
+        test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
+        epoch_indices=plan.indices,
+        sample_weights=None if plan.sample_weights is None else torch.as_tensor(plan.sample_weights),
+        class_weights=None if plan.class_weights is None else torch.as_tensor(plan.class_weights,
+                                                                               device=device),
+        chain=chain,
+        mean=torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
+        data_origin=arrays.origin, split_summary=split.summary())
+
+
+def normalize(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0,1] float -> model input. Chains that standardize themselves skip mean/std."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if prep.chain.normalizes:
+        return x
+    return (x - prep.mean) / prep.std
+
+
+def eval_transform(prep: Prepared, x_uint8: torch.Tensor) -> torch.Tensor:
+    """Evaluation input: only the chain's deterministic normalizers (ZCA, standardization)."""
+    x = x_uint8.float().div_(255)
+    for op in prep.chain.ops:
+        if getattr(op, "normalizes", False):
+            x, _, _ = op(x, None, torch.Generator().manual_seed(0))
+    return normalize(prep, x)

@@ -1,0 +1,1 @@
+"""Experiments over many runs: one-click studies, presets and the duration estimator."""
