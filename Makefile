@@ -24,8 +24,10 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
+# No file watcher: watching .venv and runs/ overflowed inotify (MBs of warnings) and cost the
+# server a third of a core while a run streams; restart the app after editing its code.
 run: install
-	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT)
+	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.fileWatcherType none
 
 # Static checks: pyflakes-level errors (ruff) and the layer contracts in pyproject.toml (import-linter).
 lint: install

@@ -2,8 +2,8 @@
 
 (a) ours: the engine's path. The training set lives on the device as uint8 (N, 3, 32, 32); every
     step takes prep.train_x[idx], runs the batched AugmentChain (random_crop padding 4 reflect,
-    hflip) and normalize(), all with the engine's own pieces (cifar_core.train.prepare, normalize,
-    autocast_context, build_optimizer, the Trainer's epoch order and per-step generators).
+    hflip) and normalize(), all with the engine's own pieces (cifar_core.engine: prepare, epoch_order,
+    model_input, autocast_context, build_optimizer, seeded_generator for the per-step draws).
 (b) reference: a torchvision.datasets.CIFAR10-style dataset of PIL images with torchvision
     transforms (RandomCrop(32, padding=4, padding_mode="reflect"), RandomHorizontalFlip,
     ToImage + ToDtype (v2) or ToTensor (v1), Normalize) through a shuffling DataLoader
@@ -47,11 +47,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_core.config import RunConfig
-from cifar_core.data import CIFAR_MEAN, CIFAR_STD, load_cifar10
+from cifar_core.data import CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, load_cifar10
+from cifar_core.devices import device_description
 from cifar_core.models import create_model
 from cifar_core.params import ConfigError
-from cifar_core.engine import (NUM_CLASSES, Trainer, _generator, autocast_context,
-                              build_optimizer, device_description, normalize, prepare)
+from cifar_core.engine import (autocast_context, build_optimizer, epoch_order, model_input, normalize, prepare,
+                               seeded_generator)
+from cifar_core.engine.rng import AUGMENTATION, INIT_SAMPLE
 
 AUGMENT = [{"name": "random_crop", "params": {"padding": 4, "pad_mode": "reflect"}, "p": 1.0},
            {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}]
@@ -100,13 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------
 
 class OurBatches:
-    """Batches exactly as the engine makes them: the epoch order from Trainer._epoch_order, then
-    per step prep.train_x[idx] -> prep.chain(x, y, _generator(seed, 2, step)) -> normalize
-    (Trainer._step), plus channels_last when asked. Returns (x float, soft targets)."""
+    """Batches exactly as the engine makes them: the epoch order from epoch_order, then per step
+    prep.train_x[idx] -> prep.chain(x, y, seeded_generator(seed, AUGMENTATION, step)) -> model_input
+    (normalize, plus channels_last when asked), as the Trainer builds each labeled batch.
+    Returns (x float, soft targets)."""
 
     def __init__(self, prep, cfg: RunConfig):
         self.prep, self.cfg = prep, cfg
-        self.trainer = Trainer(cfg, record=None)  # only its _epoch_order is used
         self.steps_per_epoch = max(1, -(-len(prep.epoch_indices) // cfg.batch_size))
         self.step, self.order = 0, None
 
@@ -114,13 +116,11 @@ class OurBatches:
         prep, cfg = self.prep, self.cfg
         epoch, b = divmod(self.step, self.steps_per_epoch)
         if b == 0 or self.order is None:
-            self.order = self.trainer._epoch_order(prep, epoch)
+            self.order = epoch_order(prep, cfg.seed, epoch)
         idx = self.order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         x_uint8, y = prep.train_x[idx], prep.train_y[idx]
-        x, y_soft, _ = prep.chain(x_uint8, y, _generator(cfg.seed, 2, self.step))
-        x = normalize(prep, x)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y_soft, _ = prep.chain(x_uint8, y, seeded_generator(cfg.seed, AUGMENTATION, self.step))
+        x = model_input(prep, x)
         self.step += 1
         return x, y_soft
 
@@ -378,8 +378,8 @@ def main(argv=None) -> int:
         torch.manual_seed(mcfg.seed)
         model = create_model(mcfg.model, mcfg.model_params, NUM_CLASSES)
         init = getattr(model, "init_from_data", None)
-        if callable(init):  # as Trainer._train: fastnet's whitening layer from 5,000 images
-            pick = torch.randperm(prep.train_x.shape[0], generator=_generator(mcfg.seed, 7))[:5000]
+        if callable(init):  # as engine.build_model: fastnet's whitening layer from 5,000 images
+            pick = torch.randperm(prep.train_x.shape[0], generator=seeded_generator(mcfg.seed, INIT_SAMPLE))[:5000]
             init(normalize(prep, prep.train_x[pick.to(device)]))
         model.to(device)
         if mcfg.channels_last:

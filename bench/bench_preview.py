@@ -1,6 +1,6 @@
 """Server time of one augmentation-previewer grid: 64 variants of one image through a 3-step chain.
 
-Measures exactly what the Preview page runs for a grid (ui/preview.py): validate and build the
+Measures exactly what the Preview page runs for a grid (cifar_core/augment/preview.py): validate and build the
 chain, augment 64 copies of one sample image in one batched, seeded, recorded chain call, then
 assemble the grid (display conversion, nearest-neighbour enlargement, PNG encoding, base64, HTML
 with the sampled parameters of every tile). A new seed every repeat. Optionally (--page) also the
@@ -28,9 +28,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_grid(chain_text: str, repeat: int, warmup: int, scale: int, rows: int, cols: int):
-    from cifar_core.augment import validate_chain
-    from cifar_core.config import parse_augment
-    from ui import preview as pv
+    from cifar_core.augment import preview as pv
+    from cifar_core.config import parse_chain
 
     xs, ys, _ = pv.sample()
     i = 60  # a cat (the page's default image)
@@ -38,7 +37,7 @@ def bench_grid(chain_text: str, repeat: int, warmup: int, scale: int, rows: int,
     aug, grid, total, size = [], [], [], 0
     for r in range(warmup + repeat):
         t0 = time.perf_counter()
-        chain = pv.make_chain(validate_chain(parse_augment(chain_text)))
+        chain = pv.make_chain(parse_chain(chain_text))
         v = pv.run_variants(chain, xs[i], int(ys[i]), n, seed=r, pool_x=xs, pool_y=ys)
         t1 = time.perf_counter()
         body = pv.grid_html(v, cols, scale, captions=True, partner_tiles=xs, source_tile=xs[i])

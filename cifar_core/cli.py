@@ -12,13 +12,13 @@ import sys
 import time
 from dataclasses import fields
 
-from .config import RunConfig, parse_augment, parse_kv
-from .params import ConfigError
+from .config import RunConfig, flag_name, parse_augment, parse_kv
+from .params import ConfigError, validate_id
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if "param" in f.metadata:
             param = f.metadata["param"]
             help_text = param.help or ""
@@ -52,8 +52,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                 loaded = json.load(fh)
         except FileNotFoundError:
             raise ConfigError(f"config file {args.config} not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {args.config} is a folder, not a JSON file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {args.config} is not UTF-8 text (a JSON file is)") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {args.config} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {args.config} cannot be read: {exc.strerror or exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {args.config} must hold a JSON object")
         data = {**data, **loaded}
@@ -86,13 +92,12 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    if not args.resume:
-        record = store.record(run_id) if run_id and store.record(run_id).exists() else \
-            store.create(cfg, run_id=run_id, state="queued")
-        record.update_status(command=args.command_line)
-        run_id = record.run_id
+    if args.estimate:
+        from .experiments.estimate import estimate_run
+        print(estimate_run(cfg, store, data_source=args.data).report())
+        return 0
     record = train_run(cfg, store=store, run_id=run_id, data_source=args.data, resume=bool(args.resume),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, meta=None if args.resume else {"command": args.command_line})
     status = record.status()
     results = record.results() or {}
     line = f"run {record.run_id}: {status.get('state')}"
@@ -106,17 +111,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import RunStore
+    from .jobs import refresh
+    from .runs import RunStore, best_accuracy
     store = RunStore(args.runs_root)
-    rows = []
+    refresh(store)  # vanished runs become failed, a stalled queue gets its supervisor back
+    rows, problems = [], {}
     for record in store.records():
         status, cfg = record.status(), record.config_dict() or {}
-        best = status.get("test_acc", status.get("best_val_acc"))
-        rows.append((record.run_id, status.get("state", "?"), cfg.get("model", "?"),
-                     "" if best is None or best < 0 else f"{100 * best:.2f}%",
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(status.get("created", 0)))))
+        problem = record.problem()
+        if problem:
+            problems[record.run_id] = problem
+        best = best_accuracy(status)
+        created = status.get("created")
+        rows.append((record.run_id, "unreadable" if problem else status.get("state", "?"), cfg.get("model", "?"),
+                     "" if best is None else f"{100 * best:.2f}%",
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
+                     if isinstance(created, (int, float)) else "?"))
     if args.json:
-        print(json.dumps([dict(zip(("run_id", "state", "model", "accuracy", "created"), r)) for r in rows]))
+        print(json.dumps([{**dict(zip(("run_id", "state", "model", "accuracy", "created"), r)),
+                           "problem": problems.get(r[0])} for r in rows]))
         return 0
     if not rows:
         print(f"no runs in {store.root}")
@@ -125,6 +138,8 @@ def cmd_runs(args) -> int:
               for i in range(5)]
     for row in [("run", "state", "model", "acc", "created")] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    for run_id, problem in problems.items():
+        print(f"{run_id}: {problem}")
     return 0
 
 
@@ -139,7 +154,10 @@ def cmd_worker(args) -> int:
 def cmd_submit(args) -> int:
     from .jobs import submit
     from .runs import RunStore
-    record = submit(config_from_args(args), RunStore(args.runs_root), data_source=args.data)
+    from .data import load_cifar10
+    cfg = config_from_args(args)
+    load_cifar10(args.data)  # no data: say so now, not when the queued job fails later
+    record = submit(cfg, RunStore(args.runs_root), data_source=args.data)
     print(record.run_id)
     return 0
 
@@ -175,7 +193,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .serve.export import export_run
+    from .serve.export import describe_checkpoint, export_run
     from .runs import RunStore, validate_run_id
     validate_run_id(args.run_id)
     started = time.time()
@@ -186,6 +204,7 @@ def cmd_export(args) -> int:
     card, parity = result.card, result.card["parity"]
     print(f"exported {args.run_id} → {result.onnx_path} ({card['file']['bytes'] / 2**20:.2f} MB) "
           f"in {time.time() - started:.1f} s")
+    print(f"weights {describe_checkpoint(card)}")
     print(f"parity on {parity['images']} real test images: max |Δlogit| batch 1 = "
           f"{parity['max_abs_diff_batch_1']:.2e}, batch {parity['images']} = {parity['max_abs_diff_batch_n']:.2e}, "
           f"top-1 mismatches {parity['top1_mismatches']}")
@@ -244,9 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
     train.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
     train.add_argument("--run-id", default=None, help="id of the new run folder (default: generated)")
-    train.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run from its last checkpoint")
+    train.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run from its last checkpoint (best.pt when last.pt is damaged); a queued run starts")
     train.add_argument("--no-progress", action="store_true", help="no terminal progress bar")
     train.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    train.add_argument("--estimate", action="store_true",
+                       help="print how long the run would take on this machine, with its parts and what the "
+                            "estimate is based on (finished runs or a few seconds' probe), and exit without training")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -280,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_id")
     export.add_argument("--out", default=None, help="the .onnx path (default: <run>/export/<run_id>.onnx)")
     export.add_argument("--name", default=None, help="model name in the card (default: the run id)")
-    export.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (for --evaluate, ZCA)")
+    export.add_argument("--data", default=None,
+                        help="CIFAR-10 .npz or offline folder (read only for --evaluate and --int8 calibration)")
     export.add_argument("--fp16-weights", action="store_true",
                         help="store weights as float16 (cast to float32 in the graph): half the file size")
     export.add_argument("--int8", action="store_true",
@@ -317,9 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = "python -m cifar_core " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        for name in ("run_id", "resume"):  # ids become folder names: check them before anything else
+            if isinstance(getattr(args, name, None), str):
+                validate_id(getattr(args, name), "run id")
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be used (a file where a folder belongs, permissions, disk full)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -8,10 +8,11 @@ chain).
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .params import ConfigError, Param, reject_unknown, validate_id
+from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
 SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "distill", "speed")
 
@@ -113,7 +114,7 @@ class RunConfig:
                                             "softened probabilities."))
     teacher_run: str = _p("distill", Param("teacher_run", "str", "",
                                            help="Run id of the teacher: a completed run in the same runs "
-                                                "folder (its best checkpoint, else its last)."))
+                                                "folder (its last checkpoint, else its best)."))
     distill_alpha: float = _p("distill", Param("distill_alpha", "float", 0.5, 0.0, 1.0,
                                                help="Weight of the distillation loss; the true-label loss "
                                                     "gets 1 - alpha (0.5: DeiT's plain average)."))
@@ -138,6 +139,23 @@ class RunConfig:
         for f in fields(cls):
             out[f.metadata["section"]].append(f.name)
         return out
+
+    @staticmethod
+    def applies(name: str, values: dict) -> bool:
+        """Whether field `name` has an effect, given the other fields' values (a dict of at least the
+        controlling field): subset_size only counts for subset=random, clip_value for grad_clip=value..."""
+        rule = APPLIES_WHEN.get(name)
+        return rule is None or values.get(rule[0]) in rule[1]
+
+    @staticmethod
+    def registries() -> dict[str, Registry]:
+        """The registry behind each choice field: {"model": MODELS, "schedule": ..., "imbalance": ...,
+        "balance": ...}; the field's options live in `<field>_params`."""
+        from .data import IMBALANCE
+        from .imbalance import BALANCING
+        from .models import MODELS
+        from .schedules import SCHEDULES
+        return {"model": MODELS, "schedule": SCHEDULES, "imbalance": IMBALANCE, "balance": BALANCING}
 
     # --- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -169,16 +187,12 @@ class RunConfig:
     def validated(self) -> "RunConfig":
         """Return a copy with every value coerced and every registry's defaults filled in."""
         from .augment import validate_chain
-        from .imbalance import BALANCING
-        from .data import IMBALANCE
-        from .models import MODELS, check_model
-        from .schedules import SCHEDULES
+        from .models import check_model
 
         values = {}
         for name, param in self.scalar_params().items():
             values[name] = param.validate(getattr(self, name))
-        for key, registry in (("model", MODELS), ("schedule", SCHEDULES), ("imbalance", IMBALANCE),
-                              ("balance", BALANCING)):
+        for key, registry in self.registries().items():
             registry.get(values[key])  # unknown name -> ConfigError listing the choices
             params = getattr(self, f"{key}_params")
             if params is None:
@@ -188,11 +202,13 @@ class RunConfig:
             values[f"{key}_params"] = registry.validate(values[key], params)
         values["model_params"] = check_model(values["model"], values["model_params"])
         values["augment"] = validate_chain(self.augment)
-        self._check_cross_field(values)
+        self.check_cross_field(values)
         return RunConfig(**values)
 
     @staticmethod
-    def _check_cross_field(v: dict) -> None:
+    def check_cross_field(v: dict) -> None:
+        """The rules between fields of a dict of validated scalar values; ConfigError for the first
+        one broken."""
         if v["label_budget"] and v["label_budget"] % 10:
             raise ConfigError("label_budget must be a multiple of 10 (the same number per class)")
         if v["test_size"] % 10:
@@ -218,6 +234,95 @@ class RunConfig:
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
                               "same runs folder (pick one on the Train page, or --teacher-run RUN_ID)")
+
+    @classmethod
+    def checked(cls, data: "dict | RunConfig") -> tuple["RunConfig | None", list[str]]:
+        """(validated config, []) or (None, the problems a user must fix). Each part (every field, the
+        registries' options, the model build, the augmentation chain, the cross-field rules) is checked
+        on its own, so that independent problems are all reported at once."""
+        if isinstance(data, RunConfig):
+            data = data.to_dict()
+        try:
+            return cls.from_dict(data), []
+        except ConfigError as exc:
+            first = str(exc)
+        except Exception as exc:  # a bug in a check must still read as a message
+            return None, [f"{type(exc).__name__}: {exc}"]
+        if not isinstance(data, dict):
+            return None, [first]
+        problems = cls._problems_by_part(data)
+        if first not in problems:
+            problems.insert(0, first)
+        return None, problems
+
+    @classmethod
+    def problems(cls, data: "dict | RunConfig") -> list[str]:
+        """Every user-facing problem of a config dict (or object); [] when it is valid."""
+        return cls.checked(data)[1]
+
+    @classmethod
+    def _problems_by_part(cls, values: dict) -> list[str]:
+        from .augment import validate_chain
+        from .models import check_model
+
+        values = {**RunConfig().to_dict(), **values}  # fields not given take their defaults, as in from_dict
+        problems: list[str] = []
+
+        def check(fn, *args):
+            try:
+                return fn(*args)
+            except ConfigError as exc:
+                if str(exc) not in problems:
+                    problems.append(str(exc))
+            except Exception as exc:
+                problems.append(f"{type(exc).__name__}: {exc}")
+            return None
+
+        declared = cls.scalar_params()
+        scalars = {name: check(param.validate, values[name]) for name, param in declared.items()}
+        for owner, registry in cls.registries().items():
+            if scalars.get(owner) is None or check(registry.get, scalars[owner]) is None:
+                continue
+            params = check(registry.validate, scalars[owner], values.get(f"{owner}_params") or {})
+            if owner == "model" and params is not None:
+                check(check_model, scalars["model"], params)
+        chain = check(validate_chain, values.get("augment", []))
+        if all(v is not None for v in scalars.values()):
+            check(cls.check_cross_field, {**scalars, "augment": chain or []})
+        return problems
+
+    # --- command line ---------------------------------------------------------------------------
+    def to_flags(self) -> list[str]:
+        """The `python -m cifar_core train` arguments that rebuild this config (the inverse of
+        cli.config_from_args): a flag for every field that differs from the defaults (model and schedule
+        always, for the reader), registry options only where they differ from the chosen entry's
+        defaults."""
+        mine = self.validated().to_dict()
+        default = RunConfig().validated().to_dict()
+        registries = self.registries()
+        flags: list[str] = []
+        for name, value in mine.items():
+            flag = flag_name(name)
+            if name.endswith("_params"):
+                owner = name[:-len("_params")]
+                base = json.loads(json.dumps(registries[owner].get(mine[owner]).defaults()))
+                changed = {k: v for k, v in value.items() if base.get(k) != v}
+                if changed:
+                    flags += [flag, json.dumps(changed, separators=(",", ":"))]
+            elif value == default[name] and name not in ALWAYS_FLAGGED:
+                continue
+            elif name == "augment":
+                flags += [flag, json.dumps(value, separators=(",", ":")) if value else "none"]
+            elif isinstance(value, bool):
+                flags.append(flag if value else "--no-" + flag[2:])
+            else:
+                text = str(value)  # str() of a float reads back exactly
+                flags += [f"{flag}={text}"] if text.startswith("-") else [flag, text]  # not taken for a flag
+        return flags
+
+    def to_command(self, command: str = "train") -> str:
+        """The shell line `python -m cifar_core <command> <to_flags()>`, quoted for a POSIX shell."""
+        return shlex.join(["python", "-m", "cifar_core", command, *self.to_flags()])
 
     # --- summaries for tables -------------------------------------------------------------------
     def key_tricks(self) -> list[str]:
@@ -251,6 +356,23 @@ class RunConfig:
         return tricks
 
 
+# Fields that have an effect only for some values of another field: field -> (that field, its values)
+APPLIES_WHEN = {
+    "subset_size": ("subset", ("random",)),
+    "per_class": ("subset", ("per_class",)),
+    "clip_max_norm": ("grad_clip", ("norm",)),
+    "clip_norm_type": ("grad_clip", ("norm",)),
+    "clip_value": ("grad_clip", ("value",)),
+    "nesterov": ("optimizer", ("sgd",)),
+}
+ALWAYS_FLAGGED = ("model", "schedule")
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a RunConfig field: lr -> --lr, model_params -> --model-params."""
+    return "--" + field_name.replace("_", "-")
+
+
 def config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two config dicts (nested keys joined by dots)."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -262,6 +384,16 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> dict[str, tuple[Any, Any]
         elif va != vb:
             out[path] = (va, vb)
     return out
+
+
+def config_value(config: dict, dotted: str) -> Any:
+    """The value at a config_diff key ("model_params.norm") of a config dict; None where there is none."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 # ---- text forms of the registry-backed fields (CLI flags, links, the app's text boxes) ----------
@@ -316,3 +448,9 @@ def parse_augment(text: str) -> list[dict]:
         name, _, params = part.partition(":")
         chain.append({"name": name.strip(), "params": parse_kv(params), "p": prob})
     return chain
+
+
+def parse_chain(text: str) -> list[dict]:
+    """An augmentation chain in either text form (see parse_augment), validated: ConfigError otherwise."""
+    from .augment import validate_chain
+    return validate_chain(parse_augment(text))

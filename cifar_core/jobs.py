@@ -9,7 +9,7 @@ How it works
   a kill on cancelled runs that outlive their grace period, and marks runs whose process vanished
   as failed ("process lost") with the tail of their log. It exits after some idle time with
   nothing queued or running; the next submit starts a new one.
-- Each run is its own OS process (`python -m cifar_core train --resume-queued RUN_ID`), in its own
+- Each run is its own OS process (`python -m cifar_core train --resume RUN_ID`), in its own
   session so the Streamlit server, the supervisor and the runs can each be restarted independently:
   a restarted app or supervisor re-attaches to running jobs by the pid and start time in status.json.
 - State changes that race (queued -> starting vs queued -> cancelled) happen under
@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from .devices import default_device_kind
+from .processes import process_alive, process_start_time
 from .params import ConfigError
 from .runs import FINAL_STATES, RunRecord, RunStore
 
@@ -45,54 +47,8 @@ def slots() -> dict[str, int]:
 def job_device(cfg_dict: dict) -> str:
     wanted = cfg_dict.get("device", "auto")
     if wanted == "auto":
-        return "cuda" if _cuda_available() else "cpu"
+        return default_device_kind()
     return wanted
-
-
-_CUDA: bool | None = None
-
-
-def _cuda_available() -> bool:
-    global _CUDA
-    if _CUDA is None:
-        try:
-            import torch
-            _CUDA = bool(torch.cuda.is_available())
-        except Exception:
-            _CUDA = False
-    return _CUDA
-
-
-# ---- process helpers ---------------------------------------------------------------------------
-def process_start_time(pid: int) -> float | None:
-    """Kernel start time of a process (clock ticks since boot), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        return float(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int | None, start_time: float | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        if state == b"Z":
-            return False
-    except OSError:
-        return False
-    if start_time is not None and process_start_time(pid) != start_time:
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -145,7 +101,7 @@ def cancel(run_id: str, store: RunStore | None = None) -> str:
         record.update_status(cancel_requested=time.time())
     pid = status.get("pid")
     if process_alive(pid, status.get("pid_start")):
-        _signal_group(pid, signal.SIGTERM)
+        signal_run(pid, signal.SIGTERM)
     ensure_worker(store)
     return "cancelling"
 
@@ -162,9 +118,15 @@ def delete(run_id: str, store: RunStore | None = None) -> None:
     store.delete(run_id)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_run(pid: int, sig: int) -> None:
+    """Signal a run's process, and the processes it started when it leads its own process group (as
+    the supervisor starts runs). A run started directly from a shell or a script shares its caller's
+    group: only its own pid is signalled then, never the caller and the caller's other children."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(os.getpgid(pid), sig)
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
 
 
 def worker_alive(store: RunStore) -> bool:
@@ -219,6 +181,16 @@ def reconcile(store: RunStore) -> list[str]:
     return lost
 
 
+def refresh(store: RunStore) -> list[str]:
+    """What every reader of the records calls (the app's pages, `runs`): mark runs whose process
+    vanished as failed, and restart the supervisor when queued work has none (it died, or a machine
+    restarted). Returns the run ids marked lost."""
+    lost = reconcile(store)
+    if any(record.status().get("state") == "queued" for record in store.records()) and not worker_alive(store):
+        ensure_worker(store)
+    return lost
+
+
 def job_table(store: RunStore) -> dict[str, list[str]]:
     """Run ids by state (queued in submission order)."""
     table: dict[str, list[tuple[float, str]]] = {}
@@ -252,7 +224,7 @@ class Supervisor:
                 continue
             pid = status.get("pid")
             if time.time() - requested > GRACE_SECONDS and process_alive(pid, status.get("pid_start")):
-                _signal_group(pid, signal.SIGKILL)
+                signal_run(pid, signal.SIGKILL)
                 record.update_status(state="cancelled", finished=time.time(),
                                      error=f"killed after a {GRACE_SECONDS:.0f} s grace period")
 

@@ -16,13 +16,115 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config import RunConfig
 from .params import ID_RE, ConfigError, validate_id
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
+UNFINISHED_STATES = ("queued", "starting", "running")  # "starting": the job process is loading data
+STALE_METRICS_S = 60.0  # a running run without a new metric line for this long: its ETA is not counted down
+
+
+# ---- facts about one run, from its status.json (and metric rows) ---------------------------------
+
+def _number(value) -> float | None:
+    """value as a float; None for missing, bool, NaN or non-numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return float(value)
+
+
+def _accuracy(value) -> float | None:
+    value = _number(value)
+    return value if value is not None and value >= 0 else None  # the trainer writes -1 for "none yet"
+
+
+def best_val_accuracy(status: dict, val_accs: Iterable = ()) -> float | None:
+    """The best validation accuracy so far: status.json's best_val_acc, else the best of the metric
+    rows' val_acc values (NaN and missing values ignored)."""
+    best = _accuracy(status.get("best_val_acc"))
+    if best is None:
+        found = [v for v in map(_accuracy, val_accs) if v is not None]
+        best = max(found) if found else None
+    return best
+
+
+def best_accuracy(status: dict, val_accs: Iterable = ()) -> float | None:
+    """The one accuracy that stands for a run in tables: the test accuracy of a completed run, else
+    the best validation accuracy so far (see best_val_accuracy)."""
+    test = _accuracy(status.get("test_acc")) if status.get("state") == "completed" else None
+    return test if test is not None else best_val_accuracy(status, val_accs)
+
+
+def run_duration(status: dict, now: float | None = None) -> float | None:
+    """Seconds from start to finish, or to `now` while it runs; None before it started."""
+    started, finished = _number(status.get("started")), _number(status.get("finished"))
+    if started is None:
+        return None
+    if finished is not None and finished >= started:
+        return finished - started
+    if status.get("state") in ("starting", "running"):
+        return (time.time() if now is None else now) - started
+    return None
+
+
+def final_metrics(status: dict, results: dict | None) -> dict[str, float | None]:
+    """A run's final numbers: results.json's, else what status.json recorded (None where neither has
+    one): test_acc, balanced_acc, macro_f1, train_seconds, steps, params."""
+    results = results if isinstance(results, dict) else {}
+    out = {}
+    for key in ("test_acc", "balanced_acc", "macro_f1", "train_seconds"):
+        value = _number(results.get(key))
+        out[key] = value if value is not None else _number(status.get(key))
+    steps = _number(results.get("steps"))
+    out["steps"] = steps if steps is not None else _number(status.get("step"))
+    out["params"] = _number(status.get("params"))
+    return out
+
+
+@dataclass
+class Progress:
+    """Where a run stands: steps, epochs, elapsed time and the time left (None where unknown)."""
+    step: int
+    total_steps: int | None
+    fraction: float | None  # of the steps done (1.0 for a completed run without step counts)
+    epoch: float | None
+    total_epochs: int | None
+    elapsed: float | None
+    eta: float | None  # seconds left, while running
+    stale_for: float  # seconds since the last metric line (0 when not running)
+
+    @property
+    def stale(self) -> bool:
+        return self.stale_for > STALE_METRICS_S
+
+
+def run_progress(status: dict, last_train: dict, now: float | None = None) -> Progress:
+    """The progress of a run from its status.json and its latest train metric row. The ETA assumes the
+    remaining steps go as fast as the done ones; while no new metric line arrives it is counted down,
+    until STALE_METRICS_S, after which it stays (and the run is `stale`)."""
+    now = time.time() if now is None else now
+    state = status.get("state")
+    step = int(max(_number(last_train.get("step")) or 0, _number(status.get("step")) or 0))
+    total = _number(status.get("total_steps"))
+    total = int(total) if total and total > 0 else None
+    elapsed = _number(last_train.get("elapsed"))
+    started = _number(status.get("started"))
+    if elapsed is None and state in ("starting", "running") and started:
+        elapsed = now - started
+    fraction = min(1.0, step / total) if total else (1.0 if state == "completed" else None)
+    per_epoch = _number(status.get("steps_per_epoch"))
+    epoch = step / per_epoch if total and per_epoch and per_epoch > 0 else None
+    total_epochs = round(total / per_epoch) if epoch is not None else None
+    eta, stale_for = None, 0.0
+    if total and state == "running" and step > 0 and elapsed is not None and elapsed > 0 and fraction < 1:
+        eta = (total - step) * elapsed / step
+        stale_for = max(0.0, now - (_number(last_train.get("time")) or now))
+        if stale_for <= STALE_METRICS_S:
+            eta = max(0.0, eta - stale_for)
+    return Progress(step, total, fraction, epoch, total_epochs, elapsed, eta, stale_for)
 
 
 def default_runs_root() -> Path:
@@ -62,6 +164,20 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return default
+
+
+def read_json_object(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None), (None, None) when the file is missing, or (None, why) when it
+    is unreadable: not UTF-8, not JSON, or JSON that is not an object (a record must never crash a reader)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path.name} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(value, dict):
+        return None, f"{path.name} holds a JSON {type(value).__name__}, not an object"
+    return value, None
 
 
 @dataclass
@@ -139,7 +255,16 @@ class RunRecord:
         atomic_write_json(self.config_path, cfg.to_dict())
 
     def config_dict(self) -> dict | None:
-        return read_json(self.config_path)
+        """config.json as a dict, or None when it is missing or unreadable (see `problem`)."""
+        return read_json_object(self.config_path)[0]
+
+    def problem(self) -> str | None:
+        """Why this record cannot be read (status.json or config.json damaged), or None."""
+        for path in (self.status_path, self.config_path):
+            why = read_json_object(path)[1]
+            if why:
+                return why
+        return None
 
     def config(self):
         data = self.config_dict()
@@ -149,10 +274,17 @@ class RunRecord:
 
     # status
     def status(self) -> dict:
-        return read_json(self.status_path, default={}) or {}
+        """status.json; {} when missing; state "unreadable" with the reason when it is damaged."""
+        status, why = read_json_object(self.status_path)
+        if why:
+            return {"state": "unreadable", "error": why}
+        return status or {}
 
     def update_status(self, **changes) -> dict:
-        status = self.status()
+        status, why = read_json_object(self.status_path)
+        if why:  # keep the damaged file for inspection instead of overwriting what is left of it
+            os.replace(self.status_path, self.path / f"status.json.damaged-{int(time.time())}")
+        status = dict(status or {})
         status.update(changes)
         status["updated"] = time.time()
         atomic_write_json(self.status_path, status)
@@ -176,7 +308,7 @@ class RunRecord:
         return reader.rows
 
     def results(self) -> dict | None:
-        return read_json(self.results_path)
+        return read_json_object(self.results_path)[0]
 
     def log_tail(self, max_bytes: int = 4000) -> str:
         try:
@@ -194,12 +326,25 @@ class RunStore:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else default_runs_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"the runs root {self.root} is a file, not a folder")
 
     def record(self, run_id: str) -> RunRecord:
         record = RunRecord(self.root, run_id)
         if record.path.resolve().parent != self.root.resolve():
             raise ConfigError(f"run id {run_id!r} does not name a folder inside {self.root}")
         return record
+
+    def config_dict_of(self, run_id: str) -> dict:
+        """config.json of an existing run as a dict, not validated (a config of an older version still
+        loads); ConfigError saying what is wrong (bad id, no such run, unreadable config)."""
+        record = self.record(run_id)
+        if not record.exists():
+            raise ConfigError(f"run {run_id!r} was not found in {self.root}")
+        config = record.config_dict()
+        if not isinstance(config, dict):
+            raise ConfigError(f"run {run_id} has no readable config.json")
+        return config
 
     def create(self, cfg, run_id: str | None = None, state: str = "queued") -> RunRecord:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from cifar_core import jobs
+from cifar_core import jobs, runs
 from cifar_core.params import ConfigError
 from ui import charts, live
 from ui.common import friendly_errors, get_store
@@ -54,11 +54,11 @@ def history_table(store, summaries: list[dict]) -> None:
     for s in summaries:
         if picked and s["state"] not in picked:
             continue
-        acc = live.best_accuracy(s["status"])
+        acc = runs.best_accuracy(s["status"])
         rows.append({
             "state": s["state"], "name": s["name"] or "—", "model": s["model"],
             "key tricks": s["tricks"], "best acc %": None if acc is None else round(100 * acc, 2),
-            "duration": charts.fmt_duration(live.duration(s["status"], now)),
+            "duration": charts.fmt_duration(runs.run_duration(s["status"], now)),
             "created": _fmt_time(s["created"]), "run id": s["run_id"]})
     if not rows:
         st.caption("No runs in the chosen states.")
@@ -115,47 +115,30 @@ def _num(value) -> float | None:
     return float(value)
 
 
-def _progress(status: dict, lm: live.LiveMetrics, state: str) -> None:
+def _progress(status: dict, lm: live.LiveMetrics) -> None:
     """Progress bar with steps, epochs, elapsed time and (while running) an ETA."""
-    last = lm.latest("train")
-    step = int(max(_num(last.get("step")) or 0, _num(status.get("step")) or 0))
-    total = _num(status.get("total_steps"))
-    elapsed = _num(last.get("elapsed"))
-    started = _num(status.get("started"))
-    if elapsed is None and state in ("starting", "running") and started:
-        elapsed = time.time() - started
-    parts, frac = [], None
-    if total and total > 0:
-        frac = min(1.0, step / total)
-        parts.append(f"step {step:,} / {int(total):,}")
-        spe = _num(status.get("steps_per_epoch"))
-        if spe and spe > 0:
-            parts.append(f"epoch {step / spe:.2f} / {round(total / spe)}")
-    elif step:
-        parts.append(f"step {step:,}")
-    if elapsed is not None:
-        parts.append(f"elapsed {charts.fmt_duration(elapsed)}")
-        if frac is not None and state == "running" and step > 0 and elapsed > 0 and frac < 1:
-            eta = (total - step) * elapsed / step
-            since = max(0.0, time.time() - (_num(last.get("time")) or time.time()))
-            if since > 60:  # no metric line for a while: say so rather than count the ETA down to 0
-                parts.append(f"ETA {charts.fmt_duration(eta)} (no new metrics for {charts.fmt_duration(since)})")
-            else:
-                parts.append(f"ETA {charts.fmt_duration(max(0.0, eta - since))}")
-    if frac is None and state == "completed":
-        frac = 1.0
-    if frac is not None:
-        st.progress(frac, text=" · ".join(parts) or None)
+    p = runs.run_progress(status, lm.latest("train"))
+    parts = []
+    if p.total_steps:
+        parts.append(f"step {p.step:,} / {p.total_steps:,}")
+        if p.epoch is not None:
+            parts.append(f"epoch {p.epoch:.2f} / {p.total_epochs}")
+    elif p.step:
+        parts.append(f"step {p.step:,}")
+    if p.elapsed is not None:
+        parts.append(f"elapsed {charts.fmt_duration(p.elapsed)}")
+    if p.eta is not None:
+        parts.append(f"ETA {charts.fmt_duration(p.eta)}" + (
+            f" (no new metrics for {charts.fmt_duration(p.stale_for)})" if p.stale else ""))
+    if p.fraction is not None:
+        st.progress(p.fraction, text=" · ".join(parts) or None)
     elif parts:
         st.caption(" · ".join(parts))
 
 
 def _latest_metrics(status: dict, lm: live.LiveMetrics) -> None:
     last, last_eval = lm.latest("train"), lm.latest("eval")
-    best = _num(status.get("best_val_acc"))
-    if best is None or best < 0:
-        vals = [v for v in lm.eval["val_acc"] if v == v]
-        best = max(vals) if vals else None
+    best = runs.best_val_accuracy(status, lm.eval["val_acc"])
 
     def fmt(value, spec: str) -> str:
         value = _num(value)
@@ -204,7 +187,7 @@ def live_view(store, run_id: str, page_state: str) -> None:
         if state in jobs.ACTIVE_STATES and status.get("pid") and \
                 not jobs.process_alive(status.get("pid"), status.get("pid_start")):
             with friendly_errors("Checking the run's process"):
-                jobs.reconcile(store)
+                jobs.refresh(store)
             status = record.status()
             state = status.get("state", "unknown")
         if was_active and state not in live.ACTIVE and st.session_state.get("_runs_rerun_for") != (run_id, state):
@@ -234,7 +217,7 @@ def live_view(store, run_id: str, page_state: str) -> None:
                     "training slot is free.")
         elif state == "starting":
             st.info("Starting: loading data and building the model…")
-        _progress(status, lm, state)
+        _progress(status, lm)
         if lm.n_rows:
             _latest_metrics(status, lm)
         if lm.bad_lines:
@@ -328,26 +311,15 @@ def results_section(store, run_id: str, state: str) -> None:
     downloads(record)
 
 
-# (label, file suffix, export_run options): the exact graph, or the fast int8 variants
-EXPORT_KINDS = {
-    "fp32, as the run evaluated": ("", {}),
-    "int8, the run's test-time views (¼ size, ~2.5× faster on CPU)": ("-int8", {"int8": True}),
-    "int8, flip views only (2 views: the shipped fast model's choice, near full accuracy)":
-        ("-int8-flip", {"int8": True, "tta": "flip"}),
-    "int8, one view (fastest; a little less accurate)": ("-int8-1view", {"int8": True, "tta": "none"}),
-}
-
-
 def export_section(store, record) -> None:
     """Export to ONNX (parity-checked) and hand the file to the Classify page."""
-    from cifar_core.serve.export import default_export_path, read_card
+    from cifar_core.serve.export import EXPORT_KINDS, export_path, read_card
     st.markdown("**ONNX export**")
-    kind = st.selectbox("Export as", list(EXPORT_KINDS), key="runs_export_kind",
+    label = st.selectbox("Export as", list(EXPORT_KINDS), key="runs_export_kind",
                         help="int8: onnxruntime static quantization calibrated on 1,000 training images "
                              "(needs the data set), checked by top-1 agreement with the fp32 export.")
-    suffix, options = EXPORT_KINDS[kind]
-    base = default_export_path(record)
-    path = base.with_name(base.stem + suffix + ".onnx")
+    kind = EXPORT_KINDS[label]
+    path = export_path(record, kind)
     card = read_card(path) if path.is_file() else None
     if card:
         parity = card.get("parity") or {}
@@ -375,14 +347,14 @@ def export_section(store, record) -> None:
                 st.switch_page("pages/6_Classify.py",
                                query_params={"model": f"run/{record.run_id}/{path.name}"})
     if clicked:
-        from cifar_core.serve.export import export_run
+        from cifar_core.serve.export import describe_checkpoint, export_run
         from ui.common import data_source
         with friendly_errors("The export"), st.spinner("Exporting and checking parity…"):
             # export_run writes the equivalent CLI command (--out, --int8, --tta) into the card itself
-            result = export_run(record.run_id, store, out=path, data_source=data_source(), **options)
+            result = export_run(record.run_id, store, out=path, data_source=data_source(), **kind.options)
             parity = result.card["parity"]
-            _flash("success", f"Exported {result.onnx_path.name}: parity max |Δlogit| "
-                              f"{parity['max_abs_diff_batch_n']:.1e} on {parity['images']} test images."
+            _flash("success", f"Exported {result.onnx_path.name} {describe_checkpoint(result.card)}: parity "
+                              f"max |Δlogit| {parity['max_abs_diff_batch_n']:.1e} on {parity['images']} test images."
                               + _quantization_note(result.card))
             st.rerun()
 
@@ -438,7 +410,7 @@ st.title("Runs")
 _show_flash()
 store = get_store()
 with friendly_errors("Checking for lost jobs"):
-    jobs.reconcile(store)
+    jobs.refresh(store)
 summaries = live.run_summaries(store)
 any_active = any(s["state"] in live.ACTIVE for s in summaries)
 
@@ -448,7 +420,7 @@ def _table() -> None:
     rows = summaries
     if st.session_state.get("_runs_table_renders", 0):  # a timed refresh: read the disk again
         with friendly_errors("Checking for lost jobs"):
-            jobs.reconcile(store)
+            jobs.refresh(store)
         rows = live.run_summaries(store)
     st.session_state["_runs_table_renders"] = st.session_state.get("_runs_table_renders", 0) + 1
     with friendly_errors("Showing the runs table"):

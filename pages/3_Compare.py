@@ -6,20 +6,12 @@ import json
 import pandas as pd
 import streamlit as st
 
-from cifar_core.config import config_diff
+from cifar_core.config import config_diff, config_value
+from cifar_core.runs import final_metrics
 from ui import charts, live
 from ui.common import friendly_errors, get_store
 
 MAX_RUNS = 8
-
-
-def _value_at(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _show(value) -> str:
@@ -32,12 +24,6 @@ def _show(value) -> str:
     return str(value)
 
 
-def _num(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return float(value)
-
-
 def diff_table(configs: dict[str, dict]) -> pd.DataFrame:
     """One row per config key whose value differs between any of the runs, one column per run."""
     labels = list(configs)
@@ -45,7 +31,7 @@ def diff_table(configs: dict[str, dict]) -> pd.DataFrame:
     keys: set[str] = set()
     for label in labels[1:]:
         keys.update(config_diff(first, configs[label]))
-    rows = [{"key": key, **{label: _show(_value_at(configs[label], key)) for label in labels}}
+    rows = [{"key": key, **{label: _show(config_value(configs[label], key)) for label in labels}}
             for key in sorted(keys)]
     return pd.DataFrame(rows, columns=["key", *labels])
 
@@ -54,24 +40,14 @@ def metrics_table(picked: list[str], by_id: dict, labels: dict[str, str],
                   results: dict[str, dict | None]) -> pd.DataFrame:
     rows = []
     for rid in picked:
-        status = by_id[rid]["status"]
-        res = results.get(rid) or {}
-
-        def pick(key):
-            v = _num(res.get(key))
-            return v if v is not None else _num(status.get(key))
-
-        test, bal = pick("test_acc"), pick("balanced_acc")
-        steps = _num(res.get("steps"))
-        if steps is None:
-            steps = _num(status.get("step"))
+        m = final_metrics(by_id[rid]["status"], results.get(rid))
         rows.append({"run": labels[rid], "state": by_id[rid]["state"],
-                     "test acc %": None if test is None else 100 * test,
-                     "balanced acc %": None if bal is None else 100 * bal,
-                     "macro-F1": pick("macro_f1"),
-                     "train time": charts.fmt_duration(pick("train_seconds")),
-                     "steps": None if steps is None else int(steps),
-                     "params": None if _num(status.get("params")) is None else int(status["params"])})
+                     "test acc %": None if m["test_acc"] is None else 100 * m["test_acc"],
+                     "balanced acc %": None if m["balanced_acc"] is None else 100 * m["balanced_acc"],
+                     "macro-F1": m["macro_f1"],
+                     "train time": charts.fmt_duration(m["train_seconds"]),
+                     "steps": None if m["steps"] is None else int(m["steps"]),
+                     "params": None if m["params"] is None else int(m["params"])})
     return pd.DataFrame(rows)
 
 

@@ -14,6 +14,7 @@ import streamlit as st
 from cifar_core import jobs
 from cifar_core.experiments import studies
 from cifar_core.data import CLASSES
+from cifar_core.runs import RunStore
 from ui.common import data_source, data_status, device_info, friendly_errors, get_store
 
 from ui.forms import param_widget
@@ -49,14 +50,6 @@ if not data["ok"]:
 
 # ---- helpers --------------------------------------------------------------------------------------
 
-def human(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def pct(mean, std=math.nan) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
@@ -71,15 +64,23 @@ def widget(param, key: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def plan(kind: str, params_json: str, seeds: int, device: str) -> dict:
-    """Build and validate a study once per distinct form state: runs, estimated time or the error."""
+def plan(kind: str, params_json: str, seeds: int) -> dict:
+    """Build and validate a study once per distinct form state: how many runs, or the error."""
     params = json.loads(params_json)
     try:
         cells = studies.build_study(kind, params, seeds)
     except studies.ConfigError as exc:
         return {"ok": False, "error": str(exc)}
-    seconds = sum(studies.estimate_run_seconds(cfg, device) for _, cfg in cells)
-    return {"ok": True, "runs": len(cells), "cells": len(cells) // seeds, "seconds": seconds}
+    return {"ok": True, "runs": len(cells), "cells": len(cells) // seeds}
+
+
+@st.cache_data(show_spinner=False, max_entries=64, ttl=60)  # ttl: runs that finish meanwhile refine it
+def study_estimate(kind: str, params_json: str, seeds: int, device: str, runs_root: str,
+                   source: str | None) -> dict:
+    """The study's duration on this machine (cifar_core.experiments.estimate), as texts."""
+    estimate = studies.estimate_study(kind, json.loads(params_json), seeds, RunStore(runs_root), source, device)
+    return {"text": estimate.text, "range": estimate.range_text, "basis": estimate.basis,
+            "notes": list(estimate.notes)}
 
 
 # ---- launch ---------------------------------------------------------------------------------------
@@ -114,18 +115,29 @@ for kind, tab in zip(kinds, tabs):
             with cols[i % 3]:
                 # keyed by scale: switching the scale shows that scale's defaults
                 params[param.name] = widget(param, f"{prefix}.{scale}.{param.name}")
-        result = plan(kind, json.dumps(params, sort_keys=True, default=list), int(seeds), device_kind)
+        params_json = json.dumps(params, sort_keys=True, default=list)
+        result = plan(kind, params_json, int(seeds))
+        estimate = None
         if not result["ok"]:
             st.error(result["error"])
         else:
-            where = ("on the GPU (a rough guess: GPU speed is not measured)" if device_kind == "cuda"
-                     else "on this CPU, one run at a time")
-            st.info(f"**{result['runs']} runs** ({result['cells']} cells × {seeds} seed(s)); estimated "
-                    f"total time about **{human(result['seconds'])}** {where}.")
+            with friendly_errors("The estimate"), st.spinner(
+                    "Timing these models on this machine: a few seconds per new setting…"):
+                estimate = study_estimate(kind, params_json, int(seeds), device_kind, str(store.root),
+                                          data_source())
+            where = "on the GPU" if device_kind == "cuda" else "on this CPU"
+            timing = (f"estimated total time **{estimate['text']}** ({estimate['range']}) {where}, one run "
+                      f"at a time, {estimate['basis']}" if estimate else "no time estimate")
+            notes = "".join(f"  \nNote: {note}." for note in (estimate or {}).get("notes", []))
+            st.info(f"**{result['runs']} runs** ({result['cells']} cells × {seeds} seed(s)); {timing}.{notes}")
         reason = ("CIFAR-10 is missing. " if not data["ok"] else "") + ("" if result["ok"] else
                                                                         "Fix the error above.")
-        if st.button("Launch study", key=f"{prefix}.launch", type="primary", icon=":material/rocket_launch:",
-                     disabled=bool(reason), help=reason or "Queue every run of this study."):
+        launch_column, estimate_column = st.columns([1, 4], vertical_alignment="center")
+        if estimate is not None:
+            estimate_column.caption(f"Takes {estimate['text']} ({estimate['range']}).")
+        if launch_column.button("Launch study", key=f"{prefix}.launch", type="primary",
+                                icon=":material/rocket_launch:", disabled=bool(reason),
+                                help=reason or "Queue every run of this study."):
             with friendly_errors("Launching the study"):
                 study_id = studies.launch_study(kind, params, store, data_source=data_source(),
                                                 seeds=int(seeds))
@@ -318,7 +330,7 @@ def runs_table(df: pd.DataFrame) -> None:
 
 def show_study(study_id: str, live: bool) -> None:
     with friendly_errors("Reading the study's results"):
-        jobs.reconcile(store)  # runs whose process vanished become "failed" instead of running forever
+        jobs.refresh(store)  # runs whose process vanished become "failed" instead of running forever
         df = studies.study_results(store, study_id)
         finished = studies.is_finished(df)
         if live and finished:

@@ -12,6 +12,9 @@ import random
 
 import streamlit as st
 
+from cifar_core.augment import AugmentChain
+from cifar_core.augment import preview as ap
+from cifar_core.config import parse_chain
 from cifar_core.images import enlarge
 from ui import preview as pv
 from ui.common import data_status, friendly_errors
@@ -36,9 +39,7 @@ def chain_from_link(param: str, key: str) -> bool:
         return False
     st.session_state[f"preview.link.{param}"] = raw
     with friendly_errors("Reading the augmentation chain from the link"):
-        from cifar_core.augment import validate_chain
-        from cifar_core.config import parse_augment
-        set_augment_chain(key, validate_chain(parse_augment(raw)))
+        set_augment_chain(key, parse_chain(raw))
         return True
     return False
 
@@ -58,7 +59,7 @@ def load_example() -> None:
 
 
 # ---- sidebar: images and grid -----------------------------------------------------------------------
-sources: list[pv.Source] = []
+sources: list[ap.Source] = []
 uploads: list = []
 data_missing = None
 with st.sidebar:
@@ -120,7 +121,7 @@ if kind == "upload":
             picked = st.multiselect("Images to augment", names, key="preview.upload.pick",
                                     max_selections=pv.MAX_PREVIEWED)
             good = [img for img in good if img.name in picked]
-        sources = [pv.upload_source(img) for img in good]
+        sources = [ap.upload_source(item.name, item.image) for item in good]
 
 # ---- chain editors ------------------------------------------------------------------------------------
 specs_by_label: dict[str, list] = {}
@@ -140,18 +141,18 @@ else:
         st.subheader("Chain")
         specs_by_label["A"] = augment_chain_editor(KEYS["A"], DEFAULT_A)
 
-chains: dict[str, pv.AugmentChain] = {}
+chains: dict[str, AugmentChain] = {}
 fits: dict[str, list] = {}
 with results:
     for label, specs in specs_by_label.items():
         with friendly_errors(f"Chain {label}" if compare else "The chain"):
-            chain = pv.AugmentChain(specs, num_classes=pv.NUM_CLASSES)  # validates: ConfigError → message
+            chain = AugmentChain(specs, num_classes=ap.NUM_CLASSES)  # validates: ConfigError → message
             fitted, notes = pv.fit_steps(chain)
-            chains[label] = pv.make_chain(chain.specs, fitted)
+            chains[label] = ap.make_chain(chain.specs, fitted)
             fits[label] = notes
 
 # ---- the grids -------------------------------------------------------------------------------------
-xs, ys, _ = pv.sample()
+xs, ys, _ = ap.sample()
 with results:
     if sources and chains:
         st.caption(f"Seed {seed}: every image and both chains use the same draws (tile k of A and tile k "
@@ -162,8 +163,8 @@ with results:
         columns = st.columns([1] + [3] * len(chains) if compare else [1, 6])
         with columns[0]:
             st.image(enlarge(source.tile, scale), caption="original, 32×32", output_format="PNG")
-            if source.label < len(pv.CLASSES):
-                st.caption(f"label: {pv.LABELS[source.label]}")
+            if source.label != ap.UPLOAD_LABEL:
+                st.caption(f"label: {ap.LABELS[source.label]}")
         for col, (label, chain) in zip(columns[1:], chains.items()):
             with col, friendly_errors(f"Chain {label}" if compare else "Augmenting"):
                 if compare:
@@ -171,22 +172,22 @@ with results:
                 if not chain.specs:
                     st.info("No steps: the images are used as they are. Add a step.")
                     continue
-                fixed = pv.is_deterministic(chain)
+                fixed = ap.is_deterministic(chain)
                 if fixed:
                     st.caption("Every step always applies and draws nothing: all variants are the same, "
                                "so one is shown.")
-                v = pv.run_variants(chain, source.tile, source.label, 1 if fixed else n, seed, xs, ys)
-                pv.render_variants(v, source, chain, 1 if fixed else cols, scale, captions,
+                v = ap.run_variants(chain, source.tile, source.label, 1 if fixed else n, seed, xs, ys)
+                pv.render_variants(v, source, 1 if fixed else cols, scale, captions,
                                    f"pv-grid pv-grid-{label.lower()}", fits.get(label, []))
 
 # ---- reproduce / train --------------------------------------------------------------------------------
 if chains:
     st.divider()
     st.subheader("Reproduce it, train with it")
-    example = sources[0] if sources else pv.sample_source(0)
+    example = sources[0] if sources else ap.sample_source(0)
     columns = st.columns(len(chains))
     for col, (label, chain) in zip(columns, chains.items()):
         with col, friendly_errors("The code snippet"):
             name = f"chain {label}" if compare else "this chain"
             st.markdown(f"**{name.capitalize()}** with `cifar_core` (same image, seed and draws as the grid):")
-            pv.reproduce(name, chain, chain.specs, example, n, seed)
+            pv.reproduce(name, chain, example, n, seed)

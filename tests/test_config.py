@@ -1,4 +1,5 @@
 import json
+import shlex
 
 import pytest
 
@@ -116,3 +117,51 @@ def test_config_diff_only_differing_keys():
     b = RunConfig(lr=0.1, model_params={"norm": "group"}).validated().to_dict()
     diff = config_diff(a, b)
     assert set(diff) == {"lr", "model_params.norm"}
+
+
+def _round_trip_configs() -> list[RunConfig]:
+    from cifar_core.experiments.presets import DISTILLED_PRESETS, presets
+    out = [RunConfig.from_dict({**p, "teacher_run": "teacher-1"} if name in DISTILLED_PRESETS else p)
+           for name, p in presets().items()]
+    out += [RunConfig().validated(),
+            RunConfig(name="-a name with 'quotes' and spaces", nesterov=False, augment=[], lr=1e-5,
+                      model="lenet", model_params={"activation": "tanh"}, grad_clip="norm",
+                      clip_norm_type="inf", alternating_flip=True).validated(),
+            RunConfig(model="resnet34", model_params={"norm": "group", "groups": 16}, schedule="step",
+                      schedule_params={"step_epochs": 3}, subset="per_class", per_class=50, val_size=20,
+                      imbalance="long_tail", imbalance_params={"imbalance_ratio": 10.0},
+                      balance="random_oversample", precision="bf16", channels_last=True,
+                      augment=[{"name": "cutout", "params": {"size": 6}, "p": 0.5},
+                               {"name": "random_resized_crop", "params": {"scale": [0.3, 1.0]}}]).validated()]
+    return out
+
+
+@pytest.mark.parametrize("cfg", _round_trip_configs(), ids=lambda c: c.name or c.model)
+def test_to_flags_round_trips_through_the_cli_parser(cfg):
+    args = build_parser().parse_args(["train", *cfg.to_flags()])
+    assert config_from_args(args).to_dict() == cfg.to_dict()
+    assert shlex.split(cfg.to_command()) == ["python", "-m", "cifar_core", "train", *cfg.to_flags()]
+
+
+def test_to_flags_lists_only_what_differs():
+    assert RunConfig().to_flags() == ["--model", "resnet18", "--schedule", "cosine"]
+    flags = RunConfig(lr=0.1, nesterov=False, model_params={"norm": "group"}).to_flags()
+    assert flags == ["--model", "resnet18", "--model-params", '{"norm":"group"}', "--lr", "0.1", "--no-nesterov",
+                     "--schedule", "cosine"]
+
+
+def test_problems_reports_every_independent_problem():
+    assert RunConfig.problems(RunConfig().to_dict()) == []
+    problems = RunConfig.problems({"lr": -1, "epochs": 0, "model_params": {"norm": "group", "groups": 24},
+                                   "augment": [{"name": "teleport"}]})
+    assert len(problems) == 4, problems
+    assert any("lr: -1.0 is below the minimum" in p for p in problems)
+    assert any("epochs: 0 is below the minimum" in p for p in problems)
+    assert any("groups=24" in p for p in problems)
+    assert any("teleport" in p for p in problems)
+    # cross-field rules see the augmentation chain too
+    assert any("alternating_flip replaces" in p for p in RunConfig.problems({"alternating_flip": True}))
+    cfg, problems = RunConfig.checked({"model": "lenet", "epochs": 3})
+    assert problems == [] and cfg.model == "lenet" and cfg.model_params["activation"] == "relu"
+    assert RunConfig.checked({"learning_rate": 0.1})[0] is None
+    assert "unknown config key" in RunConfig.problems({"learning_rate": 0.1})[0]

@@ -1,13 +1,16 @@
-"""Knowledge distillation (cifar_core/distill.py and the engine): config checks, teacher checks that
+"""Knowledge distillation (cifar_core/engine/distill.py and the engine): config checks, teacher checks that
 fail before training, the losses, and short real runs with a fixed teacher (CPU, tiny models)."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cifar_core.config import RunConfig
-from cifar_core.engine.distill import (_teacher_input_kind, distillation_loss, load_teacher, teacher_candidates)
+from cifar_core.engine.checkpoints import CheckpointError
+from cifar_core.engine.distill import distillation_loss, load_teacher, teacher_candidates, teacher_input_kind
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
 from cifar_core.engine import train_run
@@ -82,20 +85,26 @@ def test_soft_loss_is_scaled_kl_and_zero_at_agreement():
 
 
 def test_teacher_input_must_be_normalized_the_same_way():
-    assert _teacher_input_kind("t", [], []) == "same"
-    assert _teacher_input_kind("t", ["per_image_standardization"], ["per_image_standardization"]) == "same"
-    assert _teacher_input_kind("t", ["per_image_standardization"], []) == "per_image"
-    with pytest.raises(ConfigError, match="zca"):
-        _teacher_input_kind("t", ["zca"], ["zca"])
+    assert teacher_input_kind("t", [], []) == "same"
+    assert teacher_input_kind("t", ["per_image_standardization"], ["per_image_standardization"]) == "same"
+    assert teacher_input_kind("t", ["per_image_standardization"], []) == "own"
+    assert teacher_input_kind("t", ["zca"], []) == "own"  # its own fitted whitening, from its checkpoint
+    with pytest.raises(ConfigError, match="both whiten with zca, each fitted on its own training images"):
+        teacher_input_kind("t", ["zca"], ["zca"])
     with pytest.raises(ConfigError, match="normalizes its inputs differently"):
-        _teacher_input_kind("t", [], ["per_image_standardization"])
+        teacher_input_kind("t", [], ["per_image_standardization"])
+    with pytest.raises(ConfigError, match="normalizes its inputs differently"):
+        teacher_input_kind("t", ["zca"], ["per_image_standardization"])
 
 
 # ---- the teacher -------------------------------------------------------------------------------
 
 def test_teacher_loads_frozen_with_its_evaluated_weights(runs):
     teacher = load_teacher(runs, "teacher", [])
-    assert teacher.info["checkpoint"] == "best.pt" and teacher.info["weights"] == "ema"
+    # the reader's rule for a finished run: last.pt, the weights its test report measured
+    assert teacher.info["checkpoint"] == "last.pt" and teacher.info["weights"] == "ema"
+    assert teacher.info["fallback"] is None and teacher.info["input"] == "the student's input"
+    assert teacher.info["step"] == runs.record("teacher").status()["step"]
     assert teacher.info["model"] == "lenet" and teacher.info["params"] == 62_006
     assert teacher.info["test_acc"] == runs.record("teacher").status()["test_acc"]
     assert not teacher.model.training
@@ -111,14 +120,17 @@ def test_teacher_loads_frozen_with_its_evaluated_weights(runs):
     ("running", "is running, not completed"),
     ("no_checkpoint", "has no checkpoint"),
     ("self", "cannot be its own teacher"),
+    ("damaged", "last.pt is unreadable"),
 ])
 def test_unusable_teacher_fails_before_training(tmp_path, cifar_npz, setup, fragment):
     store = RunStore(tmp_path)
     cfg = RunConfig(model="lenet").validated()
     if setup == "running":
         store.create(cfg, run_id="t1", state="running")
-    elif setup == "no_checkpoint":
-        store.create(cfg, run_id="t1", state="completed")
+    elif setup in ("no_checkpoint", "damaged"):
+        record = store.create(cfg, run_id="t1", state="completed")
+        if setup == "damaged":
+            record.checkpoint_path("last").write_bytes(b"not a checkpoint")
     run_id = "t1" if setup == "self" else "student"
     record = train_run(student("t1"), store, run_id=run_id, data_source=str(cifar_npz))
     status = record.status()
@@ -129,10 +141,78 @@ def test_unusable_teacher_fails_before_training(tmp_path, cifar_npz, setup, frag
         assert "t1" not in [c["run_id"] for c in teacher_candidates(store)]
 
 
+def _copied_store(store: RunStore, run_id: str, root) -> RunStore:
+    shutil.copytree(store.record(run_id).path, root / run_id)
+    return RunStore(root)
+
+
+def test_teacher_falls_back_to_best_when_last_is_damaged(runs, tmp_path):
+    store = _copied_store(runs, "teacher", tmp_path)
+    record = store.record("teacher")
+    record.checkpoint_path("last").write_bytes(b"truncated")
+    teacher = load_teacher(store, "teacher", [])
+    best = torch.load(record.checkpoint_path("best"), weights_only=True)
+    assert teacher.info["checkpoint"] == "best.pt" and "last.pt is unreadable" in teacher.info["fallback"]
+    assert teacher.info["step"] == best["step"]
+    for name, value in teacher.model.state_dict().items():
+        torch.testing.assert_close(value, best["ema"]["module." + name])
+    record.checkpoint_path("best").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"(?s)teacher_run teacher cannot teach: .*last\.pt is unreadable"
+                                              r".*best\.pt is unreadable"):
+        load_teacher(store, "teacher", [])
+
+
+def _as_zca_teacher(store: RunStore, run_id: str) -> dict:
+    """Make the copied run a ZCA-trained one: zca in its chain, and a whitening (mean, matrix) in its
+    checkpoints as the loop saves a fit. The matrix is a made-up symmetric one because a real fit (an
+    eigendecomposition of a 3072×3072 covariance) takes tens of seconds on two CPU cores; the real fit's
+    round trip through a checkpoint is tested by tests/test_export.py (the exported file reproduces a
+    ZCA run's accuracy)."""
+    from cifar_core.runs import atomic_write_json
+    record = store.record(run_id)
+    config = record.config_dict()
+    config["augment"] = config["augment"] + [{"name": "zca", "params": {"fit_images": 100}}]
+    atomic_write_json(record.config_path, config)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3072, 3072, generator=gen) / 3072 ** 0.5
+    state = {"mean": torch.rand(1, 3072, generator=gen), "matrix": (a + a.T) / 2, "fit_count": 100,
+             "shape": [3, 32, 32]}
+    for which in ("last", "best"):
+        ckpt = torch.load(record.checkpoint_path(which), weights_only=True)
+        ckpt["normalizers"] = [{"name": "zca", "params": {"epsilon": 1e-2, "fit_images": 100}, "state": state}]
+        torch.save(ckpt, record.checkpoint_path(which))
+    return state
+
+
+def test_zca_teacher_whitens_the_augmented_batch_with_its_own_fit(runs, tmp_path, cifar_npz):
+    store = _copied_store(runs, "teacher", tmp_path)
+    fit = _as_zca_teacher(store, "teacher")
+    teacher = load_teacher(store, "teacher", [])
+    assert teacher.input_kind == "own" and teacher.info["input"] == "augmented batch+zca"
+    x = torch.rand(6, 3, 32, 32)
+    unused = torch.full_like(x, float("nan"))  # the student's mean/std input is not the teacher's
+    whitened = ((x.reshape(6, -1) - fit["mean"]) @ fit["matrix"]).view_as(x)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.logits(x, unused), teacher.model(whitened), atol=1e-5, rtol=1e-5)
+    record = train_run(student("teacher", epochs=1), store, run_id="zca-student", data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    rows = [r for r in record.read_metrics() if r["kind"] == "train"]
+    assert rows and all(r["distill_loss"] > 0 for r in rows)
+    assert record.results()["teacher"]["input"] == "augmented batch+zca"
+    with pytest.raises(ConfigError, match="both whiten with zca"):
+        load_teacher(store, "teacher", [{"name": "zca"}])
+    last = store.record("teacher").checkpoint_path("last")
+    old = torch.load(last, weights_only=True)
+    del old["normalizers"]  # as written before checkpoints kept the fitted ZCA
+    torch.save(old, last)
+    with pytest.raises(CheckpointError, match="written before checkpoints kept the fitted ZCA"):
+        load_teacher(store, "teacher", [])
+
+
 # ---- real runs ---------------------------------------------------------------------------------
 
 def test_distillation_loss_decreases_with_a_fixed_teacher(runs, cifar_npz):
-    before = torch.load(runs.record("teacher").checkpoint_path("best"), weights_only=True)["model"]
+    before = torch.load(runs.record("teacher").checkpoint_path("last"), weights_only=True)["model"]
     record = train_run(student("teacher"), runs, run_id="student-soft", data_source=str(cifar_npz))
     assert record.state() == "completed", record.status()
     rows = [r for r in record.read_metrics() if r["kind"] == "train"]
@@ -146,7 +226,7 @@ def test_distillation_loss_decreases_with_a_fixed_teacher(runs, cifar_npz):
     assert record.status()["teacher"]["run_id"] == "teacher"
     taught = record.results()["teacher"]
     assert taught["distill"] == "soft" and taught["temperature"] == 2.0 and taught["weights"] == "ema"
-    after = torch.load(runs.record("teacher").checkpoint_path("best"), weights_only=True)["model"]
+    after = torch.load(runs.record("teacher").checkpoint_path("last"), weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from PIL import Image
 from cifar_core.augment import AugmentChain
 from cifar_core.config import RunConfig
 from cifar_core.data import load_sample
-from cifar_core.serve.export import (ExportError, InferenceGraph, check_parity, export_module, export_run,
-                               load_run_model, read_card)
+from cifar_core.serve.export import (EXPORT_KINDS, TTA_CHOICES, ExportError, InferenceGraph, check_parity,
+                                     describe_checkpoint, export_module, export_path, export_run,
+                                     load_run_model, read_card)
 from cifar_core.serve.inference import Classifier, discover_models, get_classifier, inspect_model, top_k
 from cifar_core.models import MODELS, create_model
 from cifar_core.runs import RunStore
@@ -125,6 +127,8 @@ def test_export_run_writes_one_file_card_and_metadata(exported_run):
     assert json.loads(meta["cifar_lab.card"])["architecture"] == card["architecture"]
     assert meta["input_size"] == "32" and len(json.loads(meta["mean"])) == 3
     assert record.status()["exported"] == "export/tiny-export.onnx"
+    assert card["checkpoint"] == {"file": "last.pt", "weights": "ema", "step": record.status()["step"],
+                                  "fallback": None}
 
 
 def test_cli_tta_choices_are_the_export_ones():
@@ -148,10 +152,12 @@ def test_fastnet_export_folds_the_pooled_norms_and_still_matches_the_unfolded_mo
 def test_export_uses_the_ema_weights_the_run_was_evaluated_with(exported_run):
     _, record, _ = exported_run
     graph, ckpt = load_run_model(record)
+    assert ckpt.which == "last" and ckpt.fallback is None
     exported = graph.model.state_dict()
     for name, value in exported.items():
-        torch.testing.assert_close(value, ckpt["ema"]["module." + name])
-    assert any(not torch.equal(exported[k], ckpt["model"][k]) for k in exported if exported[k].is_floating_point())
+        torch.testing.assert_close(value, ckpt.data["ema"]["module." + name])
+    assert any(not torch.equal(exported[k], ckpt.data["model"][k]) for k in exported
+               if exported[k].is_floating_point())
 
 
 def test_exported_model_reproduces_the_run_accuracy(exported_run, cifar):
@@ -255,6 +261,7 @@ def test_cli_export_and_predict(exported_run, tmp_path):
     out = _cli("--runs-root", str(store.root), "export", "tiny-export", "--out", str(tmp_path / "cli.onnx"))
     assert out.returncode == 0, out.stderr
     assert "parity on 200 real test images" in out.stdout
+    assert "weights from last.pt (EMA weights, step 6)" in out.stdout
     card = read_card(tmp_path / "cli.onnx")
     assert card["export_command"].startswith("python -m cifar_core --runs-root")
     assert card["training"]["command"].endswith("--run-id tiny-export")  # rebuilt: the run was made in-process
@@ -273,3 +280,83 @@ def test_cli_export_and_predict(exported_run, tmp_path):
     assert out.stdout.startswith(str(photo))
     out = _cli("predict", str(bad), str(photo))
     assert out.returncode != 0 and "not a valid ONNX model" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- export reads the run's checkpoint, not the data ----------------------------------------------
+
+def _copied_run(record, root: Path) -> RunStore:
+    """A runs root holding a copy of `record` (to damage its checkpoints without touching the original)."""
+    shutil.copytree(record.path, root / record.run_id)
+    return RunStore(root)
+
+
+@pytest.fixture(scope="module")
+def zca_run(tmp_path_factory, cifar_npz):
+    store = RunStore(tmp_path_factory.mktemp("zca-runs"))
+    augment = [{"name": "random_crop"}, {"name": "hflip"}, {"name": "zca", "params": {"fit_images": 100}}]
+    return store, _tiny_run(store, cifar_npz, "tiny-zca", augment=augment)
+
+
+def test_zca_run_exports_from_its_checkpoint_without_the_data(zca_run, tmp_path, cifar):
+    from cifar_core.data import per_class_subset
+    store, record = zca_run
+    missing = tmp_path / "no-such-data.npz"  # the fitted whitening is in the checkpoint: no data is read
+    result = export_run("tiny-zca", store, out=tmp_path / "zca.onnx", data_source=str(missing))
+    assert result.card["normalization"]["kind"] == "zca" and result.card["parity"]["passed"]
+    assert result.card["checkpoint"]["file"] == "last.pt" and result.card["checkpoint"]["fallback"] is None
+    # the saved fit is the one the run was tested with: the file reproduces the run's accuracy
+    keep = per_class_subset(cifar.y_test, 20, seed=0)
+    pred = Classifier(result.onnx_path).predict(cifar.x_test[keep]).probs.argmax(1)
+    assert float((pred == cifar.y_test[keep]).mean()) == pytest.approx(record.results()["test_acc"], abs=1e-9)
+
+
+def test_zca_checkpoint_without_its_fit_is_refused_by_name(zca_run, tmp_path):
+    _, record = zca_run
+    store = _copied_run(record, tmp_path)
+    last = store.record("tiny-zca").checkpoint_path("last")
+    old = torch.load(last, weights_only=True)
+    del old["normalizers"]  # as written before checkpoints kept the fitted ZCA
+    torch.save(old, last)
+    with pytest.raises(ExportError, match=r"last\.pt was written before checkpoints kept the fitted ZCA"):
+        export_run("tiny-zca", store, out=tmp_path / "old.onnx")
+
+
+def test_export_falls_back_to_best_when_last_is_damaged_and_says_so(exported_run, tmp_path):
+    _, record, _ = exported_run
+    store = _copied_run(record, tmp_path / "runs")
+    copy = store.record("tiny-export")
+    copy.checkpoint_path("last").write_bytes(b"half a checkpoint")
+    result = export_run("tiny-export", store, out=tmp_path / "from-best.onnx")
+    facts = result.card["checkpoint"]
+    assert facts["file"] == "best.pt" and facts["weights"] == "ema"
+    assert "last.pt is unreadable" in facts["fallback"]
+    assert describe_checkpoint(result.card).startswith("from best.pt (EMA weights, step ")
+    assert "last.pt is unreadable" in describe_checkpoint(result.card)
+    assert "best.pt" in result.card["evaluation"]["by"]  # its test_acc was measured on last.pt's weights
+    best = torch.load(copy.checkpoint_path("best"), weights_only=True)["ema"]
+    graph, _ = load_run_model(copy)
+    for name, value in graph.model.state_dict().items():
+        torch.testing.assert_close(value, best["module." + name])
+
+
+def test_damaged_checkpoint_is_an_error_naming_the_file(exported_run, tmp_path):
+    _, record, _ = exported_run
+    store = _copied_run(record, tmp_path / "runs")
+    copy = store.record("tiny-export")
+    copy.checkpoint_path("last").write_bytes(b"\x80\x02 not a torch file")
+    copy.checkpoint_path("best").unlink()
+    with pytest.raises(ExportError, match=r"(?s)last\.pt is unreadable .*best\.pt does not exist"):
+        export_run("tiny-export", store, out=tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
+    out = _cli("--runs-root", str(store.root), "export", "tiny-export", "--out", str(tmp_path / "cli.onnx"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "last.pt is unreadable" in out.stderr and "best.pt does not exist" in out.stderr
+
+
+def test_export_kinds_name_their_files(exported_run):
+    _, record, _ = exported_run
+    paths = {label: export_path(record, kind) for label, kind in EXPORT_KINDS.items()}
+    assert paths["fp32, as the run evaluated"] == record.path / "export" / "tiny-export.onnx"
+    assert len(set(paths.values())) == len(paths) and all(p.suffix == ".onnx" for p in paths.values())
+    assert {kind.tta for kind in EXPORT_KINDS.values()} <= set(TTA_CHOICES)
+    assert [kind.int8 for kind in EXPORT_KINDS.values()] == [False, True, True, True]

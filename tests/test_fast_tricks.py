@@ -6,7 +6,8 @@ from cifar_core.config import RunConfig
 from cifar_core.models import create_model
 from cifar_core.params import ConfigError
 from cifar_core.experiments.presets import preset
-from cifar_core.engine import Lookahead, alternating_flips, autocast_context, effective_precision
+from cifar_core.engine import (EMA, AlternatingFlips, Lookahead, alternating_flips, autocast_context, build_tricks,
+                               clip_gradients, effective_precision)
 
 
 def _net():
@@ -96,3 +97,50 @@ def test_bf16_autocast_runs_on_the_cpu_and_fp16_falls_back_to_fp32():
         assert model.whiten(x).dtype == torch.float32
     with pytest.raises(ConfigError, match="fp16"):
         RunConfig(precision="fp16", device="cpu").validated()
+
+
+def test_alternating_flips_mirror_the_batch_images_it_picks():
+    flips = AlternatingFlips(n_images=8, seed=0, device=torch.device("cpu"))
+    x = torch.arange(8 * 3 * 2 * 2, dtype=torch.uint8).view(8, 3, 2, 2)
+    idx = torch.tensor([5, 1, 6])
+    out = flips.on_batch(x[idx], idx, epoch=1)
+    for row, i in enumerate(idx.tolist()):
+        mirrored = bool(flips.base[i]) ^ True  # odd epoch: inverted
+        assert torch.equal(out[row], x[i].flip(-1) if mirrored else x[i])
+
+
+def test_tricks_hook_in_order_and_checkpoint_under_fixed_keys():
+    model = _net()
+    cfg = RunConfig(ema_decay=0.5, lookahead_every=2).validated()
+    tricks = build_tricks(cfg, model, n_train=10, total_steps=10, device=torch.device("cpu"))
+    assert [type(t) for t in tricks.items] == [EMA, Lookahead]  # the average sees the trained weights first
+    assert tricks.eval_weights == "ema" and tricks.eval_model(model) is tricks.items[0].averaged
+    assert set(tricks.state_dicts()) == {"ema", "lookahead"}
+    plain = build_tricks(RunConfig().validated(), model, 10, 10, torch.device("cpu"))
+    assert plain.eval_model(model) is model and plain.eval_weights == "model"
+    assert plain.state_dicts() == {"ema": None, "lookahead": None}
+
+
+def test_lookahead_resumes_from_the_model_when_the_checkpoint_has_none():
+    model = _net()
+    look = Lookahead(model, every=2, decay=0.95, total_steps=10)
+    _perturb(model, 2.0)
+    look.resume(None, model)
+    for name, slow in look.slow.items():
+        assert torch.equal(slow, model.state_dict()[name])
+
+
+@pytest.mark.parametrize("mode", ["none", "norm", "value"])
+def test_clip_gradients_returns_the_norm_before_clipping(mode):
+    model = torch.nn.Linear(4, 3)
+    model(torch.full((2, 4), 10.0)).sum().backward()
+    before = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    cfg = RunConfig(grad_clip=mode, clip_max_norm=0.5, clip_value=0.01).validated()
+    assert clip_gradients(cfg, model) == pytest.approx(before)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    if mode == "none":
+        assert after == pytest.approx(before)
+    elif mode == "norm":
+        assert after == pytest.approx(0.5, rel=1e-4)
+    else:
+        assert max(p.grad.abs().max().item() for p in model.parameters()) <= 0.01

@@ -1,4 +1,5 @@
 """Background jobs: real OS processes started by the supervisor on tiny real trainings."""
+import json
 import os
 import signal
 import subprocess
@@ -41,7 +42,7 @@ def store(tmp_path, cifar_npz, monkeypatch):
     for record in s.records():
         pid = record.status().get("pid")
         if pid and jobs.process_alive(pid):
-            jobs._signal_group(pid, signal.SIGKILL)
+            jobs.signal_run(pid, signal.SIGKILL)
     stop_worker(s)
 
 
@@ -151,3 +152,41 @@ def test_crash_at_start_is_reported(store, tmp_path):
     record = jobs.submit(long_cfg(), store, data_source=str(tmp_path / "no-such.npz"))
     assert wait_for(lambda: record.state() == "failed", timeout=90), record.status()
     assert "no-such.npz" in record.status()["error"]
+
+
+def test_cancel_of_a_directly_started_run_spares_its_caller(store, tmp_path):
+    """A run started with `python -m cifar_core train` from a plain script shares the script's process
+    group: cancelling it must stop the run only, not the script or the script's other children."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(long_cfg().to_dict()))
+    script = tmp_path / "caller.sh"
+    script.write_text(f"sleep 120 &\necho $! > {tmp_path}/sibling\n"
+                      f"{sys.executable} -m cifar_core --runs-root {store.root} train --config {cfg} "
+                      f"--run-id direct-run --no-progress > {tmp_path}/train.log 2>&1\n"
+                      f"echo after-train > {tmp_path}/caller-done\nwait\n")
+    caller = subprocess.Popen(["bash", str(script)], start_new_session=True)  # its own group, like a terminal
+    try:
+        assert wait_for(lambda: state(store, "direct-run") == "running" and store.record("direct-run").status().get("pid"))
+        sibling = int((tmp_path / "sibling").read_text())
+        assert jobs.cancel("direct-run", store) == "cancelling"
+        assert wait_for(lambda: state(store, "direct-run") == "cancelled", timeout=60)
+        assert wait_for(lambda: (tmp_path / "caller-done").exists(), timeout=30)  # the script went on
+        assert caller.poll() is None and jobs.process_alive(sibling)  # neither the script nor its sleep died
+    finally:
+        os.killpg(caller.pid, signal.SIGKILL)
+
+
+def test_readers_restart_a_dead_supervisor_and_mark_vanished_runs(store, capsys):
+    """The supervisor died with work queued, and a directly started run was SIGKILLed: whoever reads
+    the records next (here `runs`) restarts the queue and marks the vanished run failed."""
+    from cifar_core.cli import main
+    queued = jobs.submit(long_cfg(epochs=1), store, start_worker=False)  # as if the supervisor had died
+    ghost = subprocess.Popen([sys.executable, "-c", "pass"])
+    ghost.wait()
+    direct = store.create(long_cfg(), run_id="killed-direct", state="running")
+    direct.update_status(pid=ghost.pid, started=time.time() - 60)
+    assert not worker_pids(store)
+    assert main(["--runs-root", str(store.root), "runs"]) == 0
+    assert store.record("killed-direct").state() == "failed"
+    assert "process lost" in store.record("killed-direct").status()["error"]
+    assert wait_for(lambda: state(store, queued.run_id) == "completed", timeout=120)

@@ -1,5 +1,7 @@
 """AppTest for the home page (app.py)."""
 import pytest
+
+from cifar_core import jobs
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -14,6 +16,7 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_LAB_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store=None: False)  # hand-made records: train none
     return RunStore(tmp_path / "runs")
 
 
@@ -43,3 +46,14 @@ def test_home_without_data_offers_download_and_offline_instruction(runs, tmp_pat
     warning = "\n".join(w.value for w in at.warning)
     assert "CIFAR10_NPZ" in warning and "download" in warning
     assert any("Download CIFAR-10" in b.label for b in at.button)
+
+
+def test_navigation_keeps_the_page_urls_and_opens_the_pages(runs):
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["CIFAR-10 Lab"]  # Home is the default page
+    links = [el.proto.page for el in at.get("page_link")]
+    assert links == ["Train", "Runs", "Compare", "Studies", "Preview", "Classify"]  # the browser's URLs
+    at.switch_page("pages/3_Compare.py").run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Compare runs"]

@@ -20,7 +20,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cifar_core.augment import AUGMENTATIONS, ZCAOp, validate_chain
-from ui import preview as pv
+from cifar_core.augment import preview as ap
 from ui.forms import widget_kind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +132,8 @@ def _set_widget(at: AppTest, param, key: str, value) -> None:
     kind = widget_kind(param)
     if kind in ("slider", "range"):
         at.slider(key=key).set_value(tuple(value) if kind == "range" else value)
+    elif kind == "log":
+        at.select_slider(key=key).set_value(value)
     elif kind == "number":
         at.number_input(key=key).set_value(value)
     elif kind == "select":
@@ -147,8 +149,8 @@ def _set_widget(at: AppTest, param, key: str, value) -> None:
 
 def expected_tiles(at: AppTest, grid: int = 4) -> int:
     """A chain that draws nothing and always applies shows one variant; any other the whole grid."""
-    chain = pv.make_chain(validate_chain([{k: s[k] for k in ("name", "params", "p")} for s in steps(at)]))
-    return 1 if pv.is_deterministic(chain) else grid
+    chain = ap.make_chain(validate_chain([{k: s[k] for k in ("name", "params", "p")} for s in steps(at)]))
+    return 1 if ap.is_deterministic(chain) else grid
 
 
 @pytest.mark.parametrize("name", AUGMENTATIONS.names())
@@ -402,10 +404,10 @@ def test_snippet_reproduces_the_grid():
     """The code shown on the page gives exactly the page's variants and records."""
     specs = validate_chain([{"name": "random_crop"}, {"name": "rotation", "params": {"degrees": 20}},
                             {"name": "mixup", "params": {"alpha": 0.4}, "p": 0.5}])
-    source = pv.sample_source(42)
-    xs, ys, _ = pv.sample()
-    v = pv.run_variants(pv.make_chain(specs), source.tile, source.label, 9, 123, xs, ys)
-    code = pv.code_snippet(specs, source, 9, 123, mixing=True, fit_line=None)
+    source = ap.sample_source(42)
+    xs, ys, _ = ap.sample()
+    v = ap.run_variants(ap.make_chain(specs), source.tile, source.label, 9, 123, xs, ys)
+    code = ap.code_snippet(specs, source, 9, 123, mixing=True, fit_line=None)
     scope: dict = {}
     exec(compile(code, "<snippet>", "exec"), scope)  # noqa: S102 (our own generated code)
     np.testing.assert_array_equal(scope["out"].numpy(), v.out)
@@ -414,13 +416,13 @@ def test_snippet_reproduces_the_grid():
 
 
 def test_variants_are_one_batched_call_with_a_partner_pool():
-    xs, ys, _ = pv.sample()
-    chain = pv.make_chain(validate_chain(["cutmix"]))
-    v = pv.run_variants(chain, xs[0], int(ys[0]), 16, 0, xs, ys)
+    xs, ys, _ = ap.sample()
+    chain = ap.make_chain(validate_chain(["cutmix"]))
+    v = ap.run_variants(chain, xs[0], int(ys[0]), 16, 0, xs, ys)
     assert v.out.shape == (16, 3, 32, 32) and len(v.records) == 16 and len(v.pool) == 48
-    assert v.soft.shape == (16, pv.NUM_CLASSES)
+    assert v.soft.shape == (16, ap.NUM_CLASSES)
     np.testing.assert_allclose(v.soft.sum(1), 1.0, atol=1e-6)
-    no_mix = pv.run_variants(pv.make_chain(validate_chain(["hflip"])), xs[0], int(ys[0]), 16, 0, xs, ys)
+    no_mix = ap.run_variants(ap.make_chain(validate_chain(["hflip"])), xs[0], int(ys[0]), 16, 0, xs, ys)
     assert len(no_mix.pool) == 0
 
 

@@ -165,6 +165,20 @@ def test_launch_tiny_queues_a_run_once(runs_root):
     assert len(store.ids()) == 2
 
 
+def test_the_estimate_is_measured_and_stated_next_to_launch(runs_root):
+    from cifar_core.experiments.estimate import CACHE_NAME
+
+    at = page(preset="tiny (smoke test)")
+    assert_clean(at)
+    info = next(i.value for i in at.info if "Estimated duration: about" in i.value)
+    assert "probe" in info and "100 training images × 1 epoch(s)" in info
+    assert any(c.value.startswith("Takes about ") and "probe" in c.value for c in at.caption)
+    assert (runs_root / CACHE_NAME).is_file()  # measured on this machine, kept in the runs folder
+    at.number_input(key=f"{FORM}.epochs").set_value(30).run()  # same model: the cached probe, more time
+    longer = next(i.value for i in at.info if "Estimated duration: about" in i.value)
+    assert "(cached)" in longer and "× 30 epoch(s)" in longer
+
+
 def test_launch_switches_to_the_runs_page(runs_root):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
     at.switch_page("pages/1_Train.py").run()
@@ -259,7 +273,8 @@ def test_missing_data_disables_launch(runs_root, tmp_path, monkeypatch):
 def test_widget_kind_follows_the_declaration():
     from cifar_core.params import Param
     from ui.forms import widget_kind
-    assert widget_kind(Param("lr", "float", 0.05, 1e-6, 10.0, log=True)) == "number"
+    assert widget_kind(Param("lr", "float", 0.05, 1e-6, 10.0, log=True)) == "log"
+    assert widget_kind(Param("lr", "float", 0.05, 1e-6, None, log=True)) == "number"  # unbounded: no slider
     assert widget_kind(Param("dropout", "float", 0.0, 0.0, 0.9)) == "slider"
     assert widget_kind(Param("momentum", "float", 0.9, 0.0, 0.999)) == "number"  # 0.999 is off a 0.01 grid
     assert widget_kind(Param("weight_decay", "float", 5e-4, 0.0, 1.0)) == "number"
@@ -269,6 +284,15 @@ def test_widget_kind_follows_the_declaration():
     assert widget_kind(Param("mode", "choice", "a", choices=("a", "b"))) == "select"
     assert widget_kind(Param("scale", "float_pair", (0.35, 1.0), 0.05, 1.0)) == "range"
     assert widget_kind(Param("name", "str", "")) == "text"
+
+
+def test_log_slider_stops_cover_the_bounds_default_and_value():
+    from cifar_core.params import Param
+    from ui.forms import log_options
+    lr = Param("lr", "float", 0.05, 1e-6, 10.0, log=True)
+    stops = log_options(lr, 0.0123)
+    assert stops[0] == 1e-6 and stops[-1] == 10.0 and 0.05 in stops and 0.0123 in stops and 0.02 in stops
+    assert stops == sorted(stops) and len({f"{v:g}" for v in stops}) == len(stops)  # one stop per label
 
 
 def test_teacher_picker_lists_finished_runs_and_fills_teacher_run(runs_root):

@@ -44,3 +44,27 @@ def test_metrics_reader_is_incremental_and_tolerates_partial_lines(tmp_path):
     path.write_text(json.dumps({"step": 9}) + "\n")     # replaced by a shorter file
     reader.read_new()
     assert [r["step"] for r in reader.rows] == [9]
+
+
+@pytest.mark.parametrize("damage", ["[1]", '"hello"', "{not json", b"\xff\xfe"])
+def test_a_malformed_record_is_listed_unreadable_and_stops_nothing(tmp_path, damage, capsys):
+    from cifar_core import jobs
+    from cifar_core.cli import main
+    from cifar_core.config import RunConfig
+    store = RunStore(tmp_path)
+    good = store.create(RunConfig(model="lenet"), run_id="good-run", state="completed")
+    good.update_status(test_acc=0.5)
+    bad_status = store.create(RunConfig(model="lenet"), run_id="bad-status", state="running")
+    bad_config = store.create(RunConfig(model="lenet"), run_id="bad-config", state="completed")
+    for path in (bad_status.status_path, bad_config.config_path):
+        path.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    assert bad_status.status()["state"] == "unreadable" and "status.json" in bad_status.problem()
+    assert bad_config.config_dict() is None and "config.json" in bad_config.problem()
+    jobs.reconcile(store)  # crashed with AttributeError on every pass before
+    assert jobs.Supervisor(store).tick() is False  # a whole supervisor pass goes through
+    assert main(["--runs-root", str(tmp_path), "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "good-run" in out and "50.00%" in out
+    assert out.count("unreadable") >= 2 and "bad-status: status.json" in out and "bad-config: config.json" in out
+    bad_status.update_status(state="failed")  # a writer keeps the damaged file aside, never loses it
+    assert bad_status.state() == "failed" and list(bad_status.path.glob("status.json.damaged-*"))

@@ -30,6 +30,19 @@ def store(tmp_path):
     return RunStore(tmp_path / "runs")
 
 
+@pytest.fixture(scope="session")
+def measured_studies(cifar_npz, tmp_path_factory) -> RunStore:
+    """Every study's default estimate, measured once in this process (the machine's start-up, then a few
+    seconds per model): later estimates, the Studies page's included, reuse these measurements instead
+    of spending a page run's timeout on them."""
+    store = RunStore(tmp_path_factory.mktemp("estimates") / "runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIFAR10_NPZ", str(cifar_npz))
+        for kind in studies.STUDIES.names():
+            studies.estimate_study(kind, {"scale": studies.default_scale()}, 1, store, str(cifar_npz))
+    return store
+
+
 # ---- builders -------------------------------------------------------------------------------------
 
 def test_registry_declares_scale_and_params():
@@ -120,10 +133,20 @@ def test_ablation_is_cumulative():
     assert len({(cfg.model, cfg.epochs, cfg.subset_size, cfg.batch_size, cfg.lr) for _, cfg in built}) == 1
 
 
-def test_estimate_is_positive_and_grows_with_seeds():
-    one = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 1, "cpu")
-    two = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 2, "cpu")
+def test_estimate_is_the_sum_of_the_runs_and_grows_with_seeds(measured_studies):
+    store = measured_studies
+    one = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 1, "cpu", store)
+    two = studies.estimate_seconds("samplers", {"scale": "cpu-quick"}, 2, "cpu", store)
     assert 0 < one < two
+    assert two == pytest.approx(2 * one, rel=0.1)  # seed 1 draws other class sizes (500-1000 per class)
+    cells = studies.build_study("samplers", {"scale": "cpu-quick"})
+    assert one == pytest.approx(sum(studies.estimate_run_seconds(cfg, "cpu", store) for _, cfg in cells))
+    estimate = studies.estimate_study("samplers", {"scale": "cpu-quick"}, 1, store)
+    assert estimate.runs == len(cells) and estimate.seconds == pytest.approx(one)
+    assert estimate.text.startswith("about ") and "probe" in estimate.basis
+    assert 10 * 500 <= studies.training_images(cells[0][1]) <= 10 * 1000  # the report's 500-1000 per class
+    with pytest.raises(ConfigError):
+        studies.estimate_seconds("samplers", {"scale": "cpu-quick", "bogus": 1}, 1, "cpu", store)
 
 
 # ---- launching --------------------------------------------------------------------------------------
@@ -244,7 +267,7 @@ def test_deleted_run_and_missing_study(store, no_worker):
 # ---- the page ---------------------------------------------------------------------------------------
 
 @pytest.fixture
-def page_env(monkeypatch, tmp_path, cifar_npz, no_worker):
+def page_env(monkeypatch, tmp_path, cifar_npz, no_worker, measured_studies):
     runs = tmp_path / "page_runs"
     monkeypatch.setenv("CIFAR_LAB_RUNS", str(runs))
     monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))

@@ -42,6 +42,8 @@ def test_short_training_clearly_beats_chance(tmp_path, cifar_npz):
     assert record.checkpoint_path("last").exists() and record.checkpoint_path("best").exists()
     ckpt = torch.load(record.checkpoint_path("best"), weights_only=True)
     assert ckpt["model_name"] == "fastnet"
+    assert ckpt["objective"] == {} and ckpt["eval_weights"] == "model"  # the supervised objective keeps no state
+    assert "distill_loss" not in train_rows[0]
 
 
 RESUME_VARIANTS = {

@@ -43,11 +43,9 @@ def _data_status(source: str | None, data_dir: str | None) -> dict:
 
 @st.cache_data(show_spinner=False)
 def device_info() -> dict:
-    import torch
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return {"kind": "cuda", "name": props.name, "memory_gib": props.total_memory / 2**30}
-    return {"kind": "cpu", "name": f"CPU ({os.cpu_count()} cores)", "memory_gib": None}
+    """cifar_core.devices.device_info(), asked once per server process."""
+    from cifar_core import devices
+    return devices.device_info()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import streamlit as st
 
@@ -25,17 +26,6 @@ from cifar_core.params import ConfigError, Param, Registry
 
 SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
                   "optim": "Optimization", "regularization": "Regularization", "speed": "Speed"}
-
-# RunConfig fields backed by a registry: owner field -> (registry loader, params field)
-_OWNERS = ("model", "schedule", "imbalance", "balance")
-
-
-def registries() -> dict[str, Registry]:
-    from cifar_core.imbalance import BALANCING
-    from cifar_core.data import IMBALANCE
-    from cifar_core.models import MODELS
-    from cifar_core.schedules import SCHEDULES
-    return {"model": MODELS, "schedule": SCHEDULES, "imbalance": IMBALANCE, "balance": BALANCING}
 
 
 def _augmentations() -> Registry:
@@ -100,32 +90,35 @@ def _float_step(param: Param) -> float:
 
 
 def widget_kind(param: Param) -> str:
-    """Which control renders a param: 'slider' | 'number' | 'checkbox' | 'select' | 'range' | 'pair' | 'text'.
+    """Which control renders a param (a key of WIDGETS): 'slider' | 'log' | 'number' | 'checkbox' |
+    'select' | 'range' | 'pair' | 'text'.
 
     Depends on the declaration only (never on the current value), so a widget keeps its type and
     state while the user edits it."""
     bounded = param.low is not None and param.high is not None
-    if param.kind == "bool":
-        return "checkbox"
-    if param.kind == "choice":
-        return "select"
-    if param.kind == "str":
-        return "text"
+    if param.kind in SIMPLE_KINDS:
+        return SIMPLE_KINDS[param.kind]
     if param.kind == "float_pair":
         return "range" if bounded else "pair"
     if param.kind == "int":
         return "slider" if bounded and param.high - param.low <= 64 else "number"
-    # float: a slider only for a small linear range whose bounds and default sit on a 0.01 grid
-    if (bounded and not param.log and param.high - param.low <= 2
+    if bounded and param.log and param.low > 0:
+        return "log"
+    # linear float: a slider only for a small range whose bounds and default sit on a 0.01 grid
+    if (bounded and param.high - param.low <= 2
             and all(_on_grid(float(v), 0.01) for v in (param.low, param.high, param.default))):
         return "slider"
     return "number"
 
 
+SIMPLE_KINDS = {"bool": "checkbox", "choice": "select", "str": "text"}
+LOG_MANTISSAS = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)  # ten steps a decade, round numbers
+
+
 def _help(param: Param) -> str:
     parts = [param.help.strip()] if param.help else []
     if param.low is not None and param.high is not None:
-        parts.append(f"Range {param.low:g} … {param.high:g}.")
+        parts.append(f"Range {param.low:g} … {param.high:g}" + (" (log scale)." if param.log else "."))
     elif param.low is not None:
         parts.append(f"At least {param.low:g}.")
     if param.kind == "choice":
@@ -135,15 +128,100 @@ def _help(param: Param) -> str:
     return " ".join(parts)
 
 
+@dataclass(frozen=True)
+class Look:
+    """How a control is drawn, whatever its kind."""
+    label: str
+    help: str
+    disabled: bool = False
+    format_func: Callable[[Any], str] = str
+
+
+def _bounds(param: Param, typ: type) -> tuple[Any, Any]:
+    return (None if param.low is None else typ(param.low)), (None if param.high is None else typ(param.high))
+
+
+def _checkbox(param: Param, key: str, look: Look) -> bool:
+    return bool(st.checkbox(look.label, key=key, help=look.help, disabled=look.disabled))
+
+
+def _select(param: Param, key: str, look: Look) -> Any:
+    return st.selectbox(look.label, list(param.choices), key=key, help=look.help, disabled=look.disabled,
+                        format_func=look.format_func)
+
+
+def _text(param: Param, key: str, look: Look) -> str:
+    return st.text_input(look.label, key=key, help=look.help, disabled=look.disabled)
+
+
+def _slider(param: Param, key: str, look: Look) -> int | float:
+    typ = int if param.kind == "int" else float
+    lo, hi = _bounds(param, typ)
+    return typ(st.slider(look.label, lo, hi, key=key, step=1 if typ is int else 0.01, help=look.help,
+                         disabled=look.disabled))
+
+
+def _number(param: Param, key: str, look: Look) -> int | float:
+    if param.kind == "int":
+        lo, hi = _bounds(param, int)
+        return int(st.number_input(look.label, min_value=lo, max_value=hi, step=1, key=key, help=look.help,
+                                   disabled=look.disabled))
+    lo, hi = _bounds(param, float)
+    return float(st.number_input(look.label, min_value=lo, max_value=hi, step=_float_step(param), format="%g",
+                                 key=key, help=look.help, disabled=look.disabled))
+
+
+def log_options(param: Param, *extra: float) -> list[float]:
+    """The stops of a log slider: LOG_MANTISSAS in every decade between the bounds, plus the bounds,
+    the default and `extra` (the value shown), so every valid value it starts from is a stop."""
+    lo, hi = float(param.low), float(param.high)
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    stops = [float(f"{m}e{e}") for e in decades for m in LOG_MANTISSAS] + [lo, hi, float(param.default)]
+    # one stop per label; where two share one, the later wins: the given values over the round stops
+    by_text = {f"{v:g}": v for v in stops + [float(v) for v in extra] if lo <= v <= hi}
+    return sorted(by_text.values())
+
+
+def _log_slider(param: Param, key: str, look: Look) -> float:
+    options = log_options(param, st.session_state[key])
+    return float(st.select_slider(look.label, options, key=key, format_func=lambda v: f"{v:g}", help=look.help,
+                                  disabled=look.disabled))
+
+
+def _range(param: Param, key: str, look: Look) -> list[float]:
+    lo, hi = float(param.low), float(param.high)
+    step = 10.0 ** (math.floor(math.log10(hi - lo)) - 2) if hi > lo else 0.01
+    pair = st.slider(look.label, lo, hi, key=key, step=step, format="%g", help=look.help, disabled=look.disabled)
+    return [float(pair[0]), float(pair[1])]
+
+
+def _pair(param: Param, key: str, look: Look) -> list[float]:
+    """An unbounded pair: two number inputs side by side (their own keys under `key`)."""
+    state = st.session_state
+    pair = state[key]
+    a, b = st.columns(2)
+    k0, k1 = f"{key}.low", f"{key}.high"
+    state.setdefault(k0, float(pair[0]))
+    state.setdefault(k1, float(pair[1]))
+    v0 = a.number_input(f"{look.label} (low)", key=k0, format="%g", help=look.help, disabled=look.disabled)
+    v1 = b.number_input(f"{look.label} (high)", key=k1, format="%g", disabled=look.disabled)
+    return [float(v0), float(v1)]
+
+
+# widget kind -> fn(param, key, look) -> value; the starting value is already in st.session_state[key]
+WIDGETS: dict[str, Callable[[Param, str, Look], Any]] = {
+    "checkbox": _checkbox, "select": _select, "text": _text, "slider": _slider, "number": _number,
+    "log": _log_slider, "range": _range, "pair": _pair,
+}
+
+
 def param_widget(param: Param, key: str, value: Any = None, label: str | None = None,
                  disabled: bool = False, format_func=None) -> Any:
     """Render the control for one declared parameter and return its current value.
 
     `value` is the starting value (the declared default when None); it is used only the first time
     the key is seen (or after `reset_state`): afterwards the user's value stays."""
-    label = label or param.name
     start = _coerce(param, param.default if value is None else value)
-    kind = widget_kind(param)
     state = st.session_state
     if key not in state:
         state[key] = start
@@ -154,45 +232,8 @@ def param_widget(param: Param, key: str, value: Any = None, label: str | None = 
             current = start
         if type(current) is not type(state[key]) or current != state[key]:
             state[key] = current
-    help_text = _help(param)
-
-    if kind == "checkbox":
-        return bool(st.checkbox(label, key=key, help=help_text, disabled=disabled))
-    if kind == "select":
-        options = list(param.choices)
-        return st.selectbox(label, options, key=key, help=help_text, disabled=disabled,
-                            format_func=format_func or str)
-    if kind == "text":
-        return st.text_input(label, key=key, help=help_text, disabled=disabled)
-    if param.kind == "int":
-        lo = None if param.low is None else int(param.low)
-        hi = None if param.high is None else int(param.high)
-        if kind == "slider":
-            return int(st.slider(label, lo, hi, key=key, step=1, help=help_text, disabled=disabled))
-        return int(st.number_input(label, min_value=lo, max_value=hi, step=1, key=key, help=help_text,
-                                   disabled=disabled))
-    if param.kind == "float":
-        lo = None if param.low is None else float(param.low)
-        hi = None if param.high is None else float(param.high)
-        if kind == "slider":
-            return float(st.slider(label, lo, hi, key=key, step=0.01, help=help_text, disabled=disabled))
-        return float(st.number_input(label, min_value=lo, max_value=hi, step=_float_step(param),
-                                     format="%g", key=key, help=help_text, disabled=disabled))
-    # float_pair
-    if kind == "range":
-        lo, hi = float(param.low), float(param.high)
-        step = 10.0 ** (math.floor(math.log10(hi - lo)) - 2) if hi > lo else 0.01
-        pair = st.slider(label, lo, hi, key=key, step=step, format="%g", help=help_text, disabled=disabled)
-        return [float(pair[0]), float(pair[1])]
-    # unbounded pair: two number inputs side by side (their own keys under `key`)
-    pair = state[key]
-    a, b = st.columns(2)
-    k0, k1 = f"{key}.low", f"{key}.high"
-    state.setdefault(k0, float(pair[0]))
-    state.setdefault(k1, float(pair[1]))
-    v0 = a.number_input(f"{label} (low)", key=k0, format="%g", help=help_text, disabled=disabled)
-    v1 = b.number_input(f"{label} (high)", key=k1, format="%g", disabled=disabled)
-    return [float(v0), float(v1)]
+    look = Look(label or param.name, _help(param), disabled, format_func or str)
+    return WIDGETS[widget_kind(param)](param, key, look)
 
 
 def _grid(n_cols: int):
@@ -368,16 +409,6 @@ def initial_dict(initial: RunConfig | dict | None) -> dict:
     return json.loads(json.dumps(base, default=list))
 
 
-# Scalar fields shown only when they matter: field -> (controlling field, values where it matters)
-_SHOWN_WHEN = {
-    "subset_size": ("subset", ("random",)),
-    "per_class": ("subset", ("per_class",)),
-    "clip_max_norm": ("grad_clip", ("norm",)),
-    "clip_norm_type": ("grad_clip", ("norm",)),
-    "clip_value": ("grad_clip", ("value",)),
-    "nesterov": ("optimizer", ("sgd",)),
-}
-
 _OWNER_HELP = {
     "model": "The network. Its own parameters appear below and change with the choice.",
     "schedule": "How the learning rate changes during training (a multiplier of lr).",
@@ -399,7 +430,7 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
         reset_state(key)
         st.session_state[f"{key}.__initial"] = sig
 
-    by_owner = registries()
+    by_owner = RunConfig.registries()
     scalars = RunConfig.scalar_params()
     values: dict[str, Any] = {}
     sections = RunConfig.sections()
@@ -411,15 +442,14 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
                 if name == "augment":
                     values["augment"] = augment_chain_editor(f"{key}.augment", init["augment"])
                     continue
-                if name in _OWNERS or name.endswith("_params"):
+                if name in by_owner or name.endswith("_params"):
                     continue  # rendered as a group after the section's plain fields
-                rule = _SHOWN_WHEN.get(name)
-                if rule and values.get(rule[0], init[rule[0]]) not in rule[1]:
-                    values[name] = init[name]  # not relevant now: keep the starting value
+                if not RunConfig.applies(name, {**init, **values}):
+                    values[name] = init[name]  # no effect now: not shown, the starting value kept
                     continue
                 with next(cells):
                     values[name] = param_widget(scalars[name], f"{key}.{name}", init[name])
-            for i, owner in enumerate(n for n in names if n in _OWNERS):
+            for i, owner in enumerate(n for n in names if n in by_owner):
                 registry = by_owner[owner]
                 if i or len(names) > 2:  # other fields above: set the group apart
                     st.divider()
@@ -431,50 +461,3 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
                     registry, choice, f"{key}.{owner}_params.{choice}", start, columns=columns)
     # keep RunConfig's field order
     return {name: values[name] for name in init if name in values}
-
-
-# ---------------------------------------------------------------------------------------------------
-# validation that reports every problem, not only the first
-# ---------------------------------------------------------------------------------------------------
-
-def validate_config(values: dict) -> tuple[RunConfig | None, list[str]]:
-    """(validated RunConfig, []) or (None, [messages]). Checks each part separately so that several
-    independent problems are all reported at once."""
-    try:
-        return RunConfig.from_dict(values), []
-    except ConfigError as exc:
-        first = str(exc)
-    except Exception as exc:  # a bug in a check must still read as a message
-        return None, [f"{type(exc).__name__}: {exc}"]
-    errors: list[str] = []
-
-    def check(fn, *args):
-        try:
-            return fn(*args)
-        except ConfigError as exc:
-            if str(exc) not in errors:
-                errors.append(str(exc))
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-        return None
-
-    scalars = {}
-    for name, param in RunConfig.scalar_params().items():
-        if name in values:
-            scalars[name] = check(param.validate, values[name])
-    for owner, registry in registries().items():
-        if scalars.get(owner) is None:
-            continue
-        if check(registry.get, scalars[owner]) is None:
-            continue
-        params = check(registry.validate, scalars[owner], values.get(f"{owner}_params") or {})
-        if owner == "model" and params is not None:
-            from cifar_core.models import check_model
-            check(check_model, scalars["model"], params)
-    from cifar_core.augment import validate_chain
-    check(validate_chain, values.get("augment", []))
-    if all(v is not None for v in scalars.values()) and len(scalars) == len(RunConfig.scalar_params()):
-        check(RunConfig._check_cross_field, scalars)
-    if first not in errors:
-        errors.insert(0, first)
-    return None, errors

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cifar_core.runs import MetricsReader, RunRecord
+from cifar_core.runs import FINAL_STATES, UNFINISHED_STATES, MetricsReader, RunRecord
 
 TRAIN_COLS = ("step", "epoch", "train_loss", "train_acc", "lr", "grad_norm", "images_per_s",
               "elapsed", "time")
@@ -189,8 +189,8 @@ def run_frames(record: RunRecord) -> tuple[pd.DataFrame, pd.DataFrame, int]:
 
 
 # ---- run summaries for tables and pickers ------------------------------------------------------
-ACTIVE = ("queued", "starting", "running")
-FINISHED = ("completed", "failed", "cancelled")
+ACTIVE = UNFINISHED_STATES
+FINISHED = FINAL_STATES
 _CONFIG_CACHE: dict[tuple, dict] = {}
 
 
@@ -224,27 +224,6 @@ def config_summary(record: RunRecord) -> dict:
         _CONFIG_CACHE.clear()
     _CONFIG_CACHE[key] = out
     return out
-
-
-def best_accuracy(status: dict) -> float | None:
-    """test accuracy of a completed run, else the best validation accuracy so far."""
-    for key in (("test_acc", "best_val_acc") if status.get("state") == "completed" else ("best_val_acc",)):
-        value = status.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-            return float(value)
-    return None
-
-
-def duration(status: dict, now: float | None = None) -> float | None:
-    import time as _time
-    started, finished = status.get("started"), status.get("finished")
-    if not isinstance(started, (int, float)):
-        return None
-    if isinstance(finished, (int, float)) and finished >= started:
-        return finished - started
-    if status.get("state") in ("starting", "running"):
-        return (now or _time.time()) - started
-    return None
 
 
 def run_label(run_id: str, summary: dict | None = None) -> str:

@@ -1,13 +1,14 @@
 """The one reader and writer of run checkpoints (`last.pt`, `best.pt`).
 
-A checkpoint holds what resuming needs (model, optimizer, EMA, scaler, lookahead, step, timing) and
-what evaluating needs without the data: the weights the run is evaluated with (EMA when kept), the
-fitted normalizers (ZCA's mean and matrix) and the test-time views. Export, distillation and resume
+A checkpoint holds what resuming needs (model, optimizer, EMA, scaler, lookahead, step, timing, the
+global RNG states) and what evaluating needs without the data: the weights the run is evaluated with
+(EMA when kept), the fitted normalizers (ZCA's mean and matrix) and the test-time views. Export, distillation and resume
 all read through `read_checkpoint`; files load with ``weights_only=True``.
 
-Which file: resume reads `last.pt` only. A finished run is represented by the weights its test
-report measured, `last.pt`; when that file is missing or damaged, `best.pt` is used instead and the
-checkpoint says so (`fallback`).
+Which file: `last.pt` first, and `best.pt` when `last.pt` is missing or damaged (the checkpoint then
+says why, `fallback`). A finished run is represented by the weights its test report measured,
+`last.pt`. Resume can fall back too: `best.pt` holds the whole training state at its step, and
+every batch derives from (seed, epoch/step), so training on from it is exact.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from ..runs import RunRecord, atomic_write_bytes
 __all__ = ["CHECKPOINT_FORMAT", "RESUME_ORDER", "FINISHED_ORDER", "CheckpointError", "Checkpoint",
            "write_checkpoint", "read_checkpoint", "normalizer_states", "restore_normalizers"]
 
-CHECKPOINT_FORMAT = 2  # 1: before normalizers/tta/eval_weights were saved
-RESUME_ORDER = ("last",)
+CHECKPOINT_FORMAT = 3  # 1: before normalizers/tta/eval_weights were saved; 2: before the RNG states
+RESUME_ORDER = ("last", "best")
 FINISHED_ORDER = ("last", "best")
 
 
@@ -118,6 +119,13 @@ class Checkpoint:
         return bool(saved.get("flip")), bool(saved.get("translate"))
 
 
+def first_line(exc: Exception) -> str:
+    """An exception's message cut to its first line (torch's unpickling errors run to a page of advice,
+    part of it, weights_only=False, wrong for files we did not write)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
 def _load(path: Path, map_location) -> dict:
     data = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(data, dict) or "model" not in data:
@@ -137,7 +145,7 @@ def read_checkpoint(record: RunRecord, order: tuple[str, ...] = FINISHED_ORDER,
         try:
             data = _load(path, map_location)
         except Exception as exc:  # truncated, foreign or corrupt file: say which and why
-            problems.append(f"{path} is unreadable ({type(exc).__name__}: {exc})")
+            problems.append(f"{path} is unreadable ({type(exc).__name__}: {first_line(exc)})")
             continue
         return Checkpoint(which, path, data, fallback="; ".join(problems) or None)
     raise CheckpointError(f"run {record.run_id}: no usable checkpoint: " + "; ".join(problems))

@@ -1,9 +1,13 @@
 """Knowledge distillation from a finished run: the teacher, its checks, and the losses.
 
-The teacher is any completed run in the same runs root. Its best checkpoint (else its last) is loaded
-with ``torch.load(weights_only=True)``; when the run kept an EMA of its weights, the EMA weights are
-the ones it was evaluated with, so they teach. The teacher sees exactly the augmented batch the
-student sees (after the same mean/std or per-image standardization), in eval mode, without gradients.
+The teacher is any completed run in the same runs root, read through the one checkpoint reader
+(`checkpoints.read_checkpoint`) with its rule for finished runs: `last.pt`, the weights its test report
+measured, else `best.pt` (the teacher info records which file, the weights and why a file was skipped).
+Those are the weights the run was evaluated with: its EMA when it kept one. The teacher sees exactly
+the augmented batch the student sees, in eval mode, without gradients: as the student's input when
+both chains normalize the same way, else, when the student's chain has no normalizing step, the
+augmented [0, 1] batch with the teacher's own normalizers applied (per-image standardization, or
+its ZCA whitening as fitted on its training images and saved in its checkpoint).
 
 Losses (DeiT, Touvron et al. 2021), combined by the trainer as
 ``(1 - alpha) * true-label loss + alpha * distillation loss``:
@@ -19,18 +23,20 @@ training would be a parameter without gradient.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..augment import AUGMENTATIONS, AugmentChain
-from ..models import count_params, create_model
+from ..augment import AUGMENTATIONS
+from ..models import count_params
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
+from .checkpoints import FINISHED_ORDER, CheckpointError, read_checkpoint
 
-CHECKPOINT_ORDER = ("best", "last")
+__all__ = ["Teacher", "load_teacher", "check_teacher_run", "teacher_candidates", "teacher_input_kind",
+           "distillation_loss"]
 
 
 def _normalizers(augment: list) -> list[str]:
@@ -43,9 +49,10 @@ def _normalizers(augment: list) -> list[str]:
     return names
 
 
-def teacher_checkpoint(record: RunRecord) -> str | None:
-    """'best' or 'last' (the first that exists), or None."""
-    return next((which for which in CHECKPOINT_ORDER if record.checkpoint_path(which).exists()), None)
+def _has_checkpoint(record: RunRecord) -> bool:
+    """Whether a file the reader would try for a finished run exists (existence only: listing and
+    form checks must stay cheap; `load_teacher` reads it and names a damaged file)."""
+    return any(record.checkpoint_path(which).exists() for which in FINISHED_ORDER)
 
 
 def teacher_candidates(store: RunStore) -> list[dict]:
@@ -53,7 +60,7 @@ def teacher_candidates(store: RunStore) -> list[dict]:
     out = []
     for record in store.records():
         status = record.status()
-        if status.get("state") != "completed" or teacher_checkpoint(record) is None:
+        if status.get("state") != "completed" or not _has_checkpoint(record):
             continue
         config = record.config_dict() or {}
         out.append({"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
@@ -73,42 +80,36 @@ def check_teacher_run(store: RunStore, run_id: str, student_run_id: str | None =
     state = record.state()
     if state != "completed":
         raise ConfigError(f"teacher_run {run_id} is {state}, not completed: distil only from a finished run")
-    if teacher_checkpoint(record) is None:
-        raise ConfigError(f"teacher_run {run_id} has no checkpoint (best.pt or last.pt) to load")
+    if not _has_checkpoint(record):
+        files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
+        raise ConfigError(f"teacher_run {run_id} has no checkpoint ({files}) to load")
     return record
 
 
-def _teacher_weights(ckpt: dict) -> tuple[dict, str]:
-    """The state dict the teacher run was evaluated with: its EMA when it kept one."""
-    ema = ckpt.get("ema")
-    if ema:
-        prefix = "module."
-        return {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
-    return ckpt["model"], "model"
-
-
-def _teacher_input_kind(run_id: str, teacher_norm: list[str], student_norm: list[str]) -> str:
-    """'same': the student's input as it is; 'per_image': standardize the augmented [0, 1] batch."""
-    if "zca" in teacher_norm:
-        raise ConfigError(f"teacher_run {run_id} was trained with zca whitening fitted on its own training "
-                          "images; distillation from such a run is not supported")
-    if teacher_norm == student_norm:
+def teacher_input_kind(run_id: str, teacher_norm: list[str], student_norm: list[str]) -> str:
+    """'same': the student's input as it is; 'own': the teacher's own normalizers applied to the
+    augmented [0, 1] batch (possible only when the student's chain has no normalizing step, so that
+    the batch it is handed is still [0, 1])."""
+    if teacher_norm and not student_norm:
+        return "own"
+    if teacher_norm == student_norm and "zca" not in teacher_norm:
         return "same"
-    if not student_norm and teacher_norm == ["per_image_standardization"]:
-        return "per_image"
+    if teacher_norm == student_norm:
+        raise ConfigError(f"teacher_run {run_id} and this run both whiten with zca, each fitted on its own "
+                          "training images, so the student's whitened batch is not the teacher's input: "
+                          "distil into a student without a normalizing step (the teacher then applies its "
+                          "own zca)")
     raise ConfigError(f"teacher_run {run_id} normalizes its inputs differently (teacher: "
                       f"{', '.join(teacher_norm) or 'mean/std'}; student: {', '.join(student_norm) or 'mean/std'}): "
-                      "use the same normalizing steps in both chains")
-
-
-_PER_IMAGE = AugmentChain(["per_image_standardization"]).ops[0]
+                      "use the same normalizing steps in both chains, or none in the student's")
 
 
 @dataclass
 class Teacher:
     model: nn.Module
-    input_kind: str  # "same" | "per_image"
+    input_kind: str  # "same" | "own"
     info: dict       # recorded in the run's status.json and results.json
+    normalizers: list = field(default_factory=list)  # with "own": the teacher's fitted normalizing ops
 
     def to(self, device) -> "Teacher":
         # channels_last: the teacher only runs forward passes, and convolutions run ~1.4x faster in it
@@ -118,33 +119,38 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, x_augmented: torch.Tensor, x_student: torch.Tensor) -> torch.Tensor:
-        """Teacher logits for the batch the student saw: x_augmented in [0, 1] (before the engine's
-        normalization), x_student the student's input."""
-        if self.input_kind == "per_image":
-            x_student, _, _ = _PER_IMAGE(x_augmented, None, None)
-        return self.model(x_student.contiguous(memory_format=torch.channels_last)).float()
+        """Teacher logits for the batch the student saw: x_augmented the chain's output (in [0, 1]
+        when the student's chain does not normalize), x_student the student's input."""
+        x = x_student
+        if self.input_kind == "own":
+            x = x_augmented
+            for op in self.normalizers:
+                x, _, _ = op(x, None, None)
+        return self.model(x.contiguous(memory_format=torch.channels_last)).float()
 
 
 def load_teacher(store: RunStore, run_id: str, student_augment: list,
                  student_run_id: str | None = None) -> Teacher:
-    """Check the teacher run, build its model from the checkpoint's model_name/model_params, load the
-    weights it was evaluated with, and freeze it in eval mode (on the CPU; move it with .to)."""
+    """Check the teacher run, read its checkpoint (last.pt, else best.pt), build its model with the
+    weights it was evaluated with (and, for 'own' input, its fitted normalizers), and freeze it in
+    eval mode (on the CPU; move it with .to)."""
     record = check_teacher_run(store, run_id, student_run_id)
-    which = teacher_checkpoint(record)
-    config = record.config_dict() or {}
-    input_kind = _teacher_input_kind(run_id, _normalizers(config.get("augment")), _normalizers(student_augment))
-    ckpt = torch.load(record.checkpoint_path(which), map_location="cpu", weights_only=True)
+    augment = (record.config_dict() or {}).get("augment")
+    input_kind = teacher_input_kind(run_id, _normalizers(augment), _normalizers(student_augment))
     try:
-        model = create_model(ckpt["model_name"], ckpt["model_params"])
-        state, weights = _teacher_weights(ckpt)
-        model.load_state_dict(state)
-    except (KeyError, RuntimeError) as exc:
-        raise ConfigError(f"teacher_run {run_id}: its {which}.pt does not load as a model: {exc}") from None
-    model.eval().requires_grad_(False)
-    info = {"run_id": run_id, "checkpoint": f"{which}.pt", "weights": weights, "step": ckpt.get("step"),
-            "model": ckpt["model_name"], "model_params": ckpt["model_params"], "params": count_params(model),
+        ckpt = read_checkpoint(record, FINISHED_ORDER)
+        model = ckpt.build_model()
+        normalizers = ckpt.normalizers(augment) if input_kind == "own" else []
+    except CheckpointError as exc:
+        raise CheckpointError(f"teacher_run {run_id} cannot teach: {exc}") from None
+    model.requires_grad_(False)
+    info = {"run_id": run_id, "checkpoint": ckpt.path.name, "weights": ckpt.evaluation_weights()[1],
+            "fallback": ckpt.fallback, "step": ckpt.step, "model": ckpt.model_name,
+            "model_params": ckpt.model_params, "params": count_params(model),
+            "input": "+".join(["augmented batch"] + [op.name for op in normalizers]) if normalizers
+                     else "the student's input",
             "test_acc": record.status().get("test_acc")}
-    return Teacher(model, input_kind, info)
+    return Teacher(model, input_kind, info, normalizers)
 
 
 def distillation_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,

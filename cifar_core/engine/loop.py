@@ -1,13 +1,18 @@
 """The training engine: one RunConfig in, one run record out.
 
-Top-down: resolve device → load data and keep it on the device as uint8 → build the split, the
-balancing plan, the augmentation chain, the model and the optimizer → loop over steps (augment a
-whole batch on the device, forward, backward, clip, step, EMA) writing metrics lines → evaluate →
-checkpoint → final test report.
+Top-down: set up the objective (a teacher fails here, before any data) → load the data onto the
+device as uint8 → build the model, optimizer, schedule and tricks → (resume from `last`, else
+`best`) → epochs of steps: the labeled batch goes through the batch hooks (alternating flips) and the
+augmentation chain, the objective gives the loss, backward, clip, optimizer step, after-step hooks
+(EMA, lookahead) → after each epoch evaluate (with the EMA when kept) and checkpoint → final test
+report.
 
-Every batch's randomness (the epoch's order and the augmentation draws) is derived from
-(seed, epoch) and (seed, step) alone, so a run resumed from any checkpoint continues exactly as if
-it had never stopped.
+Every batch's randomness (the epoch's order, the augmentation draws, the objective's own draws) is
+derived from (seed, epoch) and (seed, step) alone, and checkpoints keep the global generators' states
+(dropout), so a run resumed from any checkpoint continues exactly as if it had never stopped.
+
+One process at a time trains a run: the trainer holds `<run>/.train.lock` (flock) while it runs, and a
+second one is refused before it touches the record. A completed run is never trained again.
 """
 from __future__ import annotations
 
@@ -15,25 +20,33 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import traceback
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..config import RunConfig
 from ..data import CLASSES, NUM_CLASSES
 from ..devices import device_description
 from ..models import count_params, create_model
 from ..params import ConfigError
+from ..processes import LockHeld, process_lock, process_start_time
 from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
 from ..schedules import build_schedule
-from .checkpoints import RESUME_ORDER, normalizer_states, read_checkpoint, write_checkpoint
-from .distill import Teacher, distillation_loss, load_teacher
+from .checkpoints import (RESUME_ORDER, Checkpoint, CheckpointError, normalizer_states, read_checkpoint,
+                          write_checkpoint)
 from .evaluation import classification_report, evaluate, predict_logits
-from .prepare import Prepared, normalize, prepare
-from .rng import seeded_generator
-from .tricks import Lookahead, alternating_flips, autocast_context, effective_precision
+from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
+from .prepare import Prepared, epoch_order, model_input, normalize, prepare
+from .rng import (AUGMENTATION, INIT_SAMPLE, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
+                  seeded_generator)
+from .tricks import Tricks, autocast_context, build_tricks, clip_gradients, effective_precision
+
+TRAIN_LOCK = ".train.lock"  # in the run folder: held by the one process that trains the run
 
 
 class StopTraining(Exception):
@@ -57,17 +70,76 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
+def build_model(cfg: RunConfig, prep: Prepared) -> torch.nn.Module:
+    """The network on the device; models that initialise from data (fastnet's whitening) see 5,000
+    training images first."""
+    model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        pick = torch.randperm(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, INIT_SAMPLE))[:5000]
+        init(normalize(prep, prep.train_x[pick.to(prep.device)]))
+    model.to(prep.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class LogWindow:
+    """Sums over the steps since the last train row; per-image means when the row is written. Also the
+    learning rate and grad norm of its latest step."""
+
+    def __init__(self):
+        self.reset(time.time())
+
+    def reset(self, now: float) -> None:
+        self.started, self.steps, self.n, self.loss, self.correct = now, 0, 0, 0.0, 0.0
+        self.lr, self.grad_norm = 0.0, None
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, n: int, loss: float, correct: int, metrics: dict[str, float], lr: float,
+            grad_norm: float | None) -> None:
+        self.steps += 1
+        self.lr, self.grad_norm = lr, grad_norm
+        self.n += n
+        self.loss += loss * n
+        self.correct += correct
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * n
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def means(self, now: float) -> dict:
+        return {"train_loss": self.loss / self.n, "train_acc": self.correct / self.n,
+                "images_per_s": self.n / max(1e-9, now - self.started)}
+
+    def metric_means(self) -> dict:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+
 class Trainer:
-    """Runs one config against one run record."""
+    """Runs one config against one run record. `objective`: the training objective (default:
+    objective_for(cfg))."""
+
+    # built by _build
+    prep: Prepared
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: Callable[[int], float]
+    tricks: Tricks
+    precision: str
+    steps_per_epoch: int
+    total_steps: int
 
     def __init__(self, cfg: RunConfig, record: RunRecord, data_source: str | None = None,
-                 progress: bool = False, stop_at_step: int | None = None):
+                 progress: bool = False, stop_at_step: int | None = None, objective: Objective | None = None):
         self.cfg, self.record, self.data_source = cfg, record, data_source
         self.progress, self.stop_at_step = progress, stop_at_step
+        self.objective = objective
         self.stop_requested: str | None = None
+        self.step, self.best_acc, self.elapsed_before, self.t0 = 0, -1.0, 0.0, 0.0
+        self.window = LogWindow()
         self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
-        self.teacher: Teacher | None = None  # set when the config distils from a finished run
-        self.lookahead: Lookahead | None = None
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -82,12 +154,30 @@ class Trainer:
 
     # ---- main ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> str:
-        self._install_signal_handlers()
-        started = time.time()
-        self.record.update_status(state="running", pid=os.getpid(), started=started, error=None,
-                                  finished=None, host=os.uname().nodename)
+        """Train (resume: from the newest usable checkpoint) and return the final state. ConfigError,
+        before anything of the record changes, when another process trains the run or it is completed."""
         try:
-            state, reason = self._train(resume, started)
+            with process_lock(self.record.path / TRAIN_LOCK):
+                self._refuse_completed()
+                return self._run_locked(resume)
+        except LockHeld as held:
+            raise ConfigError(being_trained_message(self.record.run_id, held)) from None
+
+    def _refuse_completed(self) -> None:
+        if self.record.state() == "completed":
+            raise ConfigError(f"run {self.record.run_id} is completed; nothing to resume (its results stay "
+                              "as they are: train a new run to train again)")
+
+    def _run_locked(self, resume: bool) -> str:
+        self._install_signal_handlers()
+        pid = os.getpid()
+        # this process's own pid and start time, so that cancel and the supervisor never signal or judge
+        # a reused pid; and nothing left over from an earlier attempt (a cancel, an error)
+        self.record.update_status(state="running", pid=pid, pid_start=process_start_time(pid), started=time.time(),
+                                  host=os.uname().nodename, cancel_requested=None, error=None, reason=None,
+                                  finished=None, resumed_from=None, resume_fallback=None)
+        try:
+            state, reason = self._train(resume)
         except StopTraining as stop:
             state, reason = stop.state, stop.reason
         except ConfigError as exc:
@@ -99,262 +189,296 @@ class Trainer:
                                   reason=reason, finished=time.time())
         return state
 
-    def _train(self, resume: bool, started: float) -> tuple[str, str]:
+    def _train(self, resume: bool) -> tuple[str, str]:
+        self._build()
+        if resume:
+            self._resume()
+        self._record_setup(resume)
+        self.t0 = time.time() - self.elapsed_before
+        self.window.reset(time.time())
+        with tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                  disable=not self.progress) as bar:
+            self._train_epochs(bar)
+        self._final_report()
+        limit_note = " (time limit reached)" if self.step < self.total_steps else ""
+        return "completed", f"finished {self.step} steps{limit_note}"
+
+    def _build(self) -> None:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        self.teacher = self._load_teacher()  # before the data: a bad teacher fails at once
+        torch.manual_seed(cfg.seed)  # the model's initial weights (and a teacher's, built first)
+        self.objective = self.objective or objective_for(cfg)
+        self.objective.setup(RunContext(cfg, self.record, RunStore(self.record.root)))  # before the data
         prep = self.prep = prepare(cfg, self.data_source)
-        device = prep.device
-        if self.teacher is not None:
-            self.teacher.to(device)
-        model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
-        init = getattr(model, "init_from_data", None)
-        if callable(init):
-            sample = prep.train_x[torch.randperm(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, 7))[:5000].to(device)]
-            init(normalize(prep, sample))
-        model.to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, model)
-        ema = None
-        if cfg.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-        precision = effective_precision(cfg, device)
-        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.objective.attach(prep)
+        self.model = build_model(cfg, prep)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.precision = effective_precision(cfg, prep.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.steps_per_epoch = max(1, math.ceil(len(prep.epoch_indices) / cfg.batch_size))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.schedule = build_schedule(cfg.schedule, cfg.schedule_params, self.total_steps, self.steps_per_epoch)
+        self.tricks = build_tricks(cfg, self.model, prep.train_x.shape[0], self.total_steps, prep.device)
 
-        n_epoch = len(prep.epoch_indices)
-        steps_per_epoch = max(1, math.ceil(n_epoch / cfg.batch_size))
-        total_steps = steps_per_epoch * cfg.epochs
-        schedule = build_schedule(cfg.schedule, cfg.schedule_params, total_steps, steps_per_epoch)
-        lookahead = Lookahead(model, cfg.lookahead_every, cfg.lookahead_decay, total_steps) \
-            if cfg.lookahead_every else None
-        self.lookahead = lookahead  # saved with the checkpoints
-        flip_base = None
-        if cfg.alternating_flip:  # one random flip state per training image, inverted every odd epoch
-            flip_base = (torch.rand(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, 3)) < 0.5).to(device)
+    def _resume(self) -> None:
+        """Continue from the newest usable checkpoint (`last`, else `best`), or from step 0 when there is
+        none; the earlier attempt's metric lines after that step go, so every step appears once."""
+        ckpt = self._resume_checkpoint()
+        if ckpt is not None:
+            self._load_training_state(ckpt.data)
+        self._truncate_metrics_after(self.step)
 
-        step, best_acc, elapsed_before = 0, -1.0, 0.0
-        if resume and self.record.checkpoint_path("last").exists():
-            ckpt = read_checkpoint(self.record, RESUME_ORDER, map_location=device).data
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if lookahead is not None:  # a checkpoint from before lookahead was on: start from its weights
-                lookahead.load_state_dict(ckpt.get("lookahead") or model.state_dict())
-            step, best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
-            elapsed_before = float(ckpt.get("elapsed", 0.0))
-            self._truncate_metrics_after(step)
-
-        n_params = count_params(model)
-        self.record.update_status(
-            device=device_description(device), precision=precision, data_origin=prep.data_origin, params=n_params,
-            total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_images=n_epoch,
-            eval_split=prep.eval_split, split=prep.split_summary, resumed_at_step=step if resume else None)
-
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
-        t0 = time.time() - elapsed_before
-        window = {"loss": 0.0, "correct": 0.0, "n": 0, "t": time.time(), "images": 0, "distill": 0.0}
-        stop: StopTraining | None = None
+    def _resume_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint to resume from; None: start at step 0 (none was written yet, or none is
+        readable: then status.json and the log say why)."""
+        if not any(self.record.checkpoint_path(which).exists() for which in RESUME_ORDER):
+            return None  # queued, or stopped before its first checkpoint
         try:
-            while step < total_steps:
-                epoch = step // steps_per_epoch
-                order = self._epoch_order(prep, epoch)
-                at_limit = False
-                for b in range(step % steps_per_epoch, steps_per_epoch):
-                    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    lr = cfg.lr * schedule(step)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    flips = None if flip_base is None else alternating_flips(flip_base, idx, epoch)
-                    loss, correct, grad_norm, kd = self._step(prep, model, optimizer, scaler, ema, idx, step,
-                                                              flips)
-                    step += 1
-                    at_limit = bool(cfg.time_limit_min) and time.time() - t0 > 60 * cfg.time_limit_min
-                    if lookahead is not None:
-                        lookahead.after_step(model, step, final=step >= total_steps or at_limit)
-                    window["loss"] += loss * idx.shape[0]
-                    window["distill"] += kd * idx.shape[0]
-                    window["correct"] += correct
-                    window["n"] += idx.shape[0]
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
-                    if step % cfg.log_every == 0 or b == steps_per_epoch - 1:
-                        self._log_train(window, step, steps_per_epoch, lr, grad_norm, t0)
-                    if self.stop_requested:
-                        raise StopTraining("cancelled", self.stop_requested)
-                    if self.stop_at_step is not None and step >= self.stop_at_step:
-                        raise StopTraining("cancelled", f"stopped at step {step} (test hook)")
-                    if at_limit:
-                        break
-                epoch_done = step // steps_per_epoch
-                if epoch_done % cfg.eval_every == 0 or step >= total_steps or at_limit:
-                    acc = self._log_eval(prep, ema or model, step, steps_per_epoch, t0)
-                    if acc > best_acc:
-                        best_acc = acc
-                        self._save_checkpoint("best", model, optimizer, ema, scaler, step, best_acc, t0)
-                self._save_checkpoint("last", model, optimizer, ema, scaler, step, best_acc, t0)
-                self.record.update_status(step=step, epoch=epoch_done, best_val_acc=best_acc)
+            ckpt = read_checkpoint(self.record, RESUME_ORDER, map_location=self.prep.device)
+        except CheckpointError as exc:
+            self._note_resume_fallback(None, f"{exc}; training again from step 0")
+            return None
+        if ckpt.fallback:
+            self._note_resume_fallback(ckpt, f"{ckpt.fallback}; resumed from {ckpt.path.name} at step {ckpt.step}")
+        else:
+            self.record.update_status(resumed_from=ckpt.path.name)
+        return ckpt
+
+    def _note_resume_fallback(self, ckpt: Checkpoint | None, note: str) -> None:
+        print(f"resume: {note}", file=sys.stderr, flush=True)
+        self.record.update_status(resumed_from=ckpt.path.name if ckpt else None, resume_fallback=note)
+
+    def _load_training_state(self, data: dict) -> None:
+        self.model.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        if data.get("scaler"):
+            self.scaler.load_state_dict(data["scaler"])
+        self.tricks.resume(data, self.model)
+        self.objective.load_state_dict(data.get("objective") or {})
+        self.step, self.best_acc = int(data["step"]), float(data["best_acc"])
+        self.elapsed_before = float(data.get("elapsed", 0.0))
+        restore_global_rng_states(data.get("rng"), self.prep.device)  # last: nothing may draw after it
+
+    # ---- the epoch / step loop -----------------------------------------------------------------
+    def _train_epochs(self, bar) -> None:
+        """Epochs of steps, each followed by evaluation and checkpoints. A stop (cancel, NaN) first writes
+        the steps since the last train row as a partial row; a cancel also saves `last`."""
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // self.steps_per_epoch
+                at_limit = self._train_epoch(epoch_order(self.prep, self.cfg.seed, epoch), epoch, bar)
+                self._end_epoch(at_limit)
                 if at_limit:
                     break
-        except StopTraining as exc:
-            stop = exc
-            if exc.state == "cancelled":
-                self._save_checkpoint("last", model, optimizer, ema, scaler, step, best_acc, t0)
-                self.record.update_status(step=step, epoch=step / steps_per_epoch)
-        finally:
-            if bar is not None:
-                bar.close()
-        if stop is not None:
-            raise stop
-        self._final_report(prep, ema or model, t0, step, total_steps)
-        limit_note = " (time limit reached)" if step < total_steps else ""
-        return "completed", f"finished {step} steps{limit_note}"
+        except StopTraining as stop:
+            self._log_train(partial=True)
+            if stop.state == "cancelled":
+                self._save_checkpoint("last")
+                self.record.update_status(step=self.step, epoch=self.step / self.steps_per_epoch)
+            raise
 
-    def _epoch_order(self, prep: Prepared, epoch: int) -> torch.Tensor:
-        gen = seeded_generator(self.cfg.seed, 1, epoch)
-        n = len(prep.epoch_indices)
-        if prep.sample_weights is not None:
-            picks = torch.multinomial(prep.sample_weights, n, replacement=True, generator=gen)
-        else:
-            picks = torch.randperm(n, generator=gen)
-        return torch.as_tensor(prep.epoch_indices)[picks].to(prep.device)
+    def _train_epoch(self, order: torch.Tensor, epoch: int, bar) -> bool:
+        """The epoch's remaining steps; True when the time limit cut it short."""
+        cfg, last_batch = self.cfg, self.steps_per_epoch - 1
+        for b in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            lr = self._set_lr()
+            loss, correct, grad_norm, metrics = self._step(idx, epoch)
+            self.step += 1
+            at_limit = self._time_is_up()
+            self.tricks.after_step(self.model, self.step, final=self.step >= self.total_steps or at_limit)
+            self.window.add(idx.shape[0], loss, correct, metrics, lr, grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}")
+            row_due = self.step % cfg.log_every == 0 or b == last_batch
+            if row_due or at_limit:
+                self._log_train(partial=not row_due)
+            self._check_stop()
+            if at_limit:
+                return True
+        return False
 
-    def _load_teacher(self) -> Teacher | None:
-        cfg = self.cfg
-        if cfg.distill == "none":
-            return None
-        teacher = load_teacher(RunStore(self.record.root), cfg.teacher_run, cfg.augment, self.record.run_id)
-        self.record.update_status(teacher=teacher.info)
-        return teacher
-
-    def _step(self, prep, model, optimizer, scaler, ema, idx, step,
-              flips: torch.Tensor | None = None) -> tuple[float, float, float | None, float]:
-        """One optimizer step: (loss, correct predictions, grad norm or None, distillation loss or 0).
-        `flips` (bool per image) mirrors those images first: the alternating-flip schedule."""
-        cfg = self.cfg
-        model.train()
-        x_uint8, y = prep.train_x[idx], prep.train_y[idx]
-        if flips is not None:
-            x_uint8 = torch.where(flips[:, None, None, None], x_uint8.flip(-1), x_uint8)
-        x_augmented, y_soft, _ = prep.chain(x_uint8, y, seeded_generator(cfg.seed, 2, step))
-        x = normalize(prep, x_augmented)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        kd_value = 0.0
+    def _step(self, idx: torch.Tensor, epoch: int) -> tuple[float, int, float | None, dict[str, float]]:
+        """One optimizer step on the labeled images `idx`: (loss, correct predictions, grad norm or
+        None, the objective's metrics)."""
+        cfg, prep = self.cfg, self.prep
+        self.model.train()
+        batch = self._labeled_batch(idx, epoch)
+        ctx = StepContext(prep, self.step, seeded_generator(cfg.seed, OBJECTIVE_DRAWS, self.step))
         with autocast_context(cfg, prep.device):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y_soft, weight=prep.class_weights,
-                                   label_smoothing=cfg.label_smoothing)
-            if self.teacher is not None:  # the teacher sees the same augmented batch
-                kd = distillation_loss(cfg.distill, logits.float(), self.teacher.logits(x_augmented, x),
-                                       cfg.distill_temperature)
-                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-                kd_value = kd.item()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise StopTraining("failed", f"loss became {loss_value} at step {step}: training diverged "
+            result = self.objective.loss(self.model, batch, ctx)
+        loss = result.loss.item()
+        if not math.isfinite(loss):
+            raise StopTraining("failed", f"loss became {loss} at step {self.step}: training diverged "
                                          "(try a lower learning rate or gradient clipping)")
+        grad_norm = self._optimizer_step(result.loss)
+        return loss, result.correct(), grad_norm, result.metric_values()
+
+    def _labeled_batch(self, idx: torch.Tensor, epoch: int) -> LabeledBatch:
+        prep = self.prep
+        x_uint8, y = self.tricks.on_batch(prep.train_x[idx], idx, epoch), prep.train_y[idx]
+        x_augmented, y_soft, _ = prep.chain(x_uint8, y, seeded_generator(self.cfg.seed, AUGMENTATION, self.step))
+        return LabeledBatch(x_uint8, x_augmented, model_input(prep, x_augmented), y, y_soft)
+
+    def _optimizer_step(self, loss: torch.Tensor) -> float | None:
+        """Backward, clip, step. The grad norm is measured when clipping and on steps that log."""
+        cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         grad_norm = None
-        if cfg.grad_clip != "none" or (step + 1) % cfg.log_every == 0:
+        if cfg.grad_clip != "none" or (self.step + 1) % cfg.log_every == 0:
             scaler.unscale_(optimizer)
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.grad_clip == "value":
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
-                torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
-            else:
-                max_norm = cfg.clip_max_norm if cfg.grad_clip == "norm" else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, max_norm, norm_type=float(cfg.clip_norm_type)).item()
+            grad_norm = clip_gradients(cfg, self.model)
         scaler.step(optimizer)
         scaler.update()
-        if ema is not None:
-            ema.update_parameters(model)
-        correct = (logits.argmax(1) == y_soft.argmax(1)).sum().item()
-        return loss_value, correct, grad_norm, kd_value
+        return grad_norm
+
+    def _set_lr(self) -> float:
+        lr = self.cfg.lr * self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        return lr
+
+    def _time_is_up(self) -> bool:
+        limit = self.cfg.time_limit_min
+        return bool(limit) and time.time() - self.t0 > 60 * limit
+
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise StopTraining("cancelled", self.stop_requested)
+        if self.stop_at_step is not None and self.step >= self.stop_at_step:
+            raise StopTraining("cancelled", f"stopped at step {self.step} (test hook)")
+
+    def _end_epoch(self, at_limit: bool) -> None:
+        """Evaluate when due (a new best also saves `best`), save `last`, record the progress."""
+        epoch_done = self.step // self.steps_per_epoch
+        if epoch_done % self.cfg.eval_every == 0 or self.step >= self.total_steps or at_limit:
+            acc = self._log_eval()
+            if acc > self.best_acc:
+                self.best_acc = acc
+                self._save_checkpoint("best")
+        self._save_checkpoint("last")
+        self.record.update_status(step=self.step, epoch=epoch_done, best_val_acc=self.best_acc)
 
     # ---- records -------------------------------------------------------------------------------
-    def _log_train(self, window, step, steps_per_epoch, lr, grad_norm, t0):
-        now = time.time()
-        if window["n"] == 0:
-            return
-        row = {"kind": "train", "step": step, "epoch": round(step / steps_per_epoch, 4),
-               "train_loss": window["loss"] / window["n"], "train_acc": window["correct"] / window["n"],
-               "lr": lr, "grad_norm": grad_norm,
-               "images_per_s": window["n"] / max(1e-9, now - window["t"]), "elapsed": now - t0,
-               "time": now}
-        if self.teacher is not None:
-            row["distill_loss"] = window["distill"] / window["n"]
-        self.record.append_metrics(row)
-        window.update(loss=0.0, correct=0.0, n=0, t=now, distill=0.0)
+    def _record_setup(self, resume: bool) -> None:
+        prep = self.prep
+        self.record.update_status(
+            device=device_description(prep.device), precision=self.precision, data_origin=prep.data_origin,
+            params=count_params(self.model), total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            train_images=len(prep.epoch_indices), eval_split=prep.eval_split, split=prep.split_summary,
+            resumed_at_step=self.step if resume else None)
 
-    def _log_eval(self, prep, model, step, steps_per_epoch, t0) -> float:
-        result = evaluate(model, prep, prep.eval_x, prep.eval_y, self.cfg.tta_flip, self.cfg.tta_translate)
+    def _epoch_of(self, step: int) -> float:
+        return round(step / self.steps_per_epoch, 4)
+
+    def _log_train(self, partial: bool = False) -> None:
+        """A train row of the window's steps. `partial`: a stop cut the window short; the row then says
+        which steps it covers (first_step .. step)."""
+        now, window = time.time(), self.window
+        if window.n == 0:
+            return
+        means = window.means(now)
+        cut_short = {"partial": True, "first_step": self.step - window.steps + 1} if partial else {}
+        self.record.append_metrics({
+            "kind": "train", "step": self.step, "epoch": self._epoch_of(self.step),
+            "train_loss": means["train_loss"], "train_acc": means["train_acc"], "lr": window.lr,
+            "grad_norm": window.grad_norm, "images_per_s": means["images_per_s"], "elapsed": now - self.t0,
+            "time": now, **window.metric_means(), **cut_short})
+        window.reset(now)
+
+    def _log_eval(self) -> float:
+        prep, cfg = self.prep, self.cfg
+        result = evaluate(self.tricks.eval_model(self.model), prep, prep.eval_x, prep.eval_y, cfg.tta_flip,
+                          cfg.tta_translate)
         if prep.eval_split == "test":  # the final report can reuse these logits (TTA is costly on CPU)
-            self._test_logits = (step, result["logits"])
+            self._test_logits = (self.step, result["logits"])
         now = time.time()
-        self.record.append_metrics({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4),
+        self.record.append_metrics({"kind": "eval", "step": self.step, "epoch": self._epoch_of(self.step),
                                     "val_loss": result["loss"], "val_acc": result["acc"],
-                                    "eval_split": prep.eval_split, "elapsed": now - t0, "time": now})
+                                    "eval_split": prep.eval_split, "elapsed": now - self.t0, "time": now})
         return result["acc"]
 
-    def _save_checkpoint(self, which, model, optimizer, ema, scaler, step, best_acc, t0):
+    def _save_checkpoint(self, which: str) -> None:
         cfg = self.cfg
         write_checkpoint(self.record, which, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
-            "step": step, "best_acc": best_acc, "elapsed": time.time() - t0,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self.tricks.state_dicts(),  # ema, lookahead (None when off)
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step, "best_acc": self.best_acc, "elapsed": time.time() - self.t0,
             "model_name": cfg.model, "model_params": cfg.model_params,
-            "eval_weights": "ema" if ema is not None else "model",
+            "eval_weights": self.tricks.eval_weights,
             "normalizers": normalizer_states(self.prep.chain),
-            "tta": {"flip": cfg.tta_flip, "translate": cfg.tta_translate}})
+            "tta": {"flip": cfg.tta_flip, "translate": cfg.tta_translate},
+            "objective": self.objective.state_dict(),
+            "rng": global_rng_states(self.prep.device)})
 
     def _truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint so curves don't repeat."""
+        """On resume, drop the metric lines (train and eval) written after the checkpoint's step, all of
+        them at step 0, so curves don't repeat."""
+        if not self.record.metrics_path.exists():
+            return
         rows = self.record.read_metrics()
-        kept = [r for r in rows if r.get("step", 0) <= step]
+        kept = [r for r in rows if r.get("step", 0) <= step] if step else []
         atomic_write_bytes(self.record.metrics_path,
                            "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def _final_report(self, prep, model, t0, step, total_steps):
+    def _final_report(self) -> None:
+        prep, cfg = self.prep, self.cfg
         cached = self._test_logits
-        if cached is not None and cached[0] == step:
+        if cached is not None and cached[0] == self.step:
             logits = cached[1]
         else:
-            logits = predict_logits(model, prep, prep.test_x, self.cfg.tta_flip, self.cfg.tta_translate)
+            logits = predict_logits(self.tricks.eval_model(self.model), prep, prep.test_x, cfg.tta_flip,
+                                    cfg.tta_translate)
         y_true = prep.test_y.cpu().numpy()
         report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(CLASSES))
-        report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=step,
-                      total_steps=total_steps, train_seconds=time.time() - t0,
-                      evaluated_with="ema" if self.cfg.ema_decay else "model",
-                      tta_flip=self.cfg.tta_flip, tta_translate=self.cfg.tta_translate, test_images=int(y_true.shape[0]))
-        if self.teacher is not None:
-            report["teacher"] = {**self.teacher.info, "distill": self.cfg.distill, "alpha": self.cfg.distill_alpha,
-                                 "temperature": self.cfg.distill_temperature}
+        report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=self.step,
+                      total_steps=self.total_steps, train_seconds=time.time() - self.t0,
+                      evaluated_with=self.tricks.eval_weights,
+                      tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate, test_images=int(y_true.shape[0]),
+                      **self.objective.results())
         atomic_write_json(self.record.results_path, report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
                                   macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])
 
 
+def being_trained_message(run_id: str, held: LockHeld) -> str:
+    who = f"process {held.pid}" if held.pid else "another process"
+    if held.since:
+        who += f" (started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.since))})"
+    return (f"run {run_id} is being trained by {who}; wait for it or cancel it "
+            f"(python -m cifar_core cancel {run_id})")
+
+
+def create_new_record(cfg: RunConfig, store: RunStore, run_id: str | None = None,
+                      meta: dict | None = None) -> RunRecord:
+    """A new queued run record (`meta` added to its status.json); ConfigError when `run_id` is taken."""
+    if run_id and store.record(run_id).exists():
+        raise ConfigError(f"run {run_id} already exists in {store.root}: continue it with "
+                          f"`train --resume {run_id}`, or choose another --run-id")
+    try:
+        record = store.create(cfg, run_id=run_id, state="queued")
+    except FileExistsError:
+        raise ConfigError(f"a folder {run_id} already exists in {store.root}; choose another --run-id") from None
+    if meta:
+        record.update_status(**meta)
+    return record
+
+
 def train_run(cfg: RunConfig, store: RunStore | None = None, run_id: str | None = None,
               data_source: str | None = None, resume: bool = False, progress: bool = False,
-              stop_at_step: int | None = None) -> RunRecord:
-    """Create (or reopen, for resume) a run record and train it in this process."""
+              stop_at_step: int | None = None, objective: Objective | None = None,
+              meta: dict | None = None) -> RunRecord:
+    """Train a new run (`run_id` must be free; `meta` goes into its status.json), or with `resume` the
+    existing run `run_id`, in this process. ConfigError, with the record untouched, when the id is
+    taken, the run to resume is missing or completed, or another process trains it."""
     store = store or RunStore()
-    if run_id and store.record(run_id).exists():
+    if resume:
+        if not run_id or not store.record(run_id).exists():
+            raise ConfigError(f"run {run_id} not found in {store.root}: nothing to resume")
         record = store.record(run_id)
     else:
-        record = store.create(cfg, run_id=run_id, state="queued")
-    Trainer(cfg, record, data_source, progress=progress, stop_at_step=stop_at_step).run(resume=resume)
+        record = create_new_record(cfg, store, run_id, meta)
+    Trainer(cfg, record, data_source, progress=progress, stop_at_step=stop_at_step,
+            objective=objective).run(resume=resume)
     return record

@@ -1,4 +1,5 @@
-"""A run's data on its device, split, balancing plan and augmentation chain, built from its config."""
+"""A run's data on its device, split, balancing plan and augmentation chain, built from its config;
+the epoch order and the model input made from them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from ..config import RunConfig
 from ..data import CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
 from ..devices import resolve_device
 from ..imbalance import build_balance_plan
+from .rng import EPOCH_ORDER, seeded_generator
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Prepared:
     device: torch.device
     train_x: torch.Tensor        # uint8 (N,3,32,32) on device
     train_y: torch.Tensor        # int64 (N,) on device
+    unlabeled_x: torch.Tensor    # uint8 (M,3,32,32) on device: the split's unlabeled images (M=0: no label budget)
     eval_x: torch.Tensor
     eval_y: torch.Tensor
     eval_split: str              # "val" or "test"
@@ -43,7 +46,7 @@ def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
         "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
         "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
         "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
-    labeled = split.train_idx[split.labeled_mask]  # unlabeled images are for semi-supervised runs
+    labeled = split.labeled_idx
     train_y_np = arrays.y_train[labeled]
     plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
     test_x, test_y = arrays.x_test, arrays.y_test
@@ -61,6 +64,7 @@ def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
         chain.fit(train_x.float().div_(255))
     return Prepared(
         cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
+        unlabeled_x=to_device_tensors(arrays.x_train[split.unlabeled_idx], device),
         eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
         test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
         epoch_indices=plan.indices,
@@ -80,6 +84,27 @@ def normalize(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
     if prep.chain.normalizes:
         return x
     return (x - prep.mean) / prep.std
+
+
+def model_input(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """A training batch (uint8 or augmented [0,1] float) as the model takes it: normalized, and in
+    channels_last when the run asks for it."""
+    x = normalize(prep, x)
+    if prep.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def epoch_order(prep: Prepared, seed: int, epoch: int) -> torch.Tensor:
+    """Positions into prep.train_x for `epoch`, on the device: a permutation of the epoch's images,
+    or draws with replacement by the balance plan's sample weights. Depends on (seed, epoch) only."""
+    gen = seeded_generator(seed, EPOCH_ORDER, epoch)
+    n = len(prep.epoch_indices)
+    if prep.sample_weights is not None:
+        picks = torch.multinomial(prep.sample_weights, n, replacement=True, generator=gen)
+    else:
+        picks = torch.randperm(n, generator=gen)
+    return torch.as_tensor(prep.epoch_indices)[picks].to(prep.device)
 
 
 def eval_transform(prep: Prepared, x_uint8: torch.Tensor) -> torch.Tensor:

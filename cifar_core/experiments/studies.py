@@ -13,25 +13,27 @@ from them) and a builder that turns validated parameters into one RunConfig per 
   + weight decay → + inverse-time LR decay → + dropout → + gradient clipping). The steps come from
   `cifar_core.experiments.presets` (the Train page's presets), so they are defined once.
 
-Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks settings
-that finish the whole study in about 2–3 minutes on this project's idle 2-core CPU box — small
-subsets, a reduced model, one or two epochs. Its accuracies are far from converged values (see
-`StudyInfo.cpu_note`): a first look and a check that everything runs, not a reproduction. "gpu" (the
-default with CUDA) uses the report's data sizes and more epochs.
+Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks small
+subsets, a reduced model and one or two epochs so that a whole study finishes in minutes on a CPU
+rather than hours. Its accuracies are far from converged values (see `StudyInfo.cpu_note`): a first
+look and a check that everything runs, not a reproduction. "gpu" (the default with CUDA) uses the
+report's data sizes and more epochs. How long a study takes on this machine is `estimate_study`
+(`cifar_core.experiments.estimate`: the sum over its runs, measured here); on the 2-core dev box the
+cpu-quick ablation took 8.4 min, with every run a fresh process that imports torch, loads the data
+and ends with the 10,000-image test evaluation.
 
-How cpu-quick was chosen (timings in CPU_COST below, measured on the 2-core box):
+How cpu-quick was chosen (single cells timed on the 2-core box):
 - Every run ends with an evaluation on the 10,000 test images (the trainer always does it). With
   ResNet-18's usual CIFAR stem (3×3 conv, 32×32 maps in stage 1) that alone takes about a minute on
   this CPU, so cpu-quick uses ResNet-18 with the "imagenet" stem (7×7 stride-2 conv + max-pool,
   8×8 maps in stage 1, ~16× less compute, the same blocks and the same normalization layers) for
-  bn_vs_gn and ablation: ~6 s per final evaluation. It validates during training on a small held-out
-  set (100–500 images) instead of the test set.
+  bn_vs_gn and ablation. It validates during training on a small held-out set (100–500 images)
+  instead of the test set.
 - A ResNet-18 optimizer step costs ~47 ms whatever the batch (updating 11 M weights), so at batch 2
-  the images are what cost: bn_vs_gn trains on 500 images for 1 epoch (250 steps at batch 2, ~23 s
-  per cell, 12 cells ≈ 3 min).
+  the steps are what cost: bn_vs_gn trains on 500 images for 1 epoch (250 steps at batch 2).
 - samplers needs the whole imbalanced set (~7,500 images) to mean anything, so it uses the fast net
-  at half width, 2 epochs (~35 s per strategy, ≈ 3 min; ~58 % test accuracy).
-- ablation: 1,800 training images, 2 epochs, batch 64 (~19 s per step of the ablation, ≈ 2.5 min).
+  at half width, 2 epochs (~58 % test accuracy).
+- ablation: 1,800 training images, 2 epochs, batch 64.
 
 Files: launching writes ``<runs>/.studies/<study_id>.json`` (kind, params, seeds, run ids, created);
 each run's status.json carries {"study", "study_kind", "cell", "seed"}. Results are read back from
@@ -51,6 +53,7 @@ from typing import Callable
 from ..config import RunConfig
 from ..params import ID_RE, ConfigError, Param, Registry, reject_unknown, validate_id
 from ..runs import FINAL_STATES, RunStore, atomic_write_json, read_json
+from .estimate import Estimate, estimate_run, estimate_runs, run_counts
 
 STUDIES = Registry("study")
 SCALES = ("cpu-quick", "gpu")
@@ -411,71 +414,34 @@ def build_study(kind: str, params: dict | None = None, seeds: int = 1) -> list[t
 
 # ---- time estimates ------------------------------------------------------------------------------
 
-# Costs on this project's 2-core CPU box (torch 2.14, 2 threads), fitted to whole cells run as queued
-# jobs (`python -m cifar_core train`, one fresh process each) on an otherwise idle machine:
-#   (seconds per optimizer step whatever the batch, seconds per training image, seconds per evaluated
-#    image, the width the numbers were measured at)
-# and a run takes  startup + epochs × (steps × step + images × image) + evaluated images × eval.
-# Measured cells (wall time of the whole process / model): bn_vs_gn BatchNorm batch 2 (250 steps)
-# 23.3 s / 23.5 s; bn_vs_gn GroupNorm batch 128 12.9 s / 12.0 s; ablation baseline 19.2 s / 19.0 s;
-# samplers none (fastnet width 0.5, 2 × 7,108 images) 34.5 s / 34.9 s. The resnet*/cifar, lenet and
-# alexnet rows come from the Train page's throughput table (images/s at batch 128), not from cells.
-# The per-step cost is mostly the optimizer update of all weights (11 M for ResNet-18), which is why
-# small batches are slow on a CPU.
-CPU_COST: dict[str, tuple[float, float, float, float]] = {
-    "resnet18/imagenet": (0.047, 0.0014, 0.0006, 1.0),
-    "resnet34/imagenet": (0.090, 0.0028, 0.0012, 1.0),
-    "resnet18/cifar": (0.060, 0.0100, 0.0033, 1.0),
-    "resnet34/cifar": (0.110, 0.0200, 0.0066, 1.0),
-    "fastnet": (0.010, 0.0016, 0.00055, 0.5),
-    "lenet": (0.002, 0.0002, 0.00007, 1.0),
-    "alexnet": (0.010, 0.0025, 0.0008, 1.0),
-}
-CPU_STARTUP_S = 5.0  # a fresh process: import torch, load the array cache, build the split and model
-GPU_SPEEDUP_GUESS = 20.0  # NOT measured (no GPU on the development box): a rough guess
-
-
-def _cost_key(cfg: RunConfig) -> str:
-    if cfg.model.startswith("resnet"):
-        return f"{cfg.model}/{cfg.model_params.get('stem', 'cifar')}"
-    return cfg.model
+def _on_device(cfg: RunConfig, device_kind: str | None) -> RunConfig:
+    return cfg if device_kind is None or cfg.device == device_kind else cfg.replace(device=device_kind)
 
 
 def training_images(cfg: RunConfig) -> int:
-    """Images per epoch (expected value for report_random and the resampling strategies)."""
-    pool = {"full": 50000, "random": cfg.subset_size, "per_class": 10 * cfg.per_class}[cfg.subset]
-    per_class = [max(0, pool - cfg.val_size) / 10.0] * 10
-    if cfg.imbalance == "report_random":
-        lo, hi = cfg.imbalance_params["low"], cfg.imbalance_params["high"]
-        per_class = [min(n, (lo + hi) / 2) for n in per_class]
-        if cfg.balance == "random_oversample":
-            per_class = [min(per_class[0], lo + (hi - lo) * 10 / 11)] * 10  # E[max of 10 uniforms]
-        elif cfg.balance == "random_undersample":
-            per_class = [min(per_class[0], lo + (hi - lo) / 11)] * 10       # E[min of 10 uniforms]
-    return int(sum(per_class))
+    """Images per epoch (after the split, imbalance and balancing)."""
+    return run_counts(cfg).train
 
 
-def estimate_run_seconds(cfg: RunConfig, device_kind: str = "cpu") -> float:
-    step_s, image_s, eval_s, ref_width = CPU_COST.get(_cost_key(cfg), (0.05, 0.005, 0.002, 1.0))
-    scale = (float(cfg.model_params.get("width", ref_width) or ref_width) / ref_width) ** 2
-    image_s *= scale  # conv cost grows with width²: a rough scaling away from the measured width
-    eval_s *= scale
-    n = training_images(cfg)
-    steps = math.ceil(n / cfg.batch_size)
-    train = cfg.epochs * (steps * step_s + n * image_s)
-    n_evals = max(1, cfg.epochs // cfg.eval_every)
-    evals = (n_evals * (cfg.val_size or 10000) + 10000) * eval_s * (2 if cfg.tta_flip else 1)
-    seconds = CPU_STARTUP_S + train + evals
-    if device_kind == "cuda":
-        seconds = CPU_STARTUP_S + (train + evals) / GPU_SPEEDUP_GUESS
-    return seconds
+def estimate_run_seconds(cfg: RunConfig, device_kind: str | None = None, store: RunStore | None = None,
+                         data_source: str | None = None) -> float:
+    """Seconds of one run on this machine (`cifar_core.experiments.estimate`); `device_kind` overrides
+    the config's device."""
+    return estimate_run(_on_device(cfg, device_kind), store, data_source).seconds
 
 
-def estimate_seconds(kind: str, params: dict | None = None, seeds: int = 1,
-                     device_kind: str | None = None) -> float:
-    """Rough total time of a study when its runs go one after another (one job slot)."""
-    device_kind = device_kind or ("cuda" if default_scale() == "gpu" else "cpu")
-    return sum(estimate_run_seconds(cfg, device_kind) for _, cfg in build_study(kind, params, seeds))
+def estimate_study(kind: str, params: dict | None = None, seeds: int = 1, store: RunStore | None = None,
+                   data_source: str | None = None, device_kind: str | None = None) -> Estimate:
+    """The study's runs one after another (they queue on one job slot per device): the sum of their
+    estimates, with its range, parts and basis."""
+    planned = build_study(kind, params, seeds)
+    return estimate_runs([_on_device(cfg, device_kind) for _, cfg in planned], store, data_source)
+
+
+def estimate_seconds(kind: str, params: dict | None = None, seeds: int = 1, device_kind: str | None = None,
+                     store: RunStore | None = None, data_source: str | None = None) -> float:
+    """Total seconds of a study when its runs go one after another (one job slot)."""
+    return estimate_study(kind, params, seeds, store, data_source, device_kind).seconds
 
 
 # ---- launching and manifests ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ The exported graph takes what a photo becomes after `cifar_core.images` reduced 
 float32 RGB (N, 3, 32, 32) with values in [0, 1] (pixel / 255). Everything the run did to images at
 evaluation time is inside the graph: mean/std normalization (or the run's own normalizer, ZCA or
 per-image standardization) and, if the run used them, test-time flips and translations (their
-logits averaged with the engine's weights). The same facts are written into the ONNX metadata
+logits averaged with the engine's weights). All of it is read from the run's checkpoint (weights,
+fitted ZCA, views), so exporting needs no data set. The same facts are written into the ONNX metadata
 (key ``cifar_lab.card``) and into a sidecar ``<name>.card.json``.
 
 Optionally the weights are stored as float16 initializers followed by a Cast to float32 (halves the
@@ -34,17 +35,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..augment import AugmentChain
 from ..data import CIFAR_MEAN, CIFAR_STD, CLASSES
+from ..engine.checkpoints import FINISHED_ORDER, Checkpoint, CheckpointError, read_checkpoint
+from ..engine.evaluation import tta_views
 from ..images import PREPROCESS_DESCRIPTION
-from ..models import MODELS, count_params, create_model
+from ..models import MODELS, count_params
 from ..models.transformers import architecture_summary
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
-from ..engine import tta_views
 
-__all__ = ["OPSET", "PARITY_ATOL", "ExportError", "InferenceGraph", "ExportResult", "export_run",
-           "export_module", "check_parity", "load_run_model", "card_path_for", "read_card"]
+__all__ = ["OPSET", "PARITY_ATOL", "TTA_CHOICES", "ExportError", "InferenceGraph", "ExportResult", "ExportKind",
+           "EXPORT_KINDS", "export_run", "export_module", "check_parity", "load_run_model", "card_path_for",
+           "read_card", "default_export_path", "export_path", "describe_checkpoint"]
 
 # Opset 20 spells GELU as one native op, which survives int8 QDQ quantization; opset 17 spells it as
 # Erf arithmetic that onnxruntime can no longer fuse once DequantizeLinear nodes sit in front of it
@@ -111,45 +113,28 @@ def read_card(onnx_path: Path) -> dict | None:
 # Loading a run
 # ----------------------------------------------------------------------------------------------
 
-def _checkpoint(record: RunRecord) -> dict:
-    path = record.checkpoint_path("last")
-    if not path.exists():
-        raise ExportError(f"run {record.run_id} has no checkpoint (last.pt) to export")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say so instead of a traceback
-        raise ExportError(f"run {record.run_id}: checkpoint {path.name} is unreadable ({exc})") from None
-
-
-def _fitted_normalizers(record: RunRecord, data_source: str | None) -> list:
-    """The chain's deterministic normalizers, fitted as in training (ZCA needs the training images)."""
-    cfg = record.config()
-    chain = AugmentChain(cfg.augment)
-    normalizers = [op for op in chain.ops if getattr(op, "normalizes", False)]
-    if any(getattr(op, "needs_fit", False) for op in normalizers):
-        from ..engine import prepare  # loads the data and fits exactly as the training run did
-        prepared = prepare(cfg.__class__.from_dict({**cfg.to_dict(), "device": "cpu"}), data_source)
-        normalizers = [op for op in prepared.chain.ops if getattr(op, "normalizes", False)]
-    return normalizers
-
-
-def load_run_model(record: RunRecord, data_source: str | None = None) -> tuple[InferenceGraph, dict]:
-    """The run's final model (EMA weights if the run kept an EMA) wrapped as an InferenceGraph."""
+def _check_exportable(record: RunRecord) -> None:
     if not record.exists():
         raise ExportError(f"run {record.run_id} not found")
     status = record.status()
     if status.get("state") != "completed":
         raise ExportError(f"run {record.run_id} is {status.get('state', 'unknown')}: "
                           "only completed runs can be exported")
+
+
+def load_run_model(record: RunRecord) -> tuple[InferenceGraph, Checkpoint]:
+    """The finished run's model as an InferenceGraph, read from its checkpoint alone (no data): the
+    weights it was evaluated with (EMA when kept), its fitted normalizers and its test-time views.
+    The file follows the reader's rule for finished runs: last.pt, else best.pt (`Checkpoint.fallback`
+    says why). ExportError naming the files tried when none is usable."""
+    _check_exportable(record)
     cfg = record.config()
-    ckpt = _checkpoint(record)
-    model = create_model(ckpt.get("model_name", cfg.model), ckpt.get("model_params", cfg.model_params))
-    state = ckpt["model"]
-    if cfg.ema_decay and ckpt.get("ema"):
-        # AveragedModel keeps the averaged network under "module." plus an n_averaged counter
-        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    model.load_state_dict(state)
-    graph = InferenceGraph(model, _fitted_normalizers(record, data_source), cfg.tta_flip, cfg.tta_translate)
+    try:
+        ckpt = read_checkpoint(record, FINISHED_ORDER)
+        graph = InferenceGraph(ckpt.build_model(), ckpt.normalizers(cfg.augment),
+                               *ckpt.tta(cfg.tta_flip, cfg.tta_translate))
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     return graph.eval(), ckpt
 
 
@@ -361,15 +346,41 @@ def _normalization(graph: InferenceGraph) -> dict:
     return {"in_graph": True, "kind": "mean_std", "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
 
 
-def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, *,
+def _checkpoint_facts(ckpt: Checkpoint) -> dict:
+    return {"file": ckpt.path.name, "weights": ckpt.evaluation_weights()[1], "step": ckpt.step,
+            "fallback": ckpt.fallback}
+
+
+def describe_checkpoint(card: dict) -> str:
+    """One line naming the checkpoint file an export was made from (and why, when it was a fallback)."""
+    facts = card.get("checkpoint") or {}
+    if not facts:
+        return ""
+    weights = "EMA" if facts.get("weights") == "ema" else "model"
+    line = f"from {facts.get('file')} ({weights} weights, step {facts.get('step')})"
+    if facts.get("fallback"):
+        line += f", because {facts['fallback']}"
+    return line
+
+
+def _evaluation(results: dict, ckpt: Checkpoint) -> dict:
+    evaluation = {"test_acc": results.get("test_acc"), "per_class_acc": results.get("per_class_acc"),
+                  "balanced_acc": results.get("balanced_acc"), "macro_f1": results.get("macro_f1"),
+                  "test_images": results.get("test_images"), "by": "pytorch, end of training"}
+    if ckpt.which != "last":  # the test report measured the final weights, which are in last.pt
+        evaluation["by"] += f" (of the final weights, last.pt's; this file holds {ckpt.path.name}'s)"
+    return evaluation
+
+
+def build_card(record: RunRecord, graph: InferenceGraph, ckpt: Checkpoint, name: str, *,
                fp16_weights: bool, export_command: str, train_command: str | None = None) -> dict:
     cfg, status, results = record.config(), record.status(), record.results() or {}
-    model_name = ckpt.get("model_name", cfg.model)
+    model_name = ckpt.model_name
     return {
         "name": name, "format": "onnx", "opset": OPSET, "exporter": EXPORTER,
         "architecture": {"model": model_name, "family": _family(model_name),
-                         "summary": architecture_summary(model_name, graph_params(ckpt, cfg)),
-                         "params": graph_params(ckpt, cfg),
+                         "summary": architecture_summary(model_name, graph_params(ckpt)),
+                         "params": graph_params(ckpt),
                          "parameters": count_params(graph.model),
                          "description": MODELS.get(model_name).description},
         "classes": list(CLASSES),
@@ -385,18 +396,17 @@ def build_card(record: RunRecord, graph: InferenceGraph, ckpt: dict, name: str, 
                      "split": status.get("split"), "device": status.get("device"),
                      "train_seconds": results.get("train_seconds", status.get("train_seconds")),
                      "finished": _iso(status.get("finished"))},
-        "evaluation": {"test_acc": results.get("test_acc"), "per_class_acc": results.get("per_class_acc"),
-                       "balanced_acc": results.get("balanced_acc"), "macro_f1": results.get("macro_f1"),
-                       "test_images": results.get("test_images"), "by": "pytorch, end of training"},
+        "evaluation": _evaluation(results, ckpt),
+        "checkpoint": _checkpoint_facts(ckpt),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "export_command": export_command,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
     }
 
 
-def graph_params(ckpt: dict, cfg) -> dict:
+def graph_params(ckpt: Checkpoint) -> dict:
     """The model's parameters with the registry defaults filled in."""
-    return MODELS.validate(ckpt.get("model_name", cfg.model), ckpt.get("model_params", cfg.model_params))
+    return MODELS.validate(ckpt.model_name, ckpt.model_params)
 
 
 def _iso(timestamp) -> str | None:
@@ -407,6 +417,37 @@ def _iso(timestamp) -> str | None:
 
 def default_export_path(record: RunRecord) -> Path:
     return record.path / "export" / f"{record.run_id}.onnx"
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """One export choice offered to users: its file (the default export's name plus `suffix`) and
+    the export_run options that make it."""
+
+    label: str
+    suffix: str
+    int8: bool = False
+    tta: str = "run"  # one of TTA_CHOICES
+
+    @property
+    def options(self) -> dict:
+        return {"int8": self.int8, "tta": self.tta}
+
+
+# the exact graph, or the fast int8 variants; keyed by label (the Runs page offers the labels)
+EXPORT_KINDS: dict[str, ExportKind] = {kind.label: kind for kind in (
+    ExportKind("fp32, as the run evaluated", ""),
+    ExportKind("int8, the run's test-time views (¼ size, ~2.5× faster on CPU)", "-int8", int8=True),
+    ExportKind("int8, flip views only (2 views: the shipped fast model's choice, near full accuracy)",
+               "-int8-flip", int8=True, tta="flip"),
+    ExportKind("int8, one view (fastest; a little less accurate)", "-int8-1view", int8=True, tta="none"),
+)}
+
+
+def export_path(record: RunRecord, kind: ExportKind) -> Path:
+    """Where `kind` of the run's export is written: <run>/export/<run_id><suffix>.onnx."""
+    base = default_export_path(record)
+    return base.with_name(base.stem + kind.suffix + ".onnx")
 
 
 def _folded_for_inference(graph: InferenceGraph, card: dict) -> InferenceGraph:
@@ -434,11 +475,15 @@ def export_run(run_id: str, store: RunStore | None = None, out: str | Path | Non
     slice (the shipped-checkpoint test recomputes the latter). `int8` writes a statically quantized
     file instead (calibrated on 1,000 training images; checked by top-1 agreement with the fp32 export,
     which must pass the parity check first). `tta` overrides the run's test-time views in the graph
-    (run | none | flip | flip+translate): fewer views, faster inference. A failed check deletes the file."""
+    (run | none | flip | flip+translate): fewer views, faster inference. A failed check deletes the file.
+
+    The graph comes from the run's checkpoint alone (`load_run_model`; the card's `checkpoint` names
+    the file). The parity check runs on the bundled sample; the data set (`data_source`) is read only
+    for `int8` calibration and for `evaluate`."""
     from ..data import load_cifar10, load_sample
     store = store or RunStore()
     record = store.record(run_id)
-    graph, ckpt = load_run_model(record, data_source)
+    graph, ckpt = load_run_model(record)
     if tta not in TTA_CHOICES:
         raise ExportError(f"tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
     if tta != "run":

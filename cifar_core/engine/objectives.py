@@ -1,0 +1,162 @@
+"""Training objectives: what the loss of a training step is.
+
+The loop hands an objective the model and the step's labeled batch (already augmented) and gets back
+a `StepResult`: the loss to minimise, the logits and targets its train accuracy is counted on, and
+extra metrics (averaged over the log window into the train rows of metrics.jsonl). It never knows
+which objective it runs. An objective can
+
+* set itself up once with the run's record and store (`setup`, before the data is loaded: a
+  teacher to distil from is checked and loaded there, so a bad one fails at once);
+* draw more images each step, e.g. from the unlabeled pool `prep.unlabeled_x` with
+  `draw_unlabeled`, using the step's generator `ctx.rng` (seeded from (seed, step), so a resumed run
+  draws the same);
+* keep state across steps and checkpoints (`state_dict` / `load_state_dict`).
+
+Entries live in OBJECTIVES, a `params.Registry` like the models' and schedules': the next objectives
+(FixMatch, MixMatch) declare their options as `Param`s there, and the app and CLI can list them.
+`objective_for(cfg)` picks the run's entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..params import ConfigError, Registry
+from ..runs import RunRecord, RunStore
+from .distill import Teacher, distillation_loss, load_teacher
+from .prepare import Prepared
+
+OBJECTIVES = Registry("objective")
+
+
+@dataclass
+class RunContext:
+    """What an objective may use to set itself up: the run's config, record and store."""
+
+    cfg: RunConfig
+    record: RunRecord
+    store: RunStore
+
+
+@dataclass
+class LabeledBatch:
+    """One step's labeled images, augmented by the run's chain."""
+
+    x_uint8: torch.Tensor      # (N,3,32,32) after the batch hooks (alternating flips), before augmentation
+    x_augmented: torch.Tensor  # the chain's output, [0, 1] float
+    x: torch.Tensor            # the model input (normalized; channels_last when the run asks)
+    y: torch.Tensor            # (N,) int64 labels
+    y_soft: torch.Tensor       # (N, C) targets from the chain (mixing augmentations blend them)
+
+
+@dataclass
+class StepContext:
+    prep: Prepared
+    step: int                 # optimizer steps done before this one
+    rng: torch.Generator      # the objective's own draws this step, seeded from (seed, step)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor        # scalar to minimise
+    logits: torch.Tensor      # on the labeled batch: train accuracy counts these ...
+    targets: torch.Tensor     # ... against these, (N, C) soft or (N,) class labels
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # scalars, logged per window
+
+    def correct(self) -> int:
+        labels = self.targets.argmax(1) if self.targets.dim() == 2 else self.targets
+        return int((self.logits.argmax(1) == labels).sum().item())
+
+    def metric_values(self) -> dict[str, float]:
+        return {name: v.item() if isinstance(v, torch.Tensor) else float(v) for name, v in self.metrics.items()}
+
+
+class Objective:
+    """Base of the registered objectives: override `loss`, and the other hooks where needed."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def setup(self, run: RunContext) -> None:
+        """Once per run, before the data is loaded."""
+
+    def attach(self, prep: Prepared) -> None:
+        """Once the data is on the device (move own models there, check the unlabeled pool)."""
+
+    def loss(self, model: torch.nn.Module, batch: LabeledBatch, ctx: StepContext) -> StepResult:
+        """The step's loss; runs under the run's autocast, the model in train mode."""
+        raise NotImplementedError
+
+    def results(self) -> dict:
+        """Entries added to results.json."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the checkpoint keeps (under "objective")."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the balance plan's class weights and the run's label smoothing."""
+    return F.cross_entropy(logits.float(), targets, weight=prep.class_weights,
+                           label_smoothing=prep.cfg.label_smoothing)
+
+
+def draw_unlabeled(prep: Prepared, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions into prep.unlabeled_x, uint8 images): `n` draws with replacement, from `rng`."""
+    pool = prep.unlabeled_x.shape[0]
+    if pool == 0:
+        raise ConfigError("this objective needs unlabeled images: set label_budget below the number "
+                          "of training images")
+    positions = torch.randint(pool, (n,), generator=rng).to(prep.device)
+    return positions, prep.unlabeled_x[positions]
+
+
+@OBJECTIVES.register("supervised", description="cross-entropy on the augmented labeled batch")
+class Supervised(Objective):
+    def loss(self, model, batch, ctx):
+        logits = model(batch.x)
+        return StepResult(supervised_loss(ctx.prep, logits, batch.y_soft), logits, batch.y_soft)
+
+
+@OBJECTIVES.register("distill", description="(1 - alpha) · cross-entropy + alpha · distillation from a "
+                                            "finished run (engine.distill)")
+class Distill(Objective):
+    teacher: Teacher
+
+    def setup(self, run):
+        self.teacher = load_teacher(run.store, self.cfg.teacher_run, self.cfg.augment, run.record.run_id)
+        run.record.update_status(teacher=self.teacher.info)
+
+    def attach(self, prep):
+        self.teacher.to(prep.device)
+
+    def loss(self, model, batch, ctx):
+        cfg = self.cfg
+        logits = model(batch.x)
+        ce = supervised_loss(ctx.prep, logits, batch.y_soft)
+        # the teacher sees the same augmented batch
+        kd = distillation_loss(cfg.distill, logits.float(), self.teacher.logits(batch.x_augmented, batch.x),
+                               cfg.distill_temperature)
+        loss = (1 - cfg.distill_alpha) * ce + cfg.distill_alpha * kd
+        return StepResult(loss, logits, batch.y_soft, {"distill_loss": kd})
+
+    def results(self):
+        cfg = self.cfg
+        return {"teacher": {**self.teacher.info, "distill": cfg.distill, "alpha": cfg.distill_alpha,
+                            "temperature": cfg.distill_temperature}}
+
+
+def objective_name(cfg: RunConfig) -> str:
+    return "distill" if cfg.distill != "none" else "supervised"
+
+
+def objective_for(cfg: RunConfig) -> Objective:
+    """The run's objective, built from OBJECTIVES."""
+    return OBJECTIVES.build(objective_name(cfg), {}, cfg=cfg)
