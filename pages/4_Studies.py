@@ -224,22 +224,6 @@ def bn_vs_gn_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
     st.dataframe(table, hide_index=True, width="stretch", height=table_height(len(table)))
 
 
-def training_counts(df: pd.DataFrame) -> str:
-    """'Training images per class (seed 0): airplane 734, …' from a finished run's split summary."""
-    params = by_id[df.attrs.get("study_id", selected)].get("params", {})
-    text = (f"The training set keeps {params.get('low', '?')}–{params.get('high', '?')} images per class, "
-            "drawn at random per seed (the same draw for every strategy of a seed).")
-    for run_id in df.loc[df["state"] == "completed", "run_id"]:
-        split = store.record(run_id).status().get("split") or {}
-        counts, classes = split.get("train_per_class"), split.get("classes")
-        if counts and classes:
-            seed = df.loc[df["run_id"] == run_id, "seed"].iloc[0]
-            text += (f" Seed {seed}: " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
-                     + f" ({sum(counts):,} images).")
-            break
-    return text
-
-
 def table_height(n_rows: int) -> int:
     return 38 + 35 * max(1, n_rows)
 
@@ -265,8 +249,9 @@ def samplers_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
             tooltip=["strategy", "class", alt.Tooltip("recall:Q", format=".1%", title="recall (mean)"),
                      alt.Tooltip("std:Q", format=".1%", title="std over seeds")])
         st.altair_chart(chart.properties(height=340), width="stretch")
+        study_params = by_id[df.attrs.get("study_id", selected)].get("params", {})
         st.caption("Per-class recall on the balanced 10,000-image test set (= per-class accuracy), "
-                   f"mean over seeds. {training_counts(df)}")
+                   f"mean over seeds. {studies.training_counts_text(store, df, study_params)}")
     worst = []
     for _, r in summary.iterrows():
         values = [r[f"{c}_mean"] for c in recall_cols if not math.isnan(r[f"{c}_mean"])]

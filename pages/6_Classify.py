@@ -14,8 +14,8 @@ from PIL import Image
 
 from cifar_core.images import (MAX_PIXELS, MAX_UPLOAD_BYTES, PREPROCESS_DESCRIPTION, UPLOAD_TYPES, ImageReadError,
                                read_image)
-from cifar_core.serve.inference import (ModelEntry, ModelUnusable, checkpoints_dir, discover_models, get_classifier,
-                                  inspect_model)
+from cifar_core.serve.inference import (ModelEntry, ModelUnusable, checkpoints_dir, default_model_index,
+                                       discover_models, get_classifier, inspect_model)
 from cifar_core.runs import atomic_write_bytes
 from ui.common import friendly_errors, get_store
 
@@ -27,15 +27,6 @@ TILE_DISPLAY = 128       # the 32×32 tile enlarged with nearest-neighbour, pixe
 
 def _pct(value) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "—"
-
-
-def _default_index(usable: list) -> int:
-    """A model the user just uploaded, else the most accurate shipped model, else the first."""
-    for i, entry in enumerate(usable):
-        if entry.source == "upload":
-            return i
-    shipped = [(e.accuracy, i) for i, e in enumerate(usable) if e.source == "shipped" and e.accuracy is not None]
-    return max(shipped)[1] if shipped else 0
 
 
 def _model_label(entry) -> str:
@@ -80,7 +71,7 @@ def pick_model():
         return None
     keys = [e.key for e in usable]
     wanted = st.query_params.get("model")
-    index = keys.index(wanted) if wanted in keys else _default_index(usable)
+    index = keys.index(wanted) if wanted in keys else default_model_index(usable)
     key = st.selectbox("Model", keys, index=index, format_func=lambda k: _model_label(usable[keys.index(k)]))
     if st.query_params.get("model") != key:
         st.query_params["model"] = key

@@ -10,6 +10,7 @@ import pytest
 from cifar_core import jobs
 from cifar_core.experiments import studies
 from cifar_core.imbalance import BALANCING
+from cifar_core.config import RunConfig
 from cifar_core.data import CLASSES
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore, atomic_write_json
@@ -331,3 +332,16 @@ def test_page_launch_button_queues_a_study(page_env):
     assert len(listed) == 1 and listed[0]["kind"] == "samplers"
     assert len(listed[0]["runs"]) == 2
     assert at.selectbox(key="studies.selected").value == listed[0]["study_id"]
+
+
+def test_training_counts_text_reads_the_first_finished_split(tmp_path):
+    import pandas as pd
+    store = RunStore(tmp_path)
+    queued = store.create(RunConfig(model="lenet"), run_id="r-queued", state="queued")
+    done = store.create(RunConfig(model="lenet"), run_id="r-done", state="completed")
+    done.update_status(split={"train_per_class": [700, 600], "classes": ["airplane", "automobile"]})
+    df = pd.DataFrame({"run_id": [queued.run_id, done.run_id], "state": ["queued", "completed"], "seed": [0, 1]})
+    text = studies.training_counts_text(store, df, {"low": 500, "high": 1000})
+    assert text.startswith("The training set keeps 500–1000 images per class")
+    assert text.endswith("Seed 1: airplane 700, automobile 600 (1,300 images).")
+    assert "Seed" not in studies.training_counts_text(store, df.iloc[:1], {})

@@ -560,6 +560,21 @@ def recall_columns(df) -> list[str]:
     return [c for c in df.columns if str(c).startswith(RECALL_PREFIX)]
 
 
+def training_counts_text(store: RunStore, df, params: dict) -> str:
+    """'The training set keeps 500–1000 images per class … Seed 0: airplane 734, …' for the samplers
+    study, from the first finished run's split summary."""
+    text = (f"The training set keeps {params.get('low', '?')}–{params.get('high', '?')} images per class, "
+            "drawn at random per seed (the same draw for every strategy of a seed).")
+    for run_id in df.loc[df["state"] == "completed", "run_id"]:
+        split = store.record(run_id).status().get("split") or {}
+        counts, classes = split.get("train_per_class"), split.get("classes")
+        if counts and classes:
+            seed = df.loc[df["run_id"] == run_id, "seed"].iloc[0]
+            return text + (f" Seed {seed}: " + ", ".join(f"{c} {n}" for c, n in zip(classes, counts))
+                           + f" ({sum(counts):,} images).")
+    return text
+
+
 def summarize(df, cell_keys: list[str] | None = None):
     """Mean ± std over seeds per cell, from completed runs only.
 

@@ -23,7 +23,7 @@ from ..data import CLASSES
 
 __all__ = ["CHECKPOINTS_DIR", "MAX_MODEL_BYTES", "ModelEntry", "Prediction", "Classifier",
            "checkpoints_dir", "inspect_model", "discover_models", "create_session", "get_classifier",
-           "tiles_to_input", "top_k", "ModelUnusable"]
+           "tiles_to_input", "top_k", "ModelUnusable", "default_model_index"]
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 MAX_MODEL_BYTES = 512 * 1024 * 1024
@@ -140,6 +140,16 @@ def _entry(key: str, label: str, path: Path, source: str) -> ModelEntry:
     if card and card.get("name") and source == "shipped":
         label = card["name"]
     return ModelEntry(key, label, path, source, card, error)
+
+
+def default_model_index(entries: list[ModelEntry]) -> int:
+    """Which usable model the Classify page preselects: one the user just uploaded, else the most
+    accurate shipped model, else the first."""
+    for i, entry in enumerate(entries):
+        if entry.source == "upload":
+            return i
+    shipped = [(e.accuracy, i) for i, e in enumerate(entries) if e.source == "shipped" and e.accuracy is not None]
+    return max(shipped)[1] if shipped else 0
 
 
 def discover_models(checkpoints: str | Path | None = None, store=None) -> list[ModelEntry]:
