@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
+from ..devices import cuda_available
 from ..params import ID_RE, ConfigError, Param, Registry, reject_unknown, validate_id
 from ..runs import FINAL_STATES, RunStore, atomic_write_json, read_json
 from .estimate import Estimate, estimate_run, estimate_runs, run_counts
@@ -81,11 +82,7 @@ SCALE_DEFAULTS: dict[str, dict[str, dict]] = {}
 
 def default_scale() -> str:
     """"gpu" when CUDA is available, else "cpu-quick"."""
-    try:
-        import torch
-        return "gpu" if torch.cuda.is_available() else "cpu-quick"
-    except Exception:
-        return "cpu-quick"
+    return "gpu" if cuda_available() else "cpu-quick"
 
 
 def _scale_param() -> Param:
