@@ -34,14 +34,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict, port: int):
-        self.env, self.port, self.proc = env, port, None
+    def __init__(self, env: dict, port: int, watcher: str = "none", extra_args: tuple[str, ...] = ()):
+        self.env, self.port, self.watcher, self.extra_args, self.proc = env, port, watcher, extra_args, None
 
     def start(self):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
              "--server.port", str(self.port), "--server.headless", "true",
-             "--server.fileWatcherType", "none"],
+             "--server.fileWatcherType", self.watcher, *self.extra_args],
             cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         url = f"http://127.0.0.1:{self.port}/_stcore/health"
