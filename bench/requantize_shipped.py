@@ -28,7 +28,7 @@ from cifar_core.data import load_cifar10, load_sample
 from cifar_core.models import create_model
 from cifar_core.runs import atomic_write_json
 from cifar_core.serve.export import (CARD_KEY, InferenceGraph, check_agreement, check_parity, evaluate_onnx,
-                                     export_module, quantize_int8)
+                                     export_module, onnx_metadata, quantize_int8)
 from cifar_core.serve.inference import create_session, tiles_to_input
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -90,7 +90,8 @@ def main() -> None:
                     f"(max |Δlogit| vs that file {error:.2g} on the 200 sample images), flip views only",
             "command": "python bench/requantize_shipped.py --data CIFAR10.npz"}
     embedded = json.loads(metadata[CARD_KEY])
-    metadata[CARD_KEY] = json.dumps({**embedded, "requantized": note, "export_command": note["command"]})
+    # the current key set (input_* keys, normalization "none"), whatever the old file carried
+    metadata = onnx_metadata({**embedded, "requantized": note, "export_command": note["command"]})
     arrays = load_cifar10(args.data)
     out = Path(args.out_dir) / "fastnet-int8.onnx"
     graph = InferenceGraph(model, [], tta_flip=True, tta_translate=False).eval()
@@ -103,7 +104,8 @@ def main() -> None:
         quantization["agreement"] = check_agreement(fp32_flip, out, sample_x, min_agreement=0.97)
     full = evaluate_onnx(out, arrays.x_test, arrays.y_test)
     card = copy.deepcopy(old_card)
-    card.update(parity=parity, quantization=quantization, requantized=note, export_command=note["command"])
+    card.update(parity=parity, quantization=quantization, requantized=note, export_command=note["command"],
+                normalization=json.loads(metadata[CARD_KEY])["normalization"])
     card["evaluation"].update(onnxruntime_test_acc=full["acc"], onnxruntime_per_class_acc=full["per_class_acc"],
                               onnxruntime_first_1000_acc=full["first_1000_acc"])
     data = out.read_bytes()

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from copy import deepcopy as copy_module
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +86,70 @@ def test_parity_failure_fails_with_numbers(tmp_path):
     path = export_module(exported, tmp_path / "a.onnx")
     torch.manual_seed(1)
     other = InferenceGraph(create_model("lenet"), [], False, False)
-    with pytest.raises(ExportError, match=r"parity check failed .*max \|Δlogit\| batch 24 = .*\(limit 0.0001\)"):
+    with pytest.raises(ExportError, match=r"parity check failed .*max \|Δlogit\| batch 24 = .*\(limit [0-9.e-]+ = "
+                                          r"0.0001 \+ 1e-05 × max \|logit\| [0-9.e-]+\)"):
         check_parity(other, path, _sample())
+
+
+def _huge_logits(kind: str) -> InferenceGraph:
+    """A model whose logits are of order 1e6 or more, as a BatchNorm ResNet-18 of a short run had."""
+    torch.manual_seed(0)
+    if kind == "scaled head":
+        model = create_model("lenet")
+        with torch.no_grad():
+            model.classifier[-1].weight.mul_(1e7)
+            model.classifier[-1].bias.mul_(1e7)
+    else:  # BatchNorms with tiny running variances: every block multiplies its activations
+        model = create_model("fastnet", {"width": 0.25})
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.fill_(1e-3)
+    return InferenceGraph(model, [], tta_flip=False, tta_translate=False).eval()
+
+
+@pytest.mark.parametrize("kind", ["scaled head", "batchnorm tiny running_var"])
+def test_huge_logits_pass_parity_despite_fp32_rounding(kind, tmp_path):
+    graph = _huge_logits(kind)
+    path = export_module(graph, tmp_path / "huge.onnx")
+    report = check_parity(graph, path, _sample())  # refused before: "max |Δlogit| … (limit 0.0001)"
+    from cifar_core.serve.export import PARITY_ATOL, PARITY_RTOL
+    assert report["passed"] and report["top1_mismatches"] == 0
+    assert report["max_abs_logit"] > 1e5, report
+    # the fixed 1e-4 limit really was too tight here: fp32 rounding of such logits exceeds it
+    assert max(report["max_abs_diff_batch_n"], report["max_abs_diff_batch_1"]) > PARITY_ATOL, report
+    assert report["limit"] == pytest.approx(PARITY_ATOL + PARITY_RTOL * report["max_abs_logit"])
+    assert report["max_abs_diff_batch_n"] <= 1e-6 * report["max_abs_logit"]  # rounding, not a change
+
+
+def test_wrong_export_of_a_huge_logit_model_is_still_refused(tmp_path):
+    graph = _huge_logits("scaled head")
+    path = export_module(graph, tmp_path / "huge.onnx")
+    tampered = InferenceGraph(copy_module(graph.model), [], False, False).eval()
+    with torch.no_grad():  # 0.1% larger logits: every top-1 unchanged, the function is not the same
+        tampered.model.classifier[-1].weight.mul_(1.001)
+        tampered.model.classifier[-1].bias.mul_(1.001)
+    with pytest.raises(ExportError) as raised:
+        check_parity(tampered, path, _sample())
+    message = str(raised.value)
+    assert "top-1 mismatches 0" in message
+    diff = float(re.search(r"batch 24 = ([0-9.e+-]+)", message).group(1))
+    limit = float(re.search(r"\(limit ([0-9.e+-]+) = ", message).group(1))
+    assert diff > 10 * limit, message  # both figures stated, and far apart
+
+
+def test_tampered_graph_is_refused(tmp_path):
+    """The file itself altered after export (one initializer of the head nudged by 1%)."""
+    from onnx import numpy_helper
+    graph = _huge_logits("scaled head")
+    path = export_module(graph, tmp_path / "huge.onnx")
+    proto = onnx.load(str(path))
+    biggest = max(proto.graph.initializer, key=lambda t: float(np.abs(numpy_helper.to_array(t)).max()))
+    nudged = numpy_helper.to_array(biggest) * np.float32(1.01)
+    biggest.CopyFrom(numpy_helper.from_array(nudged.astype(np.float32), biggest.name))
+    onnx.save(proto, str(path))
+    with pytest.raises(ExportError, match=r"parity check failed .*\(limit [0-9.e+-]+ = 0.0001 \+ 1e-05 × max "
+                                          r"\|logit\| 1\.[0-9]+e\+06\)"):  # the limit follows the logits' scale
+        check_parity(graph, path, _sample())
 
 
 def _tiny_run(store: RunStore, cifar_npz, run_id: str, **changes):
@@ -122,10 +186,24 @@ def test_export_run_writes_one_file_card_and_metadata(exported_run):
     assert card["training"]["config"]["model"] == "fastnet" and "--config" in card["training"]["command"]
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff_batch_1"] <= 1e-4
     assert card["file"]["bytes"] == result.onnx_path.stat().st_size
-    meta = {p.key: p.value for p in onnx.load(str(result.onnx_path)).metadata_props}
+    proto = onnx.load(str(result.onnx_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["class_names"]) == card["classes"]
     assert json.loads(meta["cifar_lab.card"])["architecture"] == card["architecture"]
-    assert meta["input_size"] == "32" and len(json.loads(meta["mean"])) == 3
+    assert all(isinstance(v, str) for v in meta.values())
+    # what the input is, unambiguously; no top-level mean/std that a consumer would apply a second time
+    assert "mean" not in meta and "std" not in meta
+    assert (meta["input_range"], meta["input_layout"], meta["input_dtype"], meta["input_size"],
+            meta["input_channels"]) == ("[0, 1]", "NCHW", "float32", "32x32", "RGB")
+    assert meta["normalization"].startswith("none: the graph normalizes internally (mean/std baked in)")
+    internal = json.loads(meta["graph_internal_normalization"])
+    assert internal["kind"] == "mean_std" and len(internal["mean"]) == 3 and "do not apply" in internal["applied_by"]
+    assert (meta["Image.BitmapPixelFormat"], meta["Image.NominalPixelRange"]) == ("Rgb8", "Normalized_0_1")
+    image_input = proto.graph.input[0].type
+    assert image_input.denotation == "IMAGE"
+    assert [d.denotation for d in image_input.tensor_type.shape.dim] == ["DATA_BATCH", "DATA_CHANNEL",
+                                                                       "DATA_FEATURE", "DATA_FEATURE"]
+    assert card["normalization"]["apply_to_input"] == "none"
     assert record.status()["exported"] == "export/tiny-export.onnx"
     assert card["checkpoint"] == {"file": "last.pt", "weights": "ema", "step": record.status()["step"],
                                   "fallback": None}
@@ -196,6 +274,47 @@ def test_int8_export_is_smaller_agrees_with_fp32_and_classifies(exported_run, tm
     assert error is None and card["weights_storage"].startswith("int8")
     probs = Classifier(q.onnx_path).predict(_sample(8)).probs
     assert probs.shape == (8, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_refresh_metadata_rewrites_an_old_file_and_leaves_its_graph(exported_run, tmp_path):
+    from cifar_core.serve.export import refresh_metadata
+    _, _, result = exported_run
+    old = tmp_path / "old.onnx"
+    proto = onnx.load(str(result.onnx_path))
+    del proto.metadata_props[:]  # the keys files were exported with before
+    embedded = {**result.card, "normalization": {"in_graph": True, "kind": "mean_std", "mean": [0.49, 0.48, 0.45],
+                                                 "std": [0.25, 0.24, 0.26]}}
+    embedded.pop("file")
+    for key, value in {"cifar_lab.card": json.dumps(embedded), "class_names": json.dumps(result.card["classes"]),
+                       "input_size": "32", "mean": "[0.49, 0.48, 0.45]", "std": "[0.25, 0.24, 0.26]"}.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(old))
+    shutil.copy(result.card_path, tmp_path / "old.card.json")
+    graph_before = proto.graph.SerializeToString()
+    changes = refresh_metadata(old)
+    assert changes["removed"] == ["mean", "std"] and "input_range" in changes["added"]
+    new = onnx.load(str(old))
+    assert new.graph.SerializeToString() == graph_before  # weights and graph untouched
+    meta = {p.key: p.value for p in new.metadata_props}
+    assert "mean" not in meta and meta["normalization"].startswith("none")
+    assert json.loads(meta["graph_internal_normalization"])["mean"] == [0.49, 0.48, 0.45]
+    card = read_card(old)
+    assert card["file"]["bytes"] == old.stat().st_size and card["normalization"]["apply_to_input"] == "none"
+    assert inspect_model(old)[1] is None
+    (tmp_path / "old.card.json").unlink()
+    bare = tmp_path / "bare.onnx"
+    export_module(InferenceGraph(create_model("lenet"), [], False, False), bare)
+    with pytest.raises(ExportError, match="no model card"):
+        refresh_metadata(bare)
+
+
+def test_a_file_declaring_another_input_is_unusable(tmp_path):
+    path = export_module(InferenceGraph(create_model("lenet"), [], False, False), tmp_path / "a.onnx",
+                         metadata={"input_range": "[0, 255]"})
+    assert "input_range '[0, 255]'" in inspect_model(path)[1]
+    path = export_module(InferenceGraph(create_model("lenet"), [], False, False), tmp_path / "b.onnx",
+                         metadata={"normalization": "mean/std: subtract mean, divide by std"})
+    assert "asks for input normalization" in inspect_model(path)[1]
 
 
 def test_int8_agreement_check_fails_with_numbers(exported_run, tmp_path):

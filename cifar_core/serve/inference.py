@@ -5,6 +5,11 @@ and the user's exported runs (`<runs>/<run_id>/export/*.onnx`). Each file is ins
 (readable, a valid ONNX graph, input (N, 3, 32, 32), output (N, 10)); a bad file is listed as unusable
 with its reason and the other models keep working.
 
+A file whose metadata declares another input (``input_range``, ``input_layout``, ``input_dtype``,
+``Image.NominalPixelRange``, ``Image.BitmapPixelFormat``, or a ``normalization`` other than "none…")
+is unusable too: this module always feeds float32 RGB (N, 3, 32, 32) in [0, 1], unnormalized, which is
+what every exported file declares (see cifar_core.serve.export for the keys).
+
 Sessions try the CUDA provider first and fall back to the CPU (onnxruntime-gpu without a GPU), are
 cached per (file, modification time, size), and report which provider actually ran.
 """
@@ -113,7 +118,26 @@ def _inspect(path: Path) -> dict | None:
         raise ModelUnusable(f"input shape {in_dims} is not (N, 3, 32, 32)")
     if len(out_dims) != 2 or out_dims[1] != len(CLASSES):
         raise ModelUnusable(f"output shape {out_dims} is not (N, {len(CLASSES)})")
+    _check_declared_input({prop.key: prop.value for prop in proto.metadata_props})
     return _card_from(path, proto)
+
+
+# what this module feeds every graph (tiles_to_input), in the keys exported files declare it with
+FED_INPUT = {"input_range": "[0, 1]", "input_layout": "NCHW", "input_dtype": "float32",
+             "Image.NominalPixelRange": "normalized_0_1", "Image.BitmapPixelFormat": "rgb8"}
+
+
+def _check_declared_input(metadata: dict[str, str]) -> None:
+    """Refuse a file whose metadata declares an input other than the one fed here (RGB float32 NCHW in
+    [0, 1], not normalized): it would classify garbage. Files that declare nothing are taken as they are."""
+    for key, fed in FED_INPUT.items():
+        declared = metadata.get(key)
+        if declared is not None and declared.strip().lower() != fed.lower():
+            raise ModelUnusable(f"its metadata declares {key} {declared!r}; this app feeds {fed!r}")
+    normalization = metadata.get("normalization")
+    if normalization is not None and not normalization.strip().lower().startswith("none"):
+        raise ModelUnusable(f"its metadata asks for input normalization ({normalization[:80]!r}); this app "
+                            "feeds [0, 1] RGB and expects the graph to normalize")
 
 
 _INSPECT_CACHE: dict[tuple, tuple[dict | None, str | None]] = {}
