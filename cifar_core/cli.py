@@ -1,4 +1,4 @@
-"""Command line: `python -m cifar_core train|submit|cancel|runs|export|predict|data|describe`.
+"""Command line: `python -m cifar_core train|submit|cancel|runs|tensorboard|export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -141,6 +141,35 @@ def cmd_runs(args) -> int:
     for run_id, problem in problems.items():
         print(f"{run_id}: {problem}")
     return 0
+
+
+def cmd_tensorboard(args) -> int:
+    from .jobs import refresh
+    from .runs import RunStore
+    from .tensorboard_export import RunBeingTrained, convert_run, open_command, tensorboard_modules
+    if bool(args.run_ids) == bool(args.all):
+        raise ConfigError("name the runs to convert (tensorboard RUN [RUN ...]) or give --all, not both")
+    store = RunStore(args.runs_root)
+    tensorboard_modules()  # not installed: say so once
+    refresh(store)  # a run whose process vanished is no longer "running"
+    run_ids = args.run_ids or store.ids()
+    if not run_ids:
+        print(f"no runs in {store.root}")
+        return 0
+    converted, failed = 0, 0
+    for run_id in run_ids:
+        try:
+            print(convert_run(store, run_id).summary())
+            converted += 1
+        except RunBeingTrained as exc:
+            print(f"{run_id}: skipped: {exc}", file=sys.stderr if args.run_ids else sys.stdout)
+            failed += bool(args.run_ids)  # named explicitly: not converted is a failure; with --all a note
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    if converted:
+        print(f"open them: {open_command(store.root)}")
+    return 2 if failed else 0
 
 
 def cmd_worker(args) -> int:
@@ -287,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("run_id")
     cancel.set_defaults(func=cmd_cancel)
+
+    tensorboard = sub.add_parser(
+        "tensorboard", help="write runs' metrics as TensorBoard event files (<run>/tensorboard/)",
+        description="Rewrite <runs-root>/<run>/tensorboard/ from the run's metrics.jsonl, results.json and "
+                    "config.json (a re-run replaces the file, never adds to it; training writes the same "
+                    "events live when the tensorboard package is installed). Then: tensorboard --logdir "
+                    "<runs-root>")
+    tensorboard.add_argument("run_ids", nargs="*", metavar="RUN", help="run ids to convert")
+    tensorboard.add_argument("--all", action="store_true", help="every run in the runs root (runs that "
+                             "train now are skipped: their events are written live)")
+    tensorboard.set_defaults(func=cmd_tensorboard)
 
     worker = sub.add_parser("worker", help="the job supervisor (started automatically)")
     worker.add_argument("--idle-exit", type=float, default=None,

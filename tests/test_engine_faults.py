@@ -116,15 +116,21 @@ def test_no_readable_checkpoint_trains_again_from_zero_and_says_why(tmp_path, ci
     same_training(full_run.path, part.path)
 
 
+def files_of(record) -> dict[str, bytes]:
+    """Every file of a run folder, sub-folders (tensorboard/) included, but the lock."""
+    return {str(p.relative_to(record.path)): p.read_bytes() for p in record.path.rglob("*")
+            if p.is_file() and p.name != ".train.lock"}
+
+
 def test_completed_run_is_never_trained_again(tmp_path, cifar_npz, full_run):
     store = RunStore(tmp_path)
     shutil.copytree(full_run.path, store.root / "done")
     record = store.record("done")
     damage(record.checkpoint_path("last"))
-    before = {p.name: p.read_bytes() for p in record.path.iterdir() if p.name != ".train.lock"}
+    before = files_of(record)
     with pytest.raises(ConfigError, match="run done is completed; nothing to resume"):
         train_run(tiny(), store, run_id="done", data_source=str(cifar_npz), resume=True)
-    assert {p.name: p.read_bytes() for p in record.path.iterdir() if p.name != ".train.lock"} == before
+    assert files_of(record) == before
 
 
 def test_existing_run_id_is_refused_for_a_new_run(tmp_path, cifar_npz):

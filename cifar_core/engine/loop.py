@@ -37,6 +37,7 @@ from ..params import ConfigError
 from ..processes import LockHeld, process_lock, process_start_time
 from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json
 from ..schedules import build_schedule
+from ..tensorboard_export import NoEvents, live_events
 from .checkpoints import (RESUME_ORDER, Checkpoint, CheckpointError, normalizer_states, read_checkpoint,
                           write_checkpoint)
 from .evaluation import classification_report, evaluate, predict_logits
@@ -139,6 +140,7 @@ class Trainer:
         self.stop_requested: str | None = None
         self.step, self.best_acc, self.elapsed_before, self.t0 = 0, -1.0, 0.0, 0.0
         self.window = LogWindow()
+        self.events = NoEvents()  # the TensorBoard event file, opened when training starts
         self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
 
     # ---- signals -------------------------------------------------------------------------------
@@ -185,6 +187,8 @@ class Trainer:
         except Exception as exc:  # a crash leaves the record failed with the error
             state, reason = "failed", f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+        finally:
+            self.events.close()
         self.record.update_status(state=state, error=None if state == "completed" else reason,
                                   reason=reason, finished=time.time())
         return state
@@ -194,6 +198,7 @@ class Trainer:
         if resume:
             self._resume()
         self._record_setup(resume)
+        self.events = live_events(self.record)  # rebuilt from metrics.jsonl (as a resume left it), then live
         self.t0 = time.time() - self.elapsed_before
         self.window.reset(time.time())
         with tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -379,11 +384,12 @@ class Trainer:
             return
         means = window.means(now)
         cut_short = {"partial": True, "first_step": self.step - window.steps + 1} if partial else {}
-        self.record.append_metrics({
-            "kind": "train", "step": self.step, "epoch": self._epoch_of(self.step),
-            "train_loss": means["train_loss"], "train_acc": means["train_acc"], "lr": window.lr,
-            "grad_norm": window.grad_norm, "images_per_s": means["images_per_s"], "elapsed": now - self.t0,
-            "time": now, **window.metric_means(), **cut_short})
+        row = {"kind": "train", "step": self.step, "epoch": self._epoch_of(self.step),
+               "train_loss": means["train_loss"], "train_acc": means["train_acc"], "lr": window.lr,
+               "grad_norm": window.grad_norm, "images_per_s": means["images_per_s"], "elapsed": now - self.t0,
+               "time": now, **window.metric_means(), **cut_short}
+        self.record.append_metrics(row)
+        self.events.add(row)
         window.reset(now)
 
     def _log_eval(self) -> float:
@@ -393,9 +399,10 @@ class Trainer:
         if prep.eval_split == "test":  # the final report can reuse these logits (TTA is costly on CPU)
             self._test_logits = (self.step, result["logits"])
         now = time.time()
-        self.record.append_metrics({"kind": "eval", "step": self.step, "epoch": self._epoch_of(self.step),
-                                    "val_loss": result["loss"], "val_acc": result["acc"],
-                                    "eval_split": prep.eval_split, "elapsed": now - self.t0, "time": now})
+        row = {"kind": "eval", "step": self.step, "epoch": self._epoch_of(self.step), "val_loss": result["loss"],
+               "val_acc": result["acc"], "eval_split": prep.eval_split, "elapsed": now - self.t0, "time": now}
+        self.record.append_metrics(row)
+        self.events.add(row)
         return result["acc"]
 
     def _save_checkpoint(self, which: str) -> None:
@@ -438,6 +445,7 @@ class Trainer:
                       tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate, test_images=int(y_true.shape[0]),
                       **self.objective.results())
         atomic_write_json(self.record.results_path, report)
+        self.events.add_results(report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
                                   macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])
 
