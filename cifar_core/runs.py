@@ -1,6 +1,10 @@
-"""Run records on disk: runs/<run_id>/{config.json, status.json, metrics.jsonl, results.json, ...}.
+"""Run records on disk: runs/<run_id>/{config.json, status.json, metrics.jsonl, results.json,
+annotations.json, ...}, and what comparing runs needs (best vs last accuracy, groups as mean ± std
+across runs at aligned steps, deltas to a baseline).
 
-The trainer is the only writer of a run's metrics and checkpoints; the app and the CLI only read.
+The trainer is the only writer of a run's metrics and checkpoints; the app and the CLI only read,
+except annotations.json (the tags and note), which only the app writes: it is a file of its own so
+it never races the trainer's status.json.
 Every JSON file is replaced atomically (write a temp file, then os.replace), so a reader never sees
 half a status. metrics.jsonl is append-only; readers consume it incrementally and ignore a
 half-written last line until its newline arrives.
@@ -16,9 +20,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from .config import RunConfig
+if TYPE_CHECKING:
+    import numpy as np
+
+from .config import RunConfig, config_diff, config_value
 from .params import ID_RE, ConfigError, validate_id
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
@@ -222,6 +229,58 @@ class MetricsReader:
         return new
 
 
+# ---- annotations: tags and a note per run (annotations.json, written only by the app) -------------
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,31}$")
+MAX_TAGS = 16
+MAX_NOTE_CHARS = 2000
+
+
+def validate_tags(tags: Iterable) -> list[str]:
+    """The tags in order without repeats, or ConfigError saying which one is not allowed. A tag: a
+    letter or digit, then letters, digits and _ . : = + - (at most 32 characters); at most MAX_TAGS."""
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Iterable):
+        raise ConfigError("tags must be a list of strings")
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not TAG_RE.match(tag):
+            raise ConfigError(f"invalid tag {tag!r}: start with a letter or digit, then letters, digits and "
+                              "_ . : = + - only, at most 32 characters")
+        if tag not in out:
+            out.append(tag)
+    if len(out) > MAX_TAGS:
+        raise ConfigError(f"{len(out)} tags: at most {MAX_TAGS} per run")
+    return out
+
+
+def parse_tags(text: str) -> list[str]:
+    """Tags typed as text ("seed-sweep, baseline" or space separated), validated (see validate_tags)."""
+    if not isinstance(text, str):
+        raise ConfigError("tags must be text")
+    return validate_tags(t for t in re.split(r"[,\s]+", text) if t)
+
+
+def validate_note(note: Any) -> str:
+    if not isinstance(note, str):
+        raise ConfigError("the note must be text")
+    note = note.strip()
+    if len(note) > MAX_NOTE_CHARS:
+        raise ConfigError(f"the note has {len(note)} characters: at most {MAX_NOTE_CHARS}")
+    return note
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """A run's tags and free-text note; `problem` says why annotations.json could not be read (then the
+    tags and note read as empty)."""
+    tags: tuple[str, ...] = ()
+    note: str = ""
+    problem: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"tags": list(self.tags), "note": self.note}
+
+
+
 class RunRecord:
     """One run folder. Construct through RunStore so the id is validated and contained."""
 
@@ -241,6 +300,8 @@ class RunRecord:
     def results_path(self) -> Path: return self.path / "results.json"
     @property
     def log_path(self) -> Path: return self.path / "train.log"
+    @property
+    def annotations_path(self) -> Path: return self.path / "annotations.json"
 
     def checkpoint_path(self, which: str) -> Path:
         if which not in ("last", "best"):
@@ -310,6 +371,30 @@ class RunRecord:
     def results(self) -> dict | None:
         return read_json_object(self.results_path)[0]
 
+    # annotations: written by the app only, never by the trainer (so it never races status.json)
+    def annotations(self) -> Annotations:
+        """The run's tags and note; empty ones, with `problem` set, when annotations.json is damaged."""
+        data, why = read_json_object(self.annotations_path)
+        if why:
+            return Annotations(problem=why)
+        if data is None:
+            return Annotations()
+        try:
+            return Annotations(tuple(validate_tags(data.get("tags", []))), validate_note(data.get("note", "")))
+        except ConfigError as exc:
+            return Annotations(problem=f"{self.annotations_path.name} is invalid: {exc}")
+
+    def write_annotations(self, tags: Iterable | None = None, note: str | None = None) -> Annotations:
+        """Replace the tags and/or the note (None keeps the current one); ConfigError for invalid ones.
+        A damaged annotations.json is overwritten by the new values."""
+        if not self.path.is_dir():
+            raise ConfigError(f"run {self.run_id} not found")
+        current = self.annotations()
+        new = Annotations(tuple(validate_tags(current.tags if tags is None else tags)),
+                          validate_note(current.note if note is None else note))
+        atomic_write_json(self.annotations_path, new.to_dict())
+        return new
+
     def log_tail(self, max_bytes: int = 4000) -> str:
         try:
             with open(self.log_path, "rb") as fh:
@@ -371,3 +456,152 @@ class RunStore:
         if record.path.is_symlink() or not record.path.is_dir():
             raise ConfigError(f"run {run_id} not found")
         shutil.rmtree(record.path)
+
+
+
+# ---- comparing runs: best vs last, groups (mean ± std across runs), deltas to a baseline -----------
+
+def val_accuracy_summary(status: dict, val_accs: Iterable = ()) -> dict[str, float | None]:
+    """{"best_val_acc", "last_val_acc"}: the best validation accuracy (see best_val_accuracy) and the
+    last one written (the last valid value of the metric rows); None where there is none."""
+    found = [v for v in map(_accuracy, val_accs) if v is not None]
+    return {"best_val_acc": best_val_accuracy(status, found), "last_val_acc": found[-1] if found else None}
+
+
+def mean_std(values: Iterable) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation, n) of the numeric values (None, bool and NaN left out); the std
+    is None for fewer than two values, the mean None for none."""
+    xs = [v for v in map(_number, values) if v is not None]
+    n = len(xs)
+    if not n:
+        return None, None, 0
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, None, n
+    return mean, (sum((x - mean) ** 2 for x in xs) / (n - 1)) ** 0.5, n
+
+
+@dataclass
+class AlignedCurve:
+    """The mean and sample std across runs of one metric at the steps they share (n runs at each)."""
+    steps: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # 0.0 where only one run has the step
+    n: np.ndarray
+
+
+def _floats(values) -> np.ndarray:
+    import numpy as np
+
+    try:
+        return np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        return np.array([np.nan if v is None else v for v in map(_number, values)], dtype=float)
+
+
+def aggregate_curves(curves: Iterable[tuple[Iterable, Iterable]], min_runs: int | None = None) -> AlignedCurve:
+    """Align the runs' (steps, values) series on their step values and take the mean and the sample std
+    across runs at each step. A step is kept where at least `min_runs` runs have a valid value there
+    (default: all of them, so a run that stopped early does not make the mean jump). NaN, inf and None
+    are missing values; a step written twice in one run (a resume) counts its last value."""
+    import numpy as np  # here, not at the top: the supervisor and the CLI's quick commands never need it
+
+    steps_, values_ = [], []
+    count = 0
+    for steps, values in curves:
+        count += 1
+        s, v = _floats(steps), _floats(values)
+        m = min(len(s), len(v))
+        s, v = s[:m], v[:m]
+        ok = np.isfinite(s) & np.isfinite(v)
+        s, v = s[ok], v[ok]
+        # the last value of each step: unique over the reversed rows keeps the first = the last written
+        _, first = np.unique(s[::-1], return_index=True)
+        keep = len(s) - 1 - first
+        steps_.append(s[keep])
+        values_.append(v[keep])
+    need = count if min_runs is None else max(1, int(min_runs))
+    if not count or not sum(map(len, steps_)):
+        return AlignedCurve(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=int))
+    step, value = np.concatenate(steps_), np.concatenate(values_)
+    steps, inverse, n = np.unique(step, return_inverse=True, return_counts=True)
+    mean = np.bincount(inverse, weights=value) / n
+    dev2 = np.bincount(inverse, weights=(value - mean[inverse]) ** 2)
+    std = np.where(n > 1, np.sqrt(dev2 / np.maximum(n - 1, 1)), 0.0)
+    sel = n >= need
+    return AlignedCurve(steps[sel], mean[sel], std[sel], n[sel])
+
+
+def group_by_tag(tags_by_run: dict[str, Iterable[str]], only: Iterable[str] | None = None,
+                 untagged: str = "(no tag)") -> dict[str, list[str]]:
+    """{tag: run ids carrying it} (a run with several tags is in each of their groups), the runs with
+    none of them under `untagged`. `only`: the tags to group by (default: every tag found)."""
+    wanted = None if only is None else list(only)
+    groups: dict[str, list[str]] = {}
+    rest = []
+    for rid, tags in tags_by_run.items():
+        hit = [t for t in tags if wanted is None or t in wanted]
+        for tag in hit:
+            groups.setdefault(tag, []).append(rid)
+        if not hit:
+            rest.append(rid)
+    order = wanted if wanted is not None else sorted(groups)
+    out = {tag: groups[tag] for tag in order if tag in groups}
+    if rest:
+        out[untagged] = rest
+    return out
+
+
+SEED_KEYS = ("seed", "name")  # what differs between repeats of one experiment
+
+
+def group_by_config(configs: dict[str, dict], ignore: Iterable[str] = SEED_KEYS) -> dict[str, list[str]]:
+    """Runs whose configs are equal except for `ignore` (the seed and the name), as {label: run ids}.
+    The label names the settings in which the groups differ ("lr=0.1, epochs=2"), or "all runs"."""
+    ignore = set(ignore)
+    keyed: dict[str, list[str]] = {}
+    reps: dict[str, dict] = {}
+    for rid, conf in configs.items():
+        rest = {k: v for k, v in conf.items() if k not in ignore}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        keyed.setdefault(key, []).append(rid)
+        reps.setdefault(key, rest)
+    if len(keyed) == 1:
+        return {"all runs": next(iter(keyed.values()))}
+    differing: list[str] = []
+    first = next(iter(reps.values()))
+    for rep in reps.values():
+        differing += [k for k in config_diff(first, rep) if k not in differing]
+    out: dict[str, list[str]] = {}
+    for i, (key, ids) in enumerate(keyed.items(), 1):
+        parts = [f"{k}={json.dumps(config_value(reps[key], k), sort_keys=True)}" for k in sorted(differing)[:3]]
+        label = ", ".join(parts) + (" …" if len(differing) > 3 else "") if parts else f"group {i}"
+        out[label if label not in out else f"{label} #{i}"] = ids
+    return out
+
+
+def summarize_groups(groups: dict[str, list[str]], metrics_by_run: dict[str, dict],
+                     keys: Iterable[str]) -> list[dict]:
+    """One row per group: {"group", "n", "runs", key: (mean, std, n)} for each metric key, across the
+    group's runs (see mean_std)."""
+    keys = list(keys)
+    rows = []
+    for name, ids in groups.items():
+        ids = [rid for rid in ids if rid in metrics_by_run]
+        row: dict[str, Any] = {"group": name, "n": len(ids), "runs": ids}
+        for key in keys:
+            row[key] = mean_std(metrics_by_run[rid].get(key) for rid in ids)
+        rows.append(row)
+    return rows
+
+
+def deltas_to_baseline(metrics_by_run: dict[str, dict], baseline: str, keys: Iterable[str]) -> dict[str, dict]:
+    """{run id: {key: value - the baseline's value}} (None where either is missing)."""
+    base = metrics_by_run.get(baseline) or {}
+    out = {}
+    for rid, metrics in metrics_by_run.items():
+        out[rid] = {}
+        for key in keys:
+            a, b = _number(metrics.get(key)), _number(base.get(key))
+            out[rid][key] = None if a is None or b is None else a - b
+    return out

@@ -1,5 +1,5 @@
-"""Altair charts for runs: training curves (one run or several overlaid), per-class accuracy,
-confusion matrix. Builders return Altair charts and do not touch Streamlit except `curve_controls`
+"""Altair charts for runs: training curves (one run, several overlaid, or groups of runs as a mean
+line and a ± std band), per-class accuracy, confusion matrix. Builders return Altair charts and do not touch Streamlit except `curve_controls`
 and `show_curves`, which draw the shared controls and the chart row.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cifar_core import runs
 from ui.live import MAX_POINTS, thin_index
 
 # x axis choices: label -> metrics column
@@ -54,22 +55,107 @@ class CurveChart:
 
     Building and validating Altair objects costs tens of milliseconds per chart, far too much for a
     once-a-second refresh; only the rows change between refreshes, so the spec is made once per
-    layout and the rows travel next to it (st.vega_lite_chart sends them as Arrow).
+    layout and the rows travel next to it (st.vega_lite_chart sends them as Arrow). `note` says what
+    was left out or clipped (shown as a caption under the chart row).
     """
 
     spec: dict
     data: pd.DataFrame
+    note: str = ""
 
     def show(self, width="stretch") -> None:
         st.vega_lite_chart(self.data, copy.deepcopy(self.spec), width=width)
 
 
+# ---- axes: tick steps and label formats that give distinct labels ------------------------------
+TICK_COUNT = 5
+FEW_POINTS = 25       # a series with at most this many points is drawn with a marker on each point
+CLIP_FACTOR = 10.0    # clipping: values above this many times the typical level count as outliers
+
+
+def tick_step(lo: float, hi: float, count: int = TICK_COUNT) -> float:
+    """The step between ticks that Vega (d3's tickStep) picks for about `count` ticks over [lo, hi]."""
+    span = abs(float(hi) - float(lo))
+    if not math.isfinite(span) or span <= 0:
+        return 0.0
+    raw = span / max(1, count)
+    power = math.floor(math.log10(raw))
+    err = raw / 10 ** power
+    factor = 10 if err >= math.sqrt(50) else 5 if err >= math.sqrt(10) else 2 if err >= math.sqrt(2) else 1
+    return factor * 10.0 ** power
+
+
+def axis_format(lo: float, hi: float, percent: bool = False, count: int = TICK_COUNT) -> str:
+    """A d3 format with just enough decimals that ticks `tick_step` apart get distinct labels
+    (".1%" for accuracies between 11.5% and 12.5%, ".2f" for losses between 2.30 and 2.34)."""
+    step = tick_step(lo, hi, count)
+    if step <= 0:
+        return ".1%" if percent else "~g"
+    if percent:
+        step *= 100
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if percent:
+        return f".{min(decimals, 4)}%"
+    biggest = max(abs(float(lo)), abs(float(hi)))
+    if biggest >= 1e4:
+        return "~s"  # 7M, 20k
+    if decimals > 6:
+        return ".2~e"
+    return f",.{decimals}f"
+
+
+def padded_domain(value: float, percent: bool = False) -> tuple[float, float]:
+    """A y domain around a single value (one point, or all points equal): a flat domain has no ticks."""
+    pad = 0.01 if percent else max(abs(value) * 0.05, 1e-3)
+    return value - pad, value + pad
+
+
+# ---- outliers -------------------------------------------------------------------------------------
+def clip_limit(rows: pd.DataFrame, factor: float = CLIP_FACTOR) -> float | None:
+    """The top of the y range that keeps every normal curve whole: within each series (run, split,
+    kind), values above `factor` x the series' median are spikes; across series, one whose top is above
+    `factor` x the (lower) median of the series' tops diverged. The limit is the highest top of the
+    rest; None when nothing lies above it (or the values are not positive)."""
+    if rows.empty:
+        return None
+    values = rows["value"].astype(float).where(np.isfinite(rows["value"].astype(float)))
+    series = rows.groupby(["run", "split", "kind"], sort=False).ngroup()
+    median = values.groupby(series).transform("median")
+    typical = values.where((median <= 0) | (values <= factor * median))  # without the series' spikes
+    tops = typical.groupby(series).max().dropna().tolist()
+    if not tops:
+        return None
+    ordered = sorted(tops)
+    ref = ordered[(len(ordered) - 1) // 2]
+    kept = [t for t in tops if ref <= 0 or t <= factor * ref]
+    limit = max(kept) if kept else None
+    if limit is None or not (rows["value"] > limit).any():
+        return None
+    return limit
+
+
+def clip_rows(rows: pd.DataFrame, limit: float) -> tuple[pd.DataFrame, int, list[str]]:
+    """(rows with values above `limit` drawn at the limit, their count, the runs they belong to). The
+    true values stay in the "actual" column for the tooltips."""
+    over = rows["value"] > limit
+    out = rows.copy()
+    out["actual"] = out["value"]
+    out.loc[over, "value"] = limit
+    for col in ("lo", "hi"):
+        if col in out:
+            out[col] = out[col].clip(upper=limit)
+    return out, int(over.sum()), list(dict.fromkeys(rows.loc[over, "run"]))
+
+
 def curve_data(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str = "step",
                smoothing: float = 0.0, max_points: int = MAX_POINTS) -> tuple[dict[str, pd.DataFrame], str]:
-    """{metric: long-form rows (run, split, kind, x, value)} for the curve charts, and the x title.
+    """{metric: long-form rows (run, split, kind, x, value, points)} for the curve charts, and the x title.
 
     The train series are smoothed on the full-resolution rows, then every series is thinned to at
-    most `max_points` points. kind is "smoothed" (or the plain series when smoothing is 0) or "raw".
+    most `max_points` points. kind is "smoothed" (or the plain series when smoothing is 0) or "raw";
+    points is True on the rows of a series short enough (FEW_POINTS) to be drawn with markers.
+    A frame with a "<column>_std" beside a metric column (a group's mean, see group_frames) adds the
+    columns lo and hi (mean -/+ std) for the band.
     """
     max_elapsed = 0.0
     for train, evl in frames.values():
@@ -80,15 +166,24 @@ def curve_data(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str = "s
                     max_elapsed = max(max_elapsed, float(m))
     minutes = x == "elapsed" and max_elapsed >= 600
     parts: dict[str, list] = {m: [] for m in METRICS}
+    with_band = any(f"{col}_std" in df for train, evl in frames.values() for df in (train, evl)
+                    for col in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"))
 
-    def add(metric, label, split, kind, xs: np.ndarray, values: np.ndarray):
-        keep = ~(np.isnan(xs) | np.isnan(values))
+    def add(metric, label, split, kind, xs: np.ndarray, values: np.ndarray, std: np.ndarray | None = None):
+        keep = np.isfinite(xs) & np.isfinite(values)
         xs, values = xs[keep], values[keep]
+        std = std[keep] if std is not None else np.full(len(xs), np.nan)
         if len(xs) > max_points:
             idx = thin_index(len(xs), max_points)
-            xs, values = xs[idx], values[idx]
+            xs, values, std = xs[idx], values[idx], std[idx]
         if len(xs):
-            parts[metric].append((label, split, kind, xs, values))
+            parts[metric].append((label, split, kind, xs, values, std))
+
+    def std_of(df, col, smooth: bool):
+        if f"{col}_std" not in df:
+            return None
+        std = df[f"{col}_std"].astype(float)
+        return (ema(std, smoothing) if smooth else std).to_numpy()
 
     for label, (train, evl) in frames.items():
         if len(train):
@@ -98,38 +193,57 @@ def curve_data(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str = "s
                     continue
                 series = train[tcol].astype(float)
                 if metric != "learning rate" and smoothing > 0:
-                    add(metric, label, "train", "smoothed", xs, ema(series, smoothing).to_numpy())
+                    add(metric, label, "train", "smoothed", xs, ema(series, smoothing).to_numpy(),
+                        std_of(train, tcol, True))
                     add(metric, label, "train", "raw", xs, series.to_numpy())
                 else:
-                    add(metric, label, "train", "smoothed", xs, series.to_numpy())
+                    add(metric, label, "train", "smoothed", xs, series.to_numpy(), std_of(train, tcol, False))
         if len(evl):
             xs = _x_values(evl, x, minutes).to_numpy(dtype=float)
             for metric, (_tcol, vcol, _t, _f) in METRICS.items():
                 if vcol is not None and vcol in evl:
-                    add(metric, label, "val", "smoothed", xs, evl[vcol].to_numpy(dtype=float))
+                    add(metric, label, "val", "smoothed", xs, evl[vcol].to_numpy(dtype=float),
+                        std_of(evl, vcol, False))
     out = {}
     for metric, items in parts.items():
         if not items:
             continue
         sizes = [len(it[3]) for it in items]
-        out[metric] = pd.DataFrame({
+        rows = pd.DataFrame({
             "run": np.repeat(np.array([it[0] for it in items], dtype=object), sizes),
             "split": np.repeat(np.array([it[1] for it in items], dtype=object), sizes),
             "kind": np.repeat(np.array([it[2] for it in items], dtype=object), sizes),
             "x": np.concatenate([it[3] for it in items]),
-            "value": np.concatenate([it[4] for it in items])})
+            "value": np.concatenate([it[4] for it in items]),
+            "points": np.repeat(np.array([n <= FEW_POINTS for n in sizes], dtype=bool), sizes)})
+        if with_band:
+            std = np.concatenate([it[5] for it in items])
+            rows["lo"] = rows["value"] - std
+            rows["hi"] = rows["value"] + std
+        out[metric] = rows
     return out, _x_title(x, minutes)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)
 def curve_spec(metric: str, x_title: str, multi_run: bool, has_raw: bool, has_val: bool,
-               height: int = CURVE_HEIGHT) -> dict:
-    """The Vega-Lite spec of one metric's curves (no data), authored with Altair."""
-    _tcol, _vcol, y_title, y_format = METRICS[metric]
+               height: int = CURVE_HEIGHT, *, x_format: str | None = None, x_integer: bool = False,
+               x_domain: tuple[float, float] | None = None, y_format: str | None = None,
+               y_domain: tuple[float, float] | None = None, log_y: bool = False, band: bool = False,
+               clipped: bool = False, many_runs: bool = False) -> dict:
+    """The Vega-Lite spec of one metric's curves (no data), authored with Altair.
+
+    x_integer: integer ticks only (a step or epoch axis); x_format / y_format: d3 formats (see
+    axis_format); x_domain / y_domain: fixed domains (for a single point); log_y: a log y scale;
+    band: a mean -/+ std area from the lo and hi columns; clipped: the tooltips show the "actual"
+    column; many_runs: a 20-colour palette. The train series get markers where their rows' `points`
+    is true; the validation series always have them.
+    """
+    _tcol, _vcol, y_title, default_format = METRICS[metric]
+    y_format = y_format or ("~g" if log_y else default_format)
     if multi_run:
-        color = alt.Color("run:N", title="run", scale=alt.Scale(scheme="tableau10"), legend=alt.Legend(
-            orient="bottom", columns=2, labelLimit=260, symbolType="stroke", symbolOpacity=1,
-            symbolStrokeWidth=2))
+        color = alt.Color("run:N", title="run", scale=alt.Scale(scheme="tableau20" if many_runs else "tableau10"),
+                          legend=alt.Legend(orient="bottom", columns=3 if many_runs else 2, labelLimit=260,
+                                            symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=2))
         dash = alt.StrokeDash("split:N", legend=None,  # explained by a caption under the charts
                               scale=alt.Scale(domain=["train", "val"], range=[[1, 0], [5, 3]]))
     else:
@@ -140,20 +254,34 @@ def curve_spec(metric: str, x_title: str, multi_run: bool, has_raw: bool, has_va
                                             symbolOpacity=1, symbolStrokeWidth=2) if has_val else None)
         dash = alt.StrokeDash("split:N", legend=None,
                               scale=alt.Scale(domain=["train", "val"], range=[[1, 0], [1, 0]]))
-    y_scale = alt.Scale(zero=False)
+    y_scale = alt.Scale(type="log", nice=True) if log_y else alt.Scale(zero=False, nice=True)
+    if y_domain is not None and not log_y:
+        y_scale = alt.Scale(zero=False, nice=True, domain=list(y_domain))
+    y_axis = alt.Axis(format=y_format, tickCount=TICK_COUNT)
+    x_axis = alt.Axis(format=",d" if x_integer else (x_format or ",.4~g"), tickMinStep=1 if x_integer else alt.Undefined,
+                      tickCount=TICK_COUNT)
+    x_scale = alt.Scale(domain=list(x_domain)) if x_domain is not None else alt.Undefined
+    value_field = "actual" if clipped else "value"
     tooltip = [alt.Tooltip("run:N"), alt.Tooltip("split:N"),
                alt.Tooltip("x:Q", title=x_title, format=",.4~g"),
-               alt.Tooltip("value:Q", title=y_title, format=".4~g")]
+               alt.Tooltip(f"{value_field}:Q", title=y_title, format=".4~g")]
     base = alt.Chart().encode(
-        x=alt.X("x:Q", title=x_title),
-        y=alt.Y("value:Q", title=y_title, scale=y_scale, axis=alt.Axis(format=y_format)),
+        x=alt.X("x:Q", title=x_title, axis=x_axis, scale=x_scale),
+        y=alt.Y("value:Q", title=y_title, scale=y_scale, axis=y_axis),
         color=color, detail="run:N")
     layers = []
+    if band:
+        layers.append(base.transform_filter("datum.kind === 'smoothed' && isValid(datum.lo)")
+                      .mark_area(opacity=0.18, strokeWidth=0)
+                      .encode(y=alt.Y("lo:Q", title=y_title, scale=y_scale, axis=y_axis), y2="hi:Q"))
     if has_raw:
         layers.append(base.transform_filter(alt.datum.kind == "raw")
                       .mark_line(opacity=0.22, strokeWidth=1))
-    layers.append(base.transform_filter((alt.datum.kind == "smoothed") & (alt.datum.split == "train"))
-                  .mark_line(strokeWidth=1.8).encode(strokeDash=dash, tooltip=tooltip))
+    train = base.transform_filter((alt.datum.kind == "smoothed") & (alt.datum.split == "train"))
+    layers.append(train.mark_line(strokeWidth=1.8).encode(strokeDash=dash, tooltip=tooltip))
+    # a series of a few points (one step: one point, which a line does not draw) gets markers
+    layers.append(train.transform_filter("datum.points").mark_point(filled=True, size=28)
+                  .encode(tooltip=tooltip))
     if has_val:
         val = base.transform_filter(alt.datum.split == "val")
         layers.append(val.mark_line(strokeWidth=1.8).encode(strokeDash=dash))
@@ -170,35 +298,134 @@ def curve_spec(metric: str, x_title: str, multi_run: bool, has_raw: bool, has_va
     return spec
 
 
+def _x_layout(all_x: np.ndarray, x: str) -> tuple[bool, str | None, tuple[float, float] | None]:
+    """(integer ticks, format, fixed domain) of the x axis over these x values."""
+    xs = all_x[np.isfinite(all_x)]
+    if not len(xs):
+        return x == "step", None, None
+    lo, hi = min(0.0, float(xs.min())), float(xs.max())  # the x scale starts at zero
+    integer = x == "step" or (x == "epoch" and hi - lo >= 2)
+    if hi - lo <= 0:  # one point at x = 0
+        return integer, None, (-1.0, 1.0)
+    return integer, None if integer else axis_format(lo, hi), None
+
+
 def curve_charts(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str = "step",
                  smoothing: float = 0.0, max_points: int = MAX_POINTS,
-                 heights: dict[str, int] | None = None) -> dict[str, CurveChart]:
-    """{metric: chart} for loss, accuracy and learning rate (those with data)."""
+                 heights: dict[str, int] | None = None, *, log_y: bool = False, clip: bool = False,
+                 clip_factor: float = CLIP_FACTOR) -> dict[str, CurveChart]:
+    """{metric: chart} for loss, accuracy and learning rate (those with data).
+
+    log_y: the loss on a log scale (values <= 0 left out, and counted in the note); clip: loss values
+    above clip_limit drawn at the top edge (counted in the note), so one diverging run does not flatten
+    the others.
+    """
     data, x_title = curve_data(frames, x, smoothing, max_points)
     multi = len(frames) > 1
     heights = {"learning rate": 110, **(heights or {})}
+    all_x = np.concatenate([rows["x"].to_numpy(dtype=float) for rows in data.values()]) if data else np.zeros(0)
+    x_integer, x_format, x_domain = _x_layout(all_x, x)
     out = {}
     for metric, rows in data.items():
+        notes = []
+        clipped = False
+        log = log_y and metric == "loss"
+        if log:
+            bad = rows["value"] <= 0
+            if bad.any():
+                notes.append(f"{int(bad.sum())} loss value{'s' if bad.sum() != 1 else ''} <= 0 left out "
+                             "(log scale).")
+                rows = rows[~bad].reset_index(drop=True)
+            if "lo" in rows and len(rows):
+                rows["lo"] = rows["lo"].where(rows["lo"] > 0, rows["value"].min())
+        if clip and metric == "loss" and len(rows):
+            limit = clip_limit(rows, clip_factor)
+            if limit is not None:
+                rows, count, runs_ = clip_rows(rows, limit)
+                clipped = True
+                who = ", ".join(runs_[:3]) + (" …" if len(runs_) > 3 else "") if multi else ""
+                notes.append(f"{count} loss value{'s' if count != 1 else ''} above {limit:.4g} "
+                             f"drawn at the top edge (clipped{': ' + who if who else ''}).")
+        if rows.empty:
+            continue
+        values = rows["value"].to_numpy(dtype=float)
+        if "lo" in rows:
+            values = np.concatenate([values, rows["lo"].to_numpy(dtype=float), rows["hi"].to_numpy(dtype=float)])
+        values = values[np.isfinite(values)]
+        lo, hi = float(values.min()), float(values.max())
+        percent = metric == "accuracy"
+        y_domain = padded_domain(lo, percent) if hi - lo <= 0 and not log else None
+        y_format = "~g" if log else axis_format(*(y_domain or (lo, hi)), percent=percent)
         spec = curve_spec(metric, x_title, multi, bool((rows["kind"] == "raw").any()),
-                          bool((rows["split"] == "val").any()), heights.get(metric, CURVE_HEIGHT))
-        out[metric] = CurveChart(spec, rows)
+                          bool((rows["split"] == "val").any()), heights.get(metric, CURVE_HEIGHT),
+                          x_format=x_format, x_integer=x_integer, x_domain=x_domain, y_format=y_format,
+                          y_domain=y_domain, log_y=log, band="lo" in rows, clipped=clipped,
+                          many_runs=len(frames) > 10)
+        out[metric] = CurveChart(spec, rows, " ".join(notes))
     return out
 
 
-def curve_controls(key: str) -> tuple[str, float]:
-    """x-axis choice and smoothing weight, drawn side by side. Returns (metrics column, weight)."""
-    left, right = st.columns([3, 2])
+def group_frames(groups: dict[str, list[tuple[pd.DataFrame, pd.DataFrame]]],
+                 min_runs: int | None = None) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """{group: (train, eval)} whose metric columns are the mean across the group's runs at the steps
+    they share (runs.aggregate_curves), each with a "<column>_std" beside it; the x columns (epoch,
+    elapsed) are the runs' mean at each step."""
+    out = {}
+    for name, members in groups.items():
+        pair = []
+        for which, cols in ((0, ("train_loss", "train_acc", "lr")), (1, ("val_loss", "val_acc"))):
+            frames = [m[which] for m in members if len(m[which]) and "step" in m[which]]
+            merged = None
+            for col in (*cols, "epoch", "elapsed"):
+                have = [f for f in frames if col in f]
+                if not have or len(have) < len(frames):
+                    continue
+                agg = runs.aggregate_curves([(f["step"].to_numpy(), f[col].to_numpy()) for f in have], min_runs)
+                part = pd.DataFrame({"step": agg.steps, col: agg.mean})
+                if col in cols:
+                    part[f"{col}_std"] = agg.std
+                merged = part if merged is None else merged.merge(part, on="step", how="outer")
+            pair.append(merged.sort_values("step").reset_index(drop=True) if merged is not None
+                        else pd.DataFrame({"step": []}))
+        out[name] = (pair[0], pair[1])
+    return out
+
+
+def curve_controls(key: str, *, scale_options: bool = False, clip_default: bool = False) -> tuple[str, float]:
+    """x-axis choice and smoothing weight, drawn side by side. Returns (metrics column, weight).
+
+    scale_options: also draw the "log scale" and "clip outliers" toggles of the loss chart (keys
+    `{key}_log_y` and `{key}_clip`; pass `controls=key` to show_curves to apply them)."""
+    if scale_options:
+        left, right, extra = st.columns([3, 2, 2])
+    else:
+        left, right = st.columns([3, 2])
     with left:
         label = st.radio("x axis", list(X_AXES), horizontal=True, key=f"{key}_x")
     with right:
         weight = st.slider("Smoothing (EMA of train curves)", 0.0, 0.99, 0.6, 0.01, key=f"{key}_smooth",
                            help="0 = raw values. The raw train series stays visible, faint.")
+    if scale_options:
+        with extra:
+            st.checkbox("Log scale (loss)", key=f"{key}_log_y")
+            st.checkbox("Clip outliers (loss)", value=clip_default, key=f"{key}_clip",
+                        help=f"Loss values more than {CLIP_FACTOR:g}x above the other runs' (or the run's "
+                             "own typical) level are drawn at the top edge, so one diverging run does not "
+                             "flatten every other curve.")
     return X_AXES[label or "step"], float(weight)
 
 
 def show_curves(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str, smoothing: float,
-                empty_message: str = "No metrics yet.") -> None:
-    charts = curve_charts(frames, x, smoothing)
+                empty_message: str = "No metrics yet.", *, controls: str | None = None,
+                log_y: bool | None = None, clip: bool | None = None) -> None:
+    """The loss and accuracy charts side by side, the learning rate under them, and their notes.
+
+    controls: the key of the curve_controls(scale_options=True) whose toggles apply; log_y / clip
+    given here override them."""
+    if controls is not None:
+        log_y = bool(st.session_state.get(f"{controls}_log_y", False)) if log_y is None else log_y
+        clip = bool(st.session_state.get(f"{controls}_clip", False)) if clip is None else clip
+    charts = curve_charts(frames, x, smoothing, log_y=bool(log_y), clip=bool(clip))
     if not charts:
         st.info(empty_message)
         return
@@ -208,8 +435,14 @@ def show_curves(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str, sm
             charts[metric].show()
     if "learning rate" in charts:
         charts["learning rate"].show()
+    notes = [c.note for c in charts.values() if c.note]
     if len(frames) > 1:
-        st.caption("Solid lines: training (smoothed; faint: raw). Dashed lines with dots: validation.")
+        notes.insert(0, "Solid lines: training (smoothed; faint: raw). Dashed lines with dots: validation.")
+    if any("lo" in c.data for c in charts.values()):
+        notes.append("Lines: the mean across each group's runs at the steps they all reached; "
+                     "band: ± one standard deviation.")
+    for note in notes:
+        st.caption(note)
 
 
 def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -> alt.Chart | None:

@@ -23,7 +23,7 @@ TRAIN_COLS = ("step", "epoch", "train_loss", "train_acc", "lr", "grad_norm", "im
               "elapsed", "time")
 EVAL_COLS = ("step", "epoch", "val_loss", "val_acc", "elapsed", "time")
 MAX_POINTS = 2000          # per plotted series
-MAX_CACHED_RUNS = 12       # readers kept per session (Compare may touch many runs)
+MAX_CACHED_RUNS = 64       # readers kept per session (Compare shows up to 50 runs at once)
 _SESSION_KEY = "_live_metrics_cache"
 
 
