@@ -14,124 +14,156 @@ from typing import Any
 
 from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
-SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "distill", "speed")
+SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "distill", "speed")
+# Where the form shows them: architecture in "model", what fights overfitting (weight decay, smoothing,
+# clipping, EMA, and the models' own dropout / stochastic depth, see MODEL_PARAM_SECTIONS) in
+# "regularization", how the optimizer moves the weights (lookahead included) in "optim", and how the
+# model is evaluated (how often, test-time augmentation) in "evaluation".
+SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
+                  "optim": "Optimizer", "regularization": "Regularization", "evaluation": "Evaluation",
+                  "distill": "Distillation", "speed": "Speed"}
+# Model parameters (model_params) that belong to another section than the model's architecture.
+MODEL_PARAM_SECTIONS = {"dropout": "regularization", "drop_path": "regularization"}
 
 
-def _p(section: str, param: Param, default=MISSING):
-    meta = {"section": section, "param": param}
+def _p(section: str, param: Param, label: str, default=MISSING):
+    """A scalar field: its section, its declared Param and its human label (the form's; the CLI
+    flag stays the field name)."""
+    meta = {"section": section, "param": param, "label": label}
     return field(default=param.default if default is MISSING else default, metadata=meta)
 
 
-def _reg(section: str, registry: str, owner: str | None = None, factory=dict):
+def _reg(section: str, registry: str, label: str, owner: str | None = None, factory=dict):
     """A dict/list field whose content is declared by a registry entry (named by `owner`)."""
     return field(default_factory=factory, metadata={"section": section, "registry": registry,
-                                                    "owner": owner})
+                                                    "owner": owner, "label": label})
 
 
 @dataclass
 class RunConfig:
     # run
-    name: str = _p("run", Param("name", "str", "", help="A label for the run (not a path)."))
-    seed: int = _p("run", Param("seed", "int", 0, 0, 2**31 - 1))
+    name: str = _p("run", Param("name", "str", "", help="A label for the run (not a path)."), "Run name")
+    seed: int = _p("run", Param("seed", "int", 0, 0, 2**31 - 1), "Random seed")
     device: str = _p("run", Param("device", "choice", "auto", choices=("auto", "cpu", "cuda"),
-                                  help="auto: CUDA if available, else CPU."))
-    epochs: int = _p("run", Param("epochs", "int", 10, 1, 2000))
+                                  help="auto: CUDA if available, else CPU."), "Device")
+    epochs: int = _p("run", Param("epochs", "int", 10, 1, 2000), "Epochs")
     time_limit_min: float = _p("run", Param("time_limit_min", "float", 0.0, 0.0, 100000.0,
-                                            help="Stop after this many minutes (0 = no limit)."))
+                                            help="Stop after this many minutes (0 = no limit)."),
+                               "Time limit (minutes)")
     log_every: int = _p("run", Param("log_every", "int", 10, 1, 100000,
-                                     help="Write a training metric line every this many steps."))
-    eval_every: int = _p("run", Param("eval_every", "int", 1, 1, 1000,
-                                      help="Evaluate every this many epochs."))
+                                     help="Write a training metric line every this many steps."),
+                        "Log every … steps")
+    eval_every: int = _p("evaluation", Param("eval_every", "int", 1, 1, 1000,
+                                             help="Evaluate every this many epochs."), "Evaluate every … epochs")
     # model
-    model: str = _p("model", Param("model", "str", "resnet18"))
-    model_params: dict = _reg("model", "model", owner="model")
+    model: str = _p("model", Param("model", "str", "resnet18"), "Model")
+    model_params: dict = _reg("model", "model", "Model options", owner="model")
     # data
     subset: str = _p("data", Param("subset", "choice", "full", choices=("full", "random", "per_class"),
-                                   help="Which training images to use."))
+                                   help="Which training images to use."), "Training images")
     subset_size: int = _p("data", Param("subset_size", "int", 10000, 10, 50000,
-                                        help="Images for subset=random (the report used 10,000)."))
+                                        help="Images for subset=random (the report used 10,000)."),
+                          "Random subset size")
     per_class: int = _p("data", Param("per_class", "int", 1000, 1, 5000,
-                                      help="Images per class for subset=per_class."))
+                                      help="Images per class for subset=per_class."), "Images per class")
     val_size: int = _p("data", Param("val_size", "int", 0, 0, 25000,
-                                     help="Held out of training for validation (0: validate on test)."))
+                                     help="Held out of training for validation (0: validate on test)."),
+                       "Validation images")
     test_size: int = _p("data", Param("test_size", "int", 0, 0, 10000,
-                                      help="Evaluate on a stratified subset of the test set (0 = all 10,000)."))
-    imbalance: str = _p("data", Param("imbalance", "str", "none"))
-    imbalance_params: dict = _reg("data", "imbalance", owner="imbalance")
+                                      help="Evaluate on a stratified subset of the test set (0 = all 10,000)."),
+                        "Test images")
+    imbalance: str = _p("data", Param("imbalance", "str", "none"), "Class imbalance")
+    imbalance_params: dict = _reg("data", "imbalance", "Imbalance options", owner="imbalance")
     label_budget: int = _p("data", Param("label_budget", "int", 0, 0, 50000,
-                                         help="Keep only this many labels (0 = all labeled)."))
-    balance: str = _p("data", Param("balance", "str", "none"))
-    balance_params: dict = _reg("data", "balance", owner="balance")
-    # augmentation chain: [{"name": ..., "params": {...}, "p": 1.0}, ...]
-    augment: list = _reg("augment", "augment", factory=lambda: [
-        {"name": "random_crop", "params": {}, "p": 1.0}, {"name": "hflip", "params": {}, "p": 1.0}])
+                                         help="Keep only this many labels (0 = all labeled)."),
+                           "Labeled images")
+    balance: str = _p("data", Param("balance", "str", "none"), "Balancing")
+    balance_params: dict = _reg("data", "balance", "Balancing options", owner="balance")
+    # augmentation chain: [{"name": ..., "params": {...}, "p": 0.5}, ...]
+    augment: list = _reg("augment", "augment", "Augmentation chain", factory=lambda: [
+        {"name": "random_crop", "params": {}, "p": 1.0}, {"name": "hflip", "params": {}, "p": 0.5}])
     alternating_flip: bool = _p("augment", Param(
         "alternating_flip", "bool", False,
         help="airbench's derandomized flip, in place of a random hflip step: each image gets one random "
              "flip state in the first epoch and the opposite state every odd epoch, so over any two "
-             "epochs every image is seen once each way."))
+             "epochs every image is seen once each way."), "Alternating flips")
     # optimization
-    optimizer: str = _p("optim", Param("optimizer", "choice", "sgd", choices=("sgd", "adam", "adamw")))
-    lr: float = _p("optim", Param("lr", "float", 0.05, 1e-6, 10.0, log=True))
+    optimizer: str = _p("optim", Param("optimizer", "choice", "sgd", choices=("sgd", "adam", "adamw")),
+                        "Optimizer")
+    lr: float = _p("optim", Param("lr", "float", 0.05, 1e-6, 10.0, log=True), "Learning rate")
     momentum: float = _p("optim", Param("momentum", "float", 0.9, 0.0, 0.999,
-                                        help="SGD momentum (Adam: beta1)."))
-    nesterov: bool = _p("optim", Param("nesterov", "bool", True))
-    batch_size: int = _p("optim", Param("batch_size", "int", 128, 1, 8192))
+                                        help="SGD momentum (Adam: beta1)."), "Momentum")
+    nesterov: bool = _p("optim", Param("nesterov", "bool", True), "Nesterov momentum")
+    batch_size: int = _p("optim", Param("batch_size", "int", 128, 1, 8192), "Batch size")
     bias_lr_scale: float = _p("optim", Param("bias_lr_scale", "float", 1.0, 0.01, 256.0,
                                              help="LR multiplier for biases and norm parameters "
-                                                  "(airbench trains BN biases 64× faster)."))
-    schedule: str = _p("optim", Param("schedule", "str", "cosine"))
-    schedule_params: dict = _reg("optim", "schedule", owner="schedule")
+                                                  "(airbench trains BN biases 64× faster)."),
+                              "LR scale of biases and norms")
+    schedule: str = _p("optim", Param("schedule", "str", "cosine"), "LR schedule")
+    schedule_params: dict = _reg("optim", "schedule", "Schedule options", owner="schedule")
     # regularization
-    weight_decay: float = _p("regularization", Param("weight_decay", "float", 5e-4, 0.0, 1.0))
-    label_smoothing: float = _p("regularization", Param("label_smoothing", "float", 0.0, 0.0, 0.5))
+    weight_decay: float = _p("regularization", Param("weight_decay", "float", 5e-4, 0.0, 1.0), "Weight decay")
+    label_smoothing: float = _p("regularization", Param("label_smoothing", "float", 0.0, 0.0, 0.5),
+                                "Label smoothing")
     grad_clip: str = _p("regularization", Param("grad_clip", "choice", "none",
-                                                 choices=("none", "norm", "value")))
-    clip_max_norm: float = _p("regularization", Param("clip_max_norm", "float", 1.0, 1e-6, 1e6))
+                                                 choices=("none", "norm", "value")), "Gradient clipping")
+    clip_max_norm: float = _p("regularization", Param("clip_max_norm", "float", 1.0, 1e-6, 1e6),
+                              "Largest gradient norm")
     clip_norm_type: str = _p("regularization", Param("clip_norm_type", "choice", "2",
-                                                     choices=("1", "2", "inf")))
-    clip_value: float = _p("regularization", Param("clip_value", "float", 1.0, 1e-6, 1e6))
+                                                     choices=("1", "2", "inf")), "Norm type (p)")
+    clip_value: float = _p("regularization", Param("clip_value", "float", 1.0, 1e-6, 1e6),
+                           "Largest gradient value")
     ema_decay: float = _p("regularization", Param("ema_decay", "float", 0.0, 0.0, 0.99999,
-                                                  help="EMA of weights (0 = off); evaluated with EMA."))
-    lookahead_every: int = _p("regularization", Param(
+                                                  help="EMA of weights (0 = off); evaluated with EMA."),
+                          "Weight EMA decay")
+    lookahead_every: int = _p("optim", Param(
         "lookahead_every", "int", 0, 0, 1000,
         help="Lookahead (airbench94): every this many steps the slow weights move towards the trained "
              "weights and the trained weights restart from them (0 = off). Training ends on the slow "
-             "weights."))
-    lookahead_decay: float = _p("regularization", Param(
+             "weights."), "Lookahead every … steps")
+    lookahead_decay: float = _p("optim", Param(
         "lookahead_decay", "float", 0.95, 0.0, 0.9999,
         help="Per-step decay of the lookahead average; the decay applied at an update is "
-             "decay^every · progress³, so the average starts as a copy and grows slower to the end."))
-    tta_flip: bool = _p("regularization", Param("tta_flip", "bool", False,
-                                                help="Test-time flip: average logits of image and mirror."))
-    tta_translate: bool = _p("regularization", Param("tta_translate", "bool", False,
-                                                     help="Also average views shifted by one pixel "
-                                                          "(with tta_flip: airbench's TTA level 2)."))
+             "decay^every · progress³, so the average starts as a copy and grows slower to the end."),
+        "Lookahead decay")
+    tta_flip: bool = _p("evaluation", Param("tta_flip", "bool", False,
+                                            help="Test-time flip: average logits of image and mirror."),
+                        "Test-time flip")
+    tta_translate: bool = _p("evaluation", Param("tta_translate", "bool", False,
+                                                 help="Also average views shifted by one pixel "
+                                                      "(with tta_flip: airbench's TTA level 2)."),
+                             "Test-time 1-pixel shifts")
     # knowledge distillation from a finished run (DeiT-style)
     distill: str = _p("distill", Param("distill", "choice", "none", choices=("none", "hard", "soft"),
                                        help="Learn from a finished run's predictions too: hard = cross-entropy "
                                             "to the teacher's top class (DeiT), soft = KL divergence to its "
-                                            "softened probabilities."))
+                                            "softened probabilities."), "Distillation")
     teacher_run: str = _p("distill", Param("teacher_run", "str", "",
                                            help="Run id of the teacher: a completed run in the same runs "
-                                                "folder (its last checkpoint, else its best)."))
+                                                "folder (its last checkpoint, else its best)."), "Teacher run id")
     distill_alpha: float = _p("distill", Param("distill_alpha", "float", 0.5, 0.0, 1.0,
                                                help="Weight of the distillation loss; the true-label loss "
-                                                    "gets 1 - alpha (0.5: DeiT's plain average)."))
+                                                    "gets 1 - alpha (0.5: DeiT's plain average)."),
+                              "Distillation weight (alpha)")
     distill_temperature: float = _p("distill", Param("distill_temperature", "float", 3.0, 0.5, 20.0,
                                                      help="Softmax temperature T of soft distillation "
-                                                          "(its loss is scaled by T²)."))
+                                                          "(its loss is scaled by T²)."), "Temperature (T)")
     # speed
     precision: str = _p("speed", Param("precision", "choice", "fp32", choices=("fp32", "bf16", "fp16"),
                                        help="Autocast dtype with fp32 master weights. bf16 works on the CPU too (about "
                                             "twice as fast as fp32 on CPUs with AVX-512 BF16); fp16 needs CUDA "
-                                            "(with device auto on a CPU it runs in fp32)."))
-    channels_last: bool = _p("speed", Param("channels_last", "bool", False))
+                                            "(with device auto on a CPU it runs in fp32)."), "Precision")
+    channels_last: bool = _p("speed", Param("channels_last", "bool", False), "Channels-last memory layout")
 
     # --- declarations -------------------------------------------------------------------------
     @classmethod
     def scalar_params(cls) -> dict[str, Param]:
         return {f.name: f.metadata["param"] for f in fields(cls) if "param" in f.metadata}
+
+    @classmethod
+    def labels(cls) -> dict[str, str]:
+        """{field: its human label} for every field (the app's form; flags keep the field names)."""
+        return {f.name: f.metadata["label"] for f in fields(cls)}
 
     @classmethod
     def sections(cls) -> dict[str, list[str]]:
@@ -233,7 +265,8 @@ class RunConfig:
                 raise ConfigError(f"teacher_run: {exc}") from None
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
-                              "same runs folder (pick one on the Train page, or --teacher-run RUN_ID)")
+                              "same runs folder (choose one in the 'Teacher run' list, or pass "
+                              "--teacher-run RUN_ID)")
 
     @classmethod
     def checked(cls, data: "dict | RunConfig") -> tuple["RunConfig | None", list[str]]:
@@ -428,8 +461,9 @@ def parse_scalar(raw: str):
 
 
 def parse_augment(text: str) -> list[dict]:
-    """JSON list, or 'random_crop:padding=4,pad_mode=zero;hflip;cutout:size=8@0.5' ('@p' = probability);
-    'none' or '' for no augmentation."""
+    """JSON list, or 'random_crop:padding=4,pad_mode=zero;hflip;cutout:size=8@0.5' ('@p' = probability;
+    without it a step gets its own default, 1 for most, 0.5 for the flips); 'none' or '' for no
+    augmentation."""
     text = text.strip()
     if text in ("", "none"):
         return []
@@ -441,12 +475,12 @@ def parse_augment(text: str) -> list[dict]:
     chain = []
     for part in text.split(";"):
         part = part.strip()
-        prob = 1.0
+        step: dict = {}
         if "@" in part:
             part, p_text = part.rsplit("@", 1)
-            prob = parse_scalar(p_text)
+            step["p"] = parse_scalar(p_text)
         name, _, params = part.partition(":")
-        chain.append({"name": name.strip(), "params": parse_kv(params), "p": prob})
+        chain.append({"name": name.strip(), "params": parse_kv(params), **step})
     return chain
 
 

@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,12 +84,17 @@ def submit(cfg, store: RunStore | None = None, data_source: str | None = None,
     return record
 
 
-def cancel(run_id: str, store: RunStore | None = None) -> str:
-    """Cancel a queued run at once, or ask a running one to stop (SIGTERM, then a forced kill)."""
-    store = store or RunStore()
+def existing_record(store: RunStore, run_id: str) -> RunRecord:
     record = store.record(run_id)
     if not record.exists():
         raise ConfigError(f"run {run_id} not found")
+    return record
+
+
+def cancel(run_id: str, store: RunStore | None = None) -> str:
+    """Cancel a queued run at once, or ask a running one to stop (SIGTERM, then a forced kill)."""
+    store = store or RunStore()
+    record = existing_record(store, run_id)
     with file_lock(store.root / ".queue.lock"):
         status = record.status()
         state = status.get("state")
@@ -104,6 +110,40 @@ def cancel(run_id: str, store: RunStore | None = None) -> str:
         signal_run(pid, signal.SIGTERM)
     ensure_worker(store)
     return "cancelling"
+
+
+RESUMABLE_STATES = ("cancelled", "failed")
+
+
+def resumable(record: RunRecord, status: dict | None = None) -> bool:
+    """Whether `resume` can queue this run again: it was cancelled, or it failed after writing a
+    checkpoint (a failure before any checkpoint is better relaunched, after fixing its cause)."""
+    status = record.status() if status is None else status
+    state = status.get("state")
+    if state == "cancelled":
+        return True
+    return state == "failed" and any(record.checkpoint_path(which).is_file() for which in ("last", "best"))
+
+
+def resume(run_id: str, store: RunStore | None = None, start_worker: bool = True) -> RunRecord:
+    """Queue a cancelled (or failed, checkpointed) run again: the supervisor then continues it from its
+    newest usable checkpoint with `train --resume RUN_ID`, as a resume from the command line does
+    (a run cancelled before it started simply starts). ConfigError when the run cannot be resumed."""
+    store = store or RunStore()
+    record = existing_record(store, run_id)
+    with file_lock(store.root / ".queue.lock"):
+        status = record.status()
+        if not resumable(record, status):
+            state = status.get("state", "unknown")
+            why = ("it failed before writing a checkpoint: relaunch it instead" if state == "failed"
+                   else f"it is {state}")
+            raise ConfigError(f"run {run_id} cannot be resumed: {why}")
+        record.update_status(state="queued", error=None, reason=None, finished=None, cancel_requested=None,
+                             pid=None, pid_start=None, launched=None, resumed_at_step=None,
+                             requeued=time.time())
+    if start_worker:
+        ensure_worker(store)
+    return record
 
 
 def delete(run_id: str, store: RunStore | None = None) -> None:
@@ -137,9 +177,22 @@ def worker_alive(store: RunStore) -> bool:
 _SPAWNED: list[subprocess.Popen] = []
 
 
+def reap_workers() -> int:
+    """Collect the exit status of supervisors this process started that have ended (a long-lived
+    caller such as the app's server would otherwise keep them as <defunct> zombies); returns how many
+    are still running. Called on every `ensure_worker` and `refresh`; each supervisor is also waited
+    on by a daemon thread (`_wait_in_background`), so it is collected the moment it exits."""
+    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]
+    return len(_SPAWNED)
+
+
+def _wait_in_background(proc: subprocess.Popen) -> None:
+    threading.Thread(target=proc.wait, name=f"reap-supervisor-{proc.pid}", daemon=True).start()
+
+
 def ensure_worker(store: RunStore | None = None) -> bool:
     """Start a detached supervisor for this runs root unless one holds the lock. True if started."""
-    _SPAWNED[:] = [p for p in _SPAWNED if p.poll() is None]  # reap exited supervisors (no zombies)
+    reap_workers()
     store = store or RunStore()
     store.root.mkdir(parents=True, exist_ok=True)
     if worker_alive(store):
@@ -151,6 +204,7 @@ def ensure_worker(store: RunStore | None = None) -> bool:
                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log.close()
     _SPAWNED.append(proc)
+    _wait_in_background(proc)
     return True
 
 
@@ -185,6 +239,7 @@ def refresh(store: RunStore) -> list[str]:
     """What every reader of the records calls (the app's pages, `runs`): mark runs whose process
     vanished as failed, and restart the supervisor when queued work has none (it died, or a machine
     restarted). Returns the run ids marked lost."""
+    reap_workers()
     lost = reconcile(store)
     if any(record.status().get("state") == "queued" for record in store.records()) and not worker_alive(store):
         ensure_worker(store)
@@ -198,6 +253,29 @@ def job_table(store: RunStore) -> dict[str, list[str]]:
         status = record.status()
         table.setdefault(status.get("state", "unknown"), []).append((status.get("created", 0), record.run_id))
     return {state: [rid for _, rid in sorted(items)] for state, items in table.items()}
+
+
+def queue_wait(store: RunStore, run_id: str) -> str:
+    """What a queued run waits for, in words: "a free CPU slot (r-1 is training)", "2 runs queued
+    before it", "the job supervisor to start it"…"""
+    table = job_table(store)
+    queued = table.get("queued", [])
+    if run_id not in queued:
+        return "its turn"
+    position = queued.index(run_id)
+    record = store.record(run_id)
+    kind = record.status().get("device_kind") or job_device(record.config_dict() or {})
+    busy = [rid for rid in table.get("starting", []) + table.get("running", [])
+            if (store.record(rid).status().get("device_kind") or "cpu") == kind]
+    where = f"position {position + 1} of {len(queued)} in the queue"
+    if len(busy) >= slots().get(kind, 1):
+        names = ", ".join(busy[:3]) + (" …" if len(busy) > 3 else "")
+        return f"a free {kind.upper()} slot ({names} {'is' if len(busy) == 1 else 'are'} training; {where})"
+    if position:
+        return f"{position} run{'s' if position != 1 else ''} queued before it ({where})"
+    if not worker_alive(store):
+        return "the job supervisor to start it (it is being started)"
+    return "the job supervisor, which starts it in a moment"
 
 
 # ---- supervisor --------------------------------------------------------------------------------
@@ -242,23 +320,39 @@ class Supervisor:
                 kind = record.status().get("device_kind") or job_device(record.config_dict() or {})
                 if active.get(kind, 0) >= limits.get(kind, 1):
                     continue
-                self._launch(record)
-                active[kind] = active.get(kind, 0) + 1
+                if self._launch(record):
+                    active[kind] = active.get(kind, 0) + 1
         return bool(queued) or bool(table.get("running")) or bool(table.get("starting")) or bool(self.children)
 
-    def _launch(self, record: RunRecord) -> None:
+    def _launch(self, record: RunRecord) -> bool:
+        """Start a queued run's trainer; False (nothing started) when the run is no longer queued.
+
+        Only a run still "queued" is marked "starting" (before the process starts, so that nobody
+        reads a pid of an earlier attempt), and the new process's pid is written only while the run is
+        still "starting": a `train --resume` started by hand may have won the run's train lock in
+        between and written its own state and pid, which must stay (our process then exits, refused)."""
         status = record.status()
+        if status.get("state") != "queued":
+            return False
+        record.update_status(state="starting", pid=None, pid_start=None, launched=time.time())
         cmd = [sys.executable, "-m", "cifar_core", "--runs-root", str(self.store.root), "train",
                "--resume", record.run_id, "--no-progress"]
         if status.get("data_source"):
             cmd += ["--data", status["data_source"]]
-        with open(record.log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        record.update_status(state="starting", pid=proc.pid, pid_start=process_start_time(proc.pid),
-                             launched=time.time())
+        try:
+            with open(record.log_path, "ab") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=str(Path(__file__).resolve().parents[1]),
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError as exc:
+            record.update_status(state="failed", finished=time.time(),
+                                 error=f"could not start the training process: {exc}")
+            return False
         self.children[record.run_id] = proc
+        now = record.status()
+        if now.get("state") == "starting" and now.get("pid") is None:
+            record.update_status(pid=proc.pid, pid_start=process_start_time(proc.pid))
+        return True
 
     def serve(self, idle_exit: float = IDLE_EXIT_SECONDS) -> None:
         stop = {"flag": False}

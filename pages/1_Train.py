@@ -19,6 +19,8 @@ from ui.forms import config_form, fingerprint
 RUNS_PAGE = "pages/2_Runs.py"
 FORM_KEY = "train.form"
 TEACHER_PICK = "train.teacher_pick"
+CONFIRM_KEY = "train.confirm_long"
+LONG_RUN_S = 10 * 60  # a launch estimated longer than this is confirmed first, with its estimate
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,8 +72,9 @@ if start == run_option:
     right.info(f"Prefilled from run **{from_run_id}**: change what you want and launch a new run.")
 else:
     initial = PRESETS[start]
-    right.caption("Presets: the source report's baseline, a fast recipe, a seconds-long smoke test, and "
-                  "each step of the report's cumulative trick ablation (each step adds one trick).")
+    right.caption("Presets: a quick run of about a minute on a CPU (the first choice), the source report's "
+                  "baseline, a fast recipe, a seconds-long smoke test, transformers, and each step of the "
+                  "report's cumulative trick ablation (each step adds one trick).")
 if chain_override is not None:
     initial = {**initial, "augment": chain_override}
     st.info(f"The augmentation chain comes from the link ({len(chain_override)} step(s)).")
@@ -163,7 +166,18 @@ if already:
     except Exception:  # the Runs page is not part of this app (e.g. this page run on its own)
         pass
 
-reason = ("" if data["ok"] else "CIFAR-10 is missing. ") + ("" if cfg is not None else "Fix the errors above. ")
+# a long run is launched only once the user has ticked a box that states its estimate; the box belongs
+# to this exact form (its key carries the form's fingerprint), so any change asks again
+long_run = estimate is not None and estimate.seconds > LONG_RUN_S and not already
+confirmed = True
+if long_run:
+    confirmed = st.checkbox(
+        f"I understand this run takes about {human_duration(estimate.seconds)} ({estimate.range_text})",
+        key=f"{CONFIRM_KEY}.{form_sig}",
+        help=f"Runs estimated over {LONG_RUN_S // 60} minutes are confirmed before they are queued. "
+             "For a first try, pick the quick preset (about a minute), or lower epochs or the subset size.")
+reason = ("" if data["ok"] else "CIFAR-10 is missing. ") + ("" if cfg is not None else "Fix the errors above. ") \
+    + ("" if confirmed else "Confirm the duration above. ")
 launch_column, estimate_column = st.columns([1, 5], vertical_alignment="center")
 clicked = launch_column.button("Launch", type="primary", key="train.launch", icon=":material/rocket_launch:",
                                disabled=bool(reason) or already,
@@ -171,7 +185,7 @@ clicked = launch_column.button("Launch", type="primary", key="train.launch", ico
                                                        if already else "Queue this run as a background job."))
 if estimate is not None:
     estimate_column.caption(f"Takes {estimate.text} ({estimate.range_text}), {estimate.basis}.")
-if clicked and cfg is not None and data["ok"] and not already:
+if clicked and cfg is not None and data["ok"] and not already and confirmed:
     new_id = None
     with friendly_errors("Launching the run"):
         record = jobs.submit(cfg, store, data_source=data_source())

@@ -1,6 +1,7 @@
 """Runs: the queue and history, a live view of one run, its actions and its final results."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 
@@ -15,8 +16,11 @@ from ui.common import friendly_errors, get_store
 BADGE_COLORS = {"queued": "gray", "starting": "blue", "running": "blue", "completed": "green",
                 "failed": "red", "cancelled": "orange", "unknown": "gray"}
 STATE_ORDER = ("queued", "starting", "running", "completed", "failed", "cancelled", "unknown")
-LIVE_REFRESH_S = 1.0
-TABLE_REFRESH_S = 3.0
+# Every refresh re-renders its fragment (charts as Arrow rows); at 1 s and 3 s the server spent 6.5% of
+# a core on one open live run, at 2 s and 5 s it stays under the 5% target (bench/bench_server_cpu.py).
+LIVE_REFRESH_S = 2.0
+TABLE_REFRESH_S = 5.0
+TABLE_KEY = "runs_table"
 
 
 def _flash(kind: str, text: str) -> None:
@@ -64,18 +68,63 @@ def history_table(store, summaries: list[dict]) -> None:
         st.caption("No runs in the chosen states.")
         return
     counts = pd.Series([s["state"] for s in summaries]).value_counts()
-    st.caption(" · ".join(f"{counts[s]} {s}" for s in STATE_ORDER if s in counts))
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320),
-                 column_config={
-                     "best acc %": st.column_config.NumberColumn(
-                         "best acc", format="%.2f%%",
-                         help="Test accuracy of completed runs, else the best validation accuracy so far."),
-                     "key tricks": st.column_config.TextColumn(width="large"),
-                 })
+    st.caption(" · ".join(f"{counts[s]} {s}" for s in STATE_ORDER if s in counts)
+               + " · click a row to open that run")
+    frame = pd.DataFrame(rows)
+    frame["best acc %"] = pd.to_numeric(frame["best acc %"], errors="coerce")  # None -> NaN: a number column
+    event = st.dataframe(
+        frame, hide_index=True, width="stretch", height=min(38 + 35 * len(rows), 320), key=TABLE_KEY,
+        on_select="rerun", selection_mode="single-row", placeholder="—",
+        column_config={
+            "run id": st.column_config.TextColumn("run id", width="large", pinned=True,
+                                                  help="The run's folder name in the runs root."),
+            "best acc %": st.column_config.NumberColumn(
+                "best acc", format="%.2f%%",
+                help="Test accuracy of completed runs, else the best validation accuracy so far."),
+            "key tricks": st.column_config.TextColumn(width="medium"),
+        })
+    open_selected_row(event, [row["run id"] for row in rows])
+
+
+def open_selected_row(event, ids: list[str]) -> None:
+    """A row just clicked in the table opens that run (the page reruns with it selected)."""
+    rows = list(getattr(getattr(event, "selection", None), "rows", None) or [])
+    picked = ids[rows[0]] if rows and 0 <= rows[0] < len(ids) else None
+    if picked is None:  # nothing selected (or the row clicked again): the next click opens anew
+        st.session_state.pop("_runs_table_opened", None)
+        return
+    if st.session_state.get("_runs_table_opened") == picked:
+        return
+    st.session_state["_runs_table_opened"] = picked  # handled: the selection stays on the row
+    if picked != st.session_state.get("selected_run"):
+        st.session_state["selected_run"] = picked
+        st.query_params["run"] = picked
+        st.rerun()
 
 
 # ---- picker ---------------------------------------------------------------------------------------
-def pick_run(store, summaries: list[dict]) -> str | None:
+def state_text(summary: dict) -> str:
+    """The live state of a run for its label: "running · epoch 3/10 · 24%", "completed · 91.20%"…"""
+    status, state = summary["status"], summary["state"]
+    if state in ("starting", "running"):
+        last = {}
+        with contextlib.suppress(Exception):  # a run deleted meanwhile: the status alone
+            last = live.live_metrics(summary["record"]).latest("train")
+        p = runs.run_progress(status, last)
+        if state == "running" and p.total_epochs:
+            epoch = min(p.total_epochs, int(p.epoch or 0) + 1)
+            return f"running · epoch {epoch}/{p.total_epochs}" + (
+                f" · {p.fraction:.0%}" if p.fraction is not None else "")
+        return state
+    if state == "completed":
+        acc = runs.best_accuracy(status)
+        return f"completed · {_pct(acc)}" if acc is not None else state
+    return state
+
+
+def pick_run(store, summaries: list[dict], refresh: bool) -> str | None:
+    """The run picker; its labels show each run's live state (re-read every TABLE_REFRESH_S while a
+    run is active). Picking a run reruns the page with it."""
     ids = [s["run_id"] for s in summaries]
     by_id = {s["run_id"]: s for s in summaries}
     wanted = st.query_params.get("run") or st.session_state.get("selected_run")
@@ -87,14 +136,31 @@ def pick_run(store, summaries: list[dict]) -> str | None:
         if "run" in st.query_params:
             del st.query_params["run"]
         return None
-    index = ids.index(wanted) if wanted in by_id else 0
-    choice = st.selectbox(
-        "Run", ids, index=index,
-        format_func=lambda rid: f"{live.run_label(rid, by_id[rid])}  —  {by_id[rid]['state']}  ({rid})")
-    if st.query_params.get("run") != choice:
-        st.query_params["run"] = choice
-    st.session_state["selected_run"] = choice
-    return choice
+    first = wanted if wanted in by_id else ids[0]
+    st.session_state["selected_run"] = first
+    if st.query_params.get("run") != first:
+        st.query_params["run"] = first
+    renders = {"n": 0}
+
+    @st.fragment(run_every=TABLE_REFRESH_S if refresh else None)
+    def picker() -> None:
+        fresh = by_id
+        if renders["n"]:  # a timed or widget rerun of the picker alone: read the states again
+            with contextlib.suppress(Exception):
+                fresh = {**by_id, **{s["run_id"]: s for s in live.run_summaries(store) if s["run_id"] in by_id}}
+        renders["n"] += 1
+        current = st.session_state.get("selected_run", first)
+        index = ids.index(current) if current in ids else 0
+        choice = st.selectbox(
+            "Run", ids, index=index,
+            format_func=lambda rid: f"{live.run_label(rid, fresh[rid])}  —  {state_text(fresh[rid])}  ({rid})")
+        if choice != current:  # picked here: redraw the whole page for that run
+            st.session_state["selected_run"] = choice
+            st.query_params["run"] = choice
+            st.rerun()
+
+    picker()
+    return st.session_state.get("selected_run", first)
 
 
 def _missing_run_message(store, run_id: str) -> str:
@@ -210,12 +276,11 @@ def live_view(store, run_id: str, page_state: str) -> None:
                        "Metrics and files below are shown as found on disk.")
         if conf["error"]:
             st.warning(f"{conf['error']}.")
-        if state == "queued":
-            queued = jobs.job_table(store).get("queued", [])
-            pos = queued.index(run_id) + 1 if run_id in queued else None
-            st.info(f"Queued{f' (position {pos} of {len(queued)})' if pos else ''}: it starts when a "
-                    "training slot is free.")
-        elif state == "starting":
+        if state == "queued":  # nothing to chart yet: say what it waits for instead of empty charts
+            st.info(f"Queued — waiting for {jobs.queue_wait(store, run_id)}. Its curves appear here once "
+                    "it starts.")
+            return
+        if state == "starting":
             st.info("Starting: loading data and building the model…")
         _progress(status, lm)
         if lm.n_rows:
@@ -225,9 +290,9 @@ def live_view(store, run_id: str, page_state: str) -> None:
             st.warning(f"{n} unreadable line{'s' if n != 1 else ''} skipped in metrics.jsonl.")
         if state in ("failed", "cancelled"):
             _failure(record, status, state)
-        x, smoothing = charts.curve_controls("live")
+        x, smoothing = charts.curve_controls("live", scale_options=True)
         train, evl = lm.frames()
-        charts.show_curves({live.run_label(run_id, conf): (train, evl)}, x, smoothing,
+        charts.show_curves({live.run_label(run_id, conf): (train, evl)}, x, smoothing, controls="live",
                            empty_message="No metric lines yet." if state in live.ACTIVE
                            else "This run wrote no metrics.")
 
@@ -239,8 +304,18 @@ def actions(store, run_id: str, state: str) -> None:
     record = store.record(run_id)
     c1, c2, c3 = st.columns([1, 1.4, 2.6])
     with c1:
-        if st.button("Cancel run", key="runs_cancel", disabled=state not in live.ACTIVE,
-                     help="Queued: removed from the queue. Running: asked to stop, then killed."):
+        if state in jobs.RESUMABLE_STATES and jobs.resumable(record):
+            if st.button("Resume", key="runs_resume", icon=":material/play_arrow:",
+                         help="Queue it again: it continues from its last checkpoint (best.pt when last.pt "
+                              "is damaged), as `python -m cifar_core train --resume RUN_ID` does; a run "
+                              "cancelled before it started starts."):
+                with friendly_errors("Resume"):
+                    jobs.resume(run_id, store)
+                    live.forget(record)  # its metrics are rewritten from the checkpoint's step
+                    _flash("success", f"Run {run_id} is queued again: it resumes when a slot is free.")
+                    st.rerun()
+        elif st.button("Cancel run", key="runs_cancel", disabled=state not in live.ACTIVE,
+                       help="Queued: removed from the queue. Running: asked to stop, then killed."):
             with friendly_errors("Cancel"):
                 result = jobs.cancel(run_id, store)
                 _flash("success" if result in ("cancelled", "cancelling") else "info",
@@ -326,7 +401,8 @@ def export_section(store, record) -> None:
         st.caption(f"Exported {card.get('date', '')}: `{path.name}` ({_size(path)}), parity on "
                    f"{parity.get('images', '?')} real test images max |Δlogit| "
                    f"{parity.get('max_abs_diff_batch_n', float('nan')):.1e} (batch N), "
-                   f"{parity.get('max_abs_diff_batch_1', float('nan')):.1e} (batch 1)."
+                   f"{parity.get('max_abs_diff_batch_1', float('nan')):.1e} (batch 1)"
+                   + (f", limit {parity['limit']:.1e}." if isinstance(parity.get("limit"), (int, float)) else ".")
                    + _quantization_note(card))
     row = st.container(horizontal=True)
     with row:
@@ -354,7 +430,8 @@ def export_section(store, record) -> None:
             result = export_run(record.run_id, store, out=path, data_source=data_source(), **kind.options)
             parity = result.card["parity"]
             _flash("success", f"Exported {result.onnx_path.name} {describe_checkpoint(result.card)}: parity "
-                              f"max |Δlogit| {parity['max_abs_diff_batch_n']:.1e} on {parity['images']} test images."
+                              f"max |Δlogit| {parity['max_abs_diff_batch_n']:.1e} (limit {parity.get('limit', 1e-4):.1e}) on "
+                              f"{parity['images']} test images."
                               + _quantization_note(result.card))
             st.rerun()
 
@@ -431,7 +508,7 @@ st.session_state["_runs_table_renders"] = 0
 _table()
 
 st.divider()
-selected = pick_run(store, summaries)
+selected = pick_run(store, summaries, refresh=any_active)
 if selected:
     summary = next(s for s in summaries if s["run_id"] == selected)
     state = summary["state"]

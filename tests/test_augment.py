@@ -44,8 +44,6 @@ ZERO = {
     "random_crop": {"padding": 0},
     "random_resized_crop": {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)},
     "zoom": {"zoom": (1.0, 1.0)},
-    "hflip": {"p_flip": 0.0},
-    "vflip": {"p_flip": 0.0},
     "rotation": {"degrees": 0},
     "translate": {"max_shift": 0.0},
     "brightness": {"strength": 0.0},
@@ -64,6 +62,8 @@ ZERO = {
     "random_erasing": {"scale": (0.0, 0.0)},
 }
 NORMALIZERS = {"per_image_standardization", "zca"}
+# ops that change every image they are given: only their chain step's p (0) makes them the identity
+MIRRORS = {"hflip", "vflip"}
 # zca's fit is an eigendecomposition of a (3*H*W)^2 covariance: 8x8 images keep it instant
 SIZE = {"zca": 8}
 
@@ -80,7 +80,7 @@ def build(name: str, params: dict | None = None, fit_on: torch.Tensor | None = N
 
 
 def test_every_entry_is_declared():
-    assert set(NAMES) == set(ZERO) | NORMALIZERS
+    assert set(NAMES) == set(ZERO) | NORMALIZERS | MIRRORS
     for e in AUGMENTATIONS.entries.values():
         assert e.description and e.tags, e.name
         assert set(e.tags) <= {"geometric", "color", "blur", "erase", "mix", "normalize"}
@@ -162,18 +162,46 @@ def test_random_crop_matches_manual_crop(pad_mode, torch_mode):
 
 def test_hflip_flips_exactly_recorded_images():
     x = synthetic_images(32)
-    chain = AugmentChain([{"name": "hflip", "params": {"p_flip": 0.5}}])
+    chain = AugmentChain(["hflip"])  # the step's p is the flip probability: 0.5 by default
+    assert chain.specs == [{"name": "hflip", "params": {}, "p": 0.5}]
     out, _, rec = chain(x, None, gen(7), record=True)
     applied = torch.tensor([r["hflip"]["applied"] for r in rec])
     assert 0 < applied.sum() < 32
     expected = torch.where(applied[:, None, None, None], x.flip(-1), x)
     assert torch.equal(out, expected)
+    # the images flipped are those of the step's coin, drawn once per image from the generator
+    assert torch.equal(applied, torch.rand(32, generator=gen(7)) < 0.5)
 
 
-def test_vflip_flips_rows():
+def test_flips_have_one_probability():
+    for name in ("hflip", "vflip"):
+        assert AUGMENTATIONS.get(name).params == ()  # no p_flip: the chain step's p alone
     x = synthetic_images()
-    out, _, s = build("vflip", {"p_flip": 1.0})(x, None, gen(0))
-    assert s["applied"].all() and torch.equal(out, x.flip(-2))
+    out, _, _ = build("vflip")(x, None, gen(0))  # the op mirrors every image it is given
+    assert torch.equal(out, x.flip(-2))
+    out, _, _ = AugmentChain([{"name": "hflip", "p": 1.0}])(x, None, gen(0))
+    assert torch.equal(out, x.flip(-1))
+    # an old record's default flip (p_flip 0.5 inside a step of p 1) flips the same images as before:
+    # the step's coin, drawn from the generator as the old op's was
+    x = synthetic_images(32)
+    spec = {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}
+    out, _, _ = AugmentChain([spec])(x, None, gen(3))
+    flipped = torch.rand(32, generator=gen(3)) < 0.5
+    assert torch.equal(out, torch.where(flipped[:, None, None, None], x.flip(-1), x))
+    with pytest.raises(ConfigError, match=r"augment\[0\] hflip.p_flip: 2.0 is above the maximum"):
+        validate_chain([{"name": "hflip", "params": {"p_flip": 2}}])
+
+
+@pytest.mark.parametrize("spec, p", [
+    ({"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}, 0.5),   # a run record of an older version
+    ({"name": "hflip", "params": {"p_flip": 0.5}}, 0.5),             # p absent: the old default 1
+    ({"name": "vflip", "params": {"p_flip": 0.5}, "p": 0.5}, 0.25),  # both: one probability p · p_flip
+    ({"name": "hflip", "params": {"p_flip": "1"}, "p": 0.3}, 0.3),
+])
+def test_older_flip_specs_with_p_flip_still_load(spec, p):
+    (step,) = validate_chain([spec])
+    assert step == {"name": spec["name"], "params": {}, "p": pytest.approx(p)}
+    assert validate_chain([step]) == [step]
 
 
 def test_zoom_differs_from_random_resized_crop():
@@ -436,7 +464,7 @@ def test_chain_fit_zca():
 def test_validate_chain_fills_defaults_and_coerces():
     specs = validate_chain(["hflip", {"name": "rotation", "params": {"degrees": "30"}, "p": "0.5"},
                             {"name": "random_crop", "params": {"padding": 2.0}}])
-    assert specs[0] == {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}
+    assert specs[0] == {"name": "hflip", "params": {}, "p": 0.5}
     assert specs[1] == {"name": "rotation", "params": {"degrees": 30.0, "pad_mode": "reflect"}, "p": 0.5}
     assert specs[2]["params"]["padding"] == 2 and isinstance(specs[2]["params"]["padding"], int)
     assert validate_chain([]) == []

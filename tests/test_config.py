@@ -165,3 +165,47 @@ def test_problems_reports_every_independent_problem():
     assert problems == [] and cfg.model == "lenet" and cfg.model_params["activation"] == "relu"
     assert RunConfig.checked({"learning_rate": 0.1})[0] is None
     assert "unknown config key" in RunConfig.problems({"learning_rate": 0.1})[0]
+
+
+def test_every_field_has_a_human_label_and_the_flags_keep_the_names():
+    from dataclasses import fields
+
+    labels = RunConfig.labels()
+    assert set(labels) == {f.name for f in fields(RunConfig)}
+    for name, label in labels.items():
+        assert label and "_" not in label and label != name, (name, label)
+    assert labels["time_limit_min"] == "Time limit (minutes)"
+    assert labels["bias_lr_scale"] == "LR scale of biases and norms"
+    # the command line is unchanged: flags are the field names
+    args = build_parser().parse_args(["train", "--time-limit-min", "3", "--bias-lr-scale", "2"])
+    cfg = config_from_args(args)
+    assert cfg.time_limit_min == 3.0 and cfg.bias_lr_scale == 2.0
+
+
+def test_sections_group_regularizers_optimizer_and_evaluation():
+    from cifar_core.config import MODEL_PARAM_SECTIONS
+
+    sections = RunConfig.sections()
+    assert {"tta_flip", "tta_translate", "eval_every"} <= set(sections["evaluation"])
+    assert {"lookahead_every", "lookahead_decay"} <= set(sections["optim"])
+    assert not {"tta_flip", "lookahead_every"} & set(sections["regularization"])
+    assert MODEL_PARAM_SECTIONS["dropout"] == "regularization"  # a model's dropout sits with the regularizers
+
+
+def test_older_config_with_a_flip_probability_still_loads():
+    old = {"augment": [{"name": "random_crop", "params": {"padding": 4, "pad_mode": "reflect"}, "p": 1.0},
+                       {"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}]}
+    cfg = RunConfig.from_dict(old)
+    assert cfg.augment[1] == {"name": "hflip", "params": {}, "p": 0.5}
+    assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    # the text form: a flip without '@p' flips half of the images, as before
+    assert RunConfig.from_dict({"augment": parse_augment("random_crop;hflip")}).augment[1]["p"] == 0.5
+    assert RunConfig.from_dict({"augment": parse_augment("hflip@0.2")}).augment[0]["p"] == 0.2
+    assert RunConfig().validated().augment[1] == {"name": "hflip", "params": {}, "p": 0.5}
+
+
+def test_distillation_without_a_teacher_points_to_the_control_not_a_page():
+    problems = RunConfig.problems({"distill": "hard"})
+    message = next(m for m in problems if "needs a teacher_run" in m)
+    assert "Train page" not in message and "on the" not in message
+    assert "'Teacher run'" in message and "--teacher-run RUN_ID" in message

@@ -48,11 +48,15 @@ def progress_step(page) -> int:
 
 def launch_from_train_page(page, base: str, epochs: int) -> None:
     page.goto(f"{base}/Train?preset={quote('tiny (smoke test)')}")
-    epochs_input = page.get_by_label("epochs", exact=True)
+    epochs_input = page.get_by_label("Epochs", exact=True)
     epochs_input.wait_for(timeout=60_000)
     epochs_input.fill(str(epochs))
     epochs_input.press("Enter")
     page.wait_for_timeout(1500)  # the form reruns and re-validates
+    confirm = page.get_by_text(re.compile("I understand this run takes about"))
+    if confirm.count():  # a busy machine can make even this run's estimate long
+        confirm.first.click()
+        page.wait_for_timeout(1000)
     launch = page.get_by_role("button", name=re.compile("Launch"))
     launch.click()
     page.wait_for_url(re.compile(r".*/Runs.*"), timeout=60_000)

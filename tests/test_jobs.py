@@ -190,3 +190,92 @@ def test_readers_restart_a_dead_supervisor_and_mark_vanished_runs(store, capsys)
     assert store.record("killed-direct").state() == "failed"
     assert "process lost" in store.record("killed-direct").status()["error"]
     assert wait_for(lambda: state(store, queued.run_id) == "completed", timeout=120)
+
+
+def test_supervisor_started_here_is_reaped_when_it_exits(store, monkeypatch):
+    """A long-lived caller (the app's server) that started a supervisor must not keep it as a
+    <defunct> zombie after it exits on its own (idle), even if it never submits again."""
+    monkeypatch.setenv("CIFAR_LAB_WORKER_IDLE", "2")
+    assert jobs.ensure_worker(store)
+    assert wait_for(lambda: worker_pids(store), timeout=60)
+    pid = worker_pids(store)[0]
+    assert os.getppid() != pid and pid != os.getpid()
+    # it exits after 2 idle seconds; then its process entry must go (no zombie waits for a reaper)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=60), \
+        open(f"/proc/{pid}/stat").read() if os.path.exists(f"/proc/{pid}") else ""
+
+
+def test_launch_keeps_the_state_of_a_manual_resume_that_won_the_race(store, monkeypatch):
+    """Between the supervisor reading the queue and starting the trainer, `train --resume ID` started
+    by hand took the run's train lock and wrote state running with its own pid: the supervisor must
+    not overwrite that with starting and its own (refused) process's pid."""
+    from types import SimpleNamespace
+
+    record = jobs.submit(long_cfg(), store, start_worker=False)
+    me = os.getpid()  # stands in for the manual trainer (alive)
+    started = []
+
+    class Refused:  # the supervisor's trainer, which will find the train lock taken
+        pid = 4_000_000
+
+        def poll(self):
+            return None
+
+    def popen(cmd, **kwargs):
+        started.append(cmd)
+        record.update_status(state="running", pid=me, pid_start=jobs.process_start_time(me), started=time.time())
+        return Refused()
+
+    monkeypatch.setattr(jobs, "subprocess", SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT,
+                                                            DEVNULL=subprocess.DEVNULL))
+    jobs.Supervisor(store).tick()
+    assert started, "the queued run was launched"
+    status = record.status()
+    assert status["state"] == "running" and status["pid"] == me, status
+
+    # and an ordinary launch still records the new process
+    other = jobs.submit(long_cfg(), store, start_worker=False)
+    record.update_status(state="completed")  # free the slot
+    monkeypatch.setattr(jobs, "subprocess", SimpleNamespace(Popen=lambda cmd, **kw: Refused(),
+                                                            STDOUT=subprocess.STDOUT, DEVNULL=subprocess.DEVNULL))
+    jobs.Supervisor(store).tick()
+    status = other.status()
+    assert status["state"] == "starting" and status["pid"] == Refused.pid, status
+    for r in (record, other):  # neither pid is a trainer: the teardown must not signal them
+        r.update_status(state="cancelled", pid=None)
+
+
+def test_resume_requeues_cancelled_and_checkpointed_failed_runs(store):
+    from cifar_core.params import ConfigError
+
+    record = jobs.submit(long_cfg(), store, start_worker=False)
+    assert jobs.cancel(record.run_id, store) == "cancelled"
+    assert jobs.resumable(record)
+    jobs.resume(record.run_id, store, start_worker=False)
+    status = record.status()
+    assert status["state"] == "queued" and status["error"] is None and status["finished"] is None
+    record.update_status(state="failed", error="RuntimeError: boom")
+    assert not jobs.resumable(record)  # failed before any checkpoint: relaunch instead
+    with pytest.raises(ConfigError, match="relaunch"):
+        jobs.resume(record.run_id, store, start_worker=False)
+    record.checkpoint_path("last").write_bytes(b"")
+    jobs.resume(record.run_id, store, start_worker=False)
+    assert record.state() == "queued"
+    record.update_status(state="completed")
+    with pytest.raises(ConfigError, match="cannot be resumed: it is completed"):
+        jobs.resume(record.run_id, store, start_worker=False)
+
+
+def test_a_cancelled_run_resumed_through_the_queue_continues_from_its_checkpoint(store):
+    run_id = jobs.submit(long_cfg(), store).run_id
+    assert wait_for(lambda: (store.record(run_id).status().get("step") or 0) >= 4), store.record(run_id).status()
+    assert jobs.cancel(run_id, store) == "cancelling"
+    assert wait_for(lambda: state(store, run_id) == "cancelled")
+    at_step = store.record(run_id).status()["step"]
+    jobs.resume(run_id, store)
+    assert at_step >= 4
+    assert wait_for(lambda: state(store, run_id) == "running"
+                    and store.record(run_id).status().get("resumed_at_step") == at_step), store.record(run_id).status()
+    assert store.record(run_id).status().get("cancel_requested") is None
+    jobs.cancel(run_id, store)
+    assert wait_for(lambda: state(store, run_id) == "cancelled")

@@ -273,3 +273,82 @@ def test_live_metrics_incremental_and_thinned(store):
     record.append_metrics({"kind": "train", "step": 1, "train_loss": 2.0})
     live.refresh()
     assert len(live.frames()[0]) == 1
+
+
+# ---- Runs page: live picker labels, the table, resume, a queued run ---------------------------------
+def test_picker_label_shows_the_live_state_with_progress(store):
+    me = os.getpid()
+    make_run(store, "r-running", "running", steps=60, pid=me, pid_start=process_start_time(me))
+    make_run(store, "r-done", "completed")
+    make_run(store, "r-queued", "queued", steps=0)
+    at = app(RUNS_PAGE, run="r-running")
+    assert_ok(at)
+    picker = at.selectbox[0]
+    label = next(o for o in picker.options if "(r-running)" in o)
+    assert "running · epoch 2/2 · 60%" in label, label  # step 60 of 2 × 50
+    assert "completed · 90.00%" in next(o for o in picker.options if "(r-done)" in o)
+    assert "queued" in next(o for o in picker.options if "(r-queued)" in o), picker.options
+
+
+def test_history_table_numbers_full_ids_and_row_click_opens_the_run(store):
+    make_run(store, "r-done-with-a-long-run-id-0123456789", "completed", created=time.time() - 50)
+    make_run(store, "r-queued", "queued", steps=0, created=time.time() - 10)
+    at = app(RUNS_PAGE, run="r-queued")
+    assert_ok(at)
+    element = next(df for df in at.dataframe if "run id" in df.value.columns)
+    table = element.value
+    assert list(table["run id"]) == ["r-queued", "r-done-with-a-long-run-id-0123456789"]
+    assert table["best acc %"].dtype.kind == "f"  # a number column: the queued run's cell is empty, not "None"
+    assert table["best acc %"].isna().tolist() == [True, False]
+    proto = element.proto
+    assert proto.placeholder == "—"
+    columns = json.loads(proto.columns)
+    assert columns["run id"]["width"] == "large" and columns["run id"].get("pinned") is True
+    assert proto.selection_mode, "rows can be selected"
+    # a click on the second row opens that run
+    at.session_state["runs_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert_ok(at)
+    assert at.selectbox[0].value == "r-done-with-a-long-run-id-0123456789"
+    assert at.query_params.get("run") in ("r-done-with-a-long-run-id-0123456789",
+                                          ["r-done-with-a-long-run-id-0123456789"])
+    assert "test accuracy" in [m.label for m in at.metric]
+
+
+def test_cancelled_run_can_be_resumed(store):
+    make_run(store, "r-cancelled", "cancelled", steps=50, error="cancelled by request", cancel_requested=1.0)
+    store.record("r-cancelled").checkpoint_path("last").write_bytes(b"")
+    at = app(RUNS_PAGE, run="r-cancelled")
+    assert_ok(at)
+    resume = at.button(key="runs_resume")
+    assert not resume.disabled
+    resume.click().run()
+    assert_ok(at)
+    status = store.record("r-cancelled").status()
+    assert status["state"] == "queued" and status.get("error") is None and status.get("cancel_requested") is None
+    assert "queued again" in texts(at)
+
+
+def test_failed_run_resumes_only_with_a_checkpoint(store):
+    make_run(store, "r-failed", "failed", steps=20, error="RuntimeError: out of memory")
+    at = app(RUNS_PAGE, run="r-failed")
+    assert_ok(at)
+    assert "runs_resume" not in {b.key for b in at.button}
+    store.record("r-failed").checkpoint_path("best").write_bytes(b"")
+    at = app(RUNS_PAGE, run="r-failed")
+    assert_ok(at)
+    at.button(key="runs_resume").click().run()
+    assert store.record("r-failed").state() == "queued"
+
+
+def test_queued_run_says_what_it_waits_for_instead_of_empty_charts(store):
+    me = os.getpid()
+    make_run(store, "r-running", "running", steps=60, pid=me, pid_start=process_start_time(me),
+             device_kind="cpu", created=time.time() - 100)
+    make_run(store, "r-queued", "queued", steps=0, device_kind="cpu", created=time.time() - 10)
+    at = app(RUNS_PAGE, run="r-queued")
+    assert_ok(at)
+    info = "\n".join(str(i.value) for i in at.info)
+    assert "Queued — waiting for a free CPU slot (r-running is training" in info, info
+    assert "live_x" not in {r.key for r in at.radio}  # no chart controls
+    assert "No metric lines yet" not in texts(at)

@@ -40,7 +40,7 @@ def runs_root(tmp_path, monkeypatch, cifar_npz) -> Path:
 
 
 def page(**query) -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=60)
+    at = AppTest.from_file(PAGE, default_timeout=240)  # the first estimate times a fresh process (slow on a busy machine)
     for k, v in query.items():
         at.query_params[k] = v
     return at.run()
@@ -56,6 +56,16 @@ def errors(at: AppTest) -> list[str]:
 
 def launch_button(at: AppTest):
     return at.button(key=LAUNCH)
+
+
+def confirm_long(at: AppTest) -> AppTest:
+    """Tick the "I understand this run takes about …" box where the estimate asks for it (runs over
+    10 minutes: the long presets, or any run while a busy machine slows the probe)."""
+    for box in at.checkbox:
+        if box.key and box.key.startswith("train.confirm_long") and not box.value:
+            box.check().run()
+            break
+    return at
 
 
 def finished_run(root: Path, run_id: str = "teacher-1", state: str = "completed") -> str:
@@ -78,7 +88,7 @@ def test_every_preset_renders_and_fills_the_form(runs_root):
             at.selectbox(key=PICK).set_value(teacher).run()
             preset = {**preset, "teacher_run": teacher}
         assert errors(at) == [], (name, errors(at))
-        assert not launch_button(at).disabled, name
+        assert not launch_button(confirm_long(at)).disabled, name
         expected = RunConfig.from_dict(preset)
         # the widgets show the preset, not the previous one's values
         assert at.selectbox(key=f"{FORM}.model").value == expected.model, name
@@ -133,11 +143,11 @@ def test_val_size_not_below_subset_size_is_reported(runs_root):
     assert launch_button(at).disabled
     at.number_input(key=f"{FORM}.val_size").set_value(500).run()
     assert errors(at) == []
-    assert not launch_button(at).disabled
+    assert not launch_button(confirm_long(at)).disabled
 
 
 def test_launch_tiny_queues_a_run_once(runs_root):
-    at = page(preset="tiny (smoke test)")
+    at = confirm_long(page(preset="tiny (smoke test)"))
     button = launch_button(at)  # the button as the browser shows it before the first click
     assert not button.disabled
     button.click().run()
@@ -160,7 +170,7 @@ def test_launch_tiny_queues_a_run_once(runs_root):
     assert_clean(at)
     assert len(store.ids()) == 1
     at.number_input(key=f"{FORM}.seed").set_value(1).run()
-    assert not launch_button(at).disabled
+    assert not launch_button(confirm_long(at)).disabled
     launch_button(at).click().run()
     assert len(store.ids()) == 2
 
@@ -183,7 +193,7 @@ def test_launch_switches_to_the_runs_page(runs_root):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
     at.switch_page("pages/1_Train.py").run()
     at.selectbox(key="train.start").set_value("tiny (smoke test)").run()
-    launch_button(at).click().run()
+    launch_button(confirm_long(at)).click().run()
     ids = RunStore(runs_root).ids()
     assert len(ids) == 1
     assert at.query_params.get("run") == ids[0]
@@ -207,7 +217,7 @@ def test_from_run_prefills_the_form(runs_root):
     assert [(s["name"], s["p"]) for s in steps] == [("cutout", 0.5)]
     # relaunch with a change: a new run with the changed config
     at.number_input(key=f"{FORM}.epochs").set_value(4).run()
-    launch_button(at).click().run()
+    launch_button(confirm_long(at)).click().run()
     new = [i for i in RunStore(runs_root).ids() if i != record.run_id]
     assert len(new) == 1
     assert RunStore(runs_root).record(new[0]).config().replace(epochs=3).to_dict() == cfg.to_dict()
@@ -221,7 +231,7 @@ def test_from_run_with_a_bad_id_shows_an_error(runs_root, bad):
     assert all("Traceback" not in m for m in errors(at))
     # the page still works from a preset
     assert at.selectbox(key="train.start").value == next(iter(presets()))
-    assert not launch_button(at).disabled
+    assert not launch_button(confirm_long(at)).disabled
 
 
 def test_chain_from_the_link(runs_root):
@@ -307,7 +317,7 @@ def test_teacher_picker_lists_finished_runs_and_fills_teacher_run(runs_root):
     assert_clean(at)
     assert errors(at) == []
     assert at.text_input(key=f"{FORM}.teacher_run").value == teacher
-    launch_button(at).click().run()
+    launch_button(confirm_long(at)).click().run()
     queued = [i for i in RunStore(runs_root).ids() if i not in (teacher, "still-running")]
     assert len(queued) == 1
     config = RunStore(runs_root).record(queued[0]).config_dict()
@@ -324,3 +334,137 @@ def test_typed_teacher_that_has_not_finished_blocks_launch(runs_root):
     assert launch_button(at).disabled
     at.text_input(key=f"{FORM}.teacher_run").input("nope").run()
     assert any("no such run" in m for m in errors(at)), errors(at)
+
+
+# ---- the default preset and long launches ----------------------------------------------------------
+def estimate_info(at: AppTest) -> str:
+    return next(i.value for i in at.info if "Estimated duration: about" in i.value)
+
+
+def test_the_default_preset_is_the_quick_one_and_launches_without_a_question(runs_root):
+    from cifar_core.experiments.presets import QUICK_PRESET
+
+    at = page()
+    assert_clean(at)
+    assert next(iter(presets())) == QUICK_PRESET
+    assert at.selectbox(key="train.start").value == QUICK_PRESET
+    assert errors(at) == []
+    info = estimate_info(at)
+    assert "3,000 training images × 3 epoch(s)" in info, info  # a small job: 9,000 images trained
+    confirm = [c for c in at.checkbox if c.key and c.key.startswith("train.confirm_long")]
+    if estimated_seconds(info) <= 600:  # on a quiet 2-core CPU about a minute; a busy one measures more
+        assert not confirm and not launch_button(at).disabled
+    else:
+        assert confirm and launch_button(at).disabled
+
+
+def estimated_seconds(info: str) -> float:
+    """The seconds of the estimate's "about **…**" text (human_duration's forms)."""
+    text = info.split("about **", 1)[1].split("**", 1)[0]
+    units = {"s": 1, "min": 60, "h": 3600}
+    words = text.split()
+    return sum(float(words[i]) * units[words[i + 1]] for i in range(0, len(words), 2))
+
+
+def test_a_long_launch_states_its_estimate_and_needs_a_confirmation(runs_root):
+    at = page(preset="report baseline")  # resnet18, 9,000 images × 20 epochs: 71 min on a 2-core CPU
+    at.selectbox(key=f"{FORM}.device").set_value("cpu").run()
+    at.number_input(key=f"{FORM}.epochs").set_value(100).run()  # long on any CPU
+    assert_clean(at)
+    assert errors(at) == []
+    assert estimated_seconds(estimate_info(at)) > 600
+    about = estimate_info(at).split("about **", 1)[1].split("**", 1)[0]  # "5 h 50 min"…
+    confirm = next(c for c in at.checkbox if c.key and c.key.startswith("train.confirm_long"))
+    assert f"I understand this run takes about {about}" in confirm.label, (confirm.label, about)
+    assert launch_button(at).disabled
+    assert "Confirm the duration" in launch_button(at).help
+    assert RunStore(runs_root).ids() == []  # nothing queued without the confirmation
+    confirm.check().run()
+    assert_clean(at)
+    assert not launch_button(at).disabled
+    launch_button(at).click().run()
+    assert len(RunStore(runs_root).ids()) == 1
+    # another change asks again
+    at.number_input(key=f"{FORM}.seed").set_value(3).run()
+    assert launch_button(at).disabled
+
+
+# ---- form wording and grouping ------------------------------------------------------------------------
+def form_widgets(at: AppTest) -> list:
+    kinds = ("number_input", "selectbox", "checkbox", "slider", "text_input", "select_slider")
+    return [w for kind in kinds for w in getattr(at, kind) if w.key and w.key.startswith(FORM + ".")]
+
+
+def test_form_labels_are_words_not_field_names(runs_root):
+    at = page(preset="fast")
+    assert_clean(at)
+    widgets = form_widgets(at)
+    assert len(widgets) > 30
+    raw = [(w.key, w.label) for w in widgets if "_" in w.label or w.label == w.key.rsplit(".", 1)[-1]
+           and w.label.islower()]
+    assert raw == [], raw
+    assert at.number_input(key=f"{FORM}.time_limit_min").label == "Time limit (minutes)"
+    assert at.number_input(key=f"{FORM}.bias_lr_scale").label == "LR scale of biases and norms"
+    assert at.selectbox(key=f"{FORM}.model").label == "Model"
+
+
+def test_form_groups_dropout_tta_and_lookahead(runs_root):
+    at = page(preset="fast")
+    assert_clean(at)
+    tabs = {t.label: t for t in at.tabs}
+    assert list(tabs) == ["Run", "Model", "Data", "Augmentation", "Optimizer", "Regularization", "Evaluation",
+                          "Distillation", "Speed"]
+
+    def keys(tab: str) -> set[str]:
+        block = tabs[tab]
+        return {w.key for kind in ("checkbox", "number_input", "slider", "selectbox")
+                for w in block.get(kind) if w.key}
+
+    assert {f"{FORM}.tta_flip", f"{FORM}.tta_translate", f"{FORM}.eval_every"} <= keys("Evaluation")
+    assert {f"{FORM}.lookahead_every", f"{FORM}.lookahead_decay"} <= keys("Optimizer")
+    assert f"{FORM}.model_params.fastnet.dropout" in keys("Regularization")
+    assert f"{FORM}.model_params.fastnet.dropout" not in keys("Model")
+    assert {f"{FORM}.model_params.fastnet.width", f"{FORM}.model_params.fastnet.whiten"} <= keys("Model")
+    assert not {f"{FORM}.tta_flip", f"{FORM}.lookahead_every"} & keys("Regularization")
+    # the dropout set under Regularization still goes into the model's parameters
+    at.slider(key=f"{FORM}.model_params.fastnet.dropout").set_value(0.2).run()
+    assert_clean(at)
+    assert '"dropout": 0.2' in next(c.value for c in at.code if c.language == "json")
+
+
+def test_a_flip_step_has_one_probability(runs_root):
+    at = page(preset="tiny (smoke test)")
+    steps = at.session_state[f"{FORM}.augment.__steps"]
+    flip = next(s for s in steps if s["name"] == "hflip")
+    prefix = f"{FORM}.augment.s{flip['uid']}."
+    step_widgets = [w for w in form_widgets(at) if w.key.startswith(prefix)]
+    assert [w.key for w in step_widgets] == [prefix + "p"], [w.key for w in step_widgets]
+    assert step_widgets[0].label == "Flip probability (p)" and step_widgets[0].value == 0.5
+    # a chain from an older link or record, with the flip's former p_flip, shows the one probability
+    old = [{"name": "hflip", "params": {"p_flip": 0.5}, "p": 1.0}]
+    at = page(preset="tiny (smoke test)", chain=json.dumps(old))
+    assert_clean(at)
+    (step,) = at.session_state[f"{FORM}.augment.__steps"]
+    assert step["params"] == {} and step["p"] == 0.5
+    assert errors(at) == []
+
+
+def test_chain_editor_buttons_show_icons_and_whole_labels(runs_root):
+    at = page(preset="tiny (smoke test)")
+    key = f"{FORM}.augment"
+    uid = at.session_state[f"{key}.__steps"][0]["uid"]
+    icons = {at.button(key=f"{key}.s{uid}.{which}").proto.icon for which in ("up", "down", "remove")}
+    assert icons == {":material/arrow_upward:", ":material/arrow_downward:", ":material/close:"}
+    for which in ("up", "down", "remove"):
+        assert at.button(key=f"{key}.s{uid}.{which}").help  # the words are in the tooltip
+    clear = at.button(key=f"{key}.__clear")
+    assert clear.label == "Clear all" and clear.proto.icon == ":material/clear_all:"
+    assert at.button(key=f"{key}.__add").proto.icon == ":material/add:"
+    clear.click().run()
+    assert at.session_state[f"{key}.__steps"] == []
+
+
+def test_the_missing_teacher_message_names_the_control(runs_root):
+    at = page(preset="ViT-tiny distilled")
+    message = next(m for m in errors(at) if "needs a teacher_run" in m)
+    assert "Train page" not in message and "'Teacher run'" in message

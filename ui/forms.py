@@ -21,16 +21,43 @@ from typing import Any, Callable
 
 import streamlit as st
 
-from cifar_core.config import RunConfig
+from cifar_core.config import MODEL_PARAM_SECTIONS, SECTION_LABELS, RunConfig
 from cifar_core.params import ConfigError, Param, Registry
 
-SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
-                  "optim": "Optimization", "regularization": "Regularization", "speed": "Speed"}
+# Labels of declared parameters that read badly when made from their names (see `human_label`).
+PARAM_LABELS = {"lr": "Learning rate", "p": "Probability", "n_holes": "Number of holes",
+                "mlp_ratio": "MLP ratio", "embed_dim": "Embedding width", "num_ops": "Operations per image",
+                "drop_path": "Stochastic depth (drop path)", "pad_mode": "Padding mode",
+                "sigma_color": "Sigma (colour)", "sigma_space": "Sigma (space)",
+                "fit_images": "Images to fit on", "layer_scale_init": "LayerScale init",
+                "class_depth": "Class-attention layers", "whiten": "Patch whitening"}
+
+
+def human_label(name: str) -> str:
+    """A form label for a declared name: RunConfig's own label for its fields, else PARAM_LABELS, else
+    the name in words ("kernel_size" -> "Kernel size")."""
+    labels = RunConfig.labels()
+    if name in labels:
+        return labels[name]
+    if name in PARAM_LABELS:
+        return PARAM_LABELS[name]
+    words = name.replace("_", " ").strip()
+    return words[:1].upper() + words[1:]
 
 
 def _augmentations() -> Registry:
     from cifar_core.augment import AUGMENTATIONS
     return AUGMENTATIONS
+
+
+def default_step_p(name: str) -> float:
+    from cifar_core.augment.chain import default_step_p as default
+    return default(name)
+
+
+def validate_chain(chain: list) -> list[dict]:
+    from cifar_core.augment import validate_chain as validate
+    return validate(chain)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +259,7 @@ def param_widget(param: Param, key: str, value: Any = None, label: str | None = 
             current = start
         if type(current) is not type(state[key]) or current != state[key]:
             state[key] = current
-    look = Look(label or param.name, _help(param), disabled, format_func or str)
+    look = Look(label or human_label(param.name), _help(param), disabled, format_func or str)
     return WIDGETS[widget_kind(param)](param, key, look)
 
 
@@ -252,15 +279,17 @@ def _grid(n_cols: int):
 # ---------------------------------------------------------------------------------------------------
 
 def registry_params_form(registry: Registry, name: str, key_prefix: str, values: dict | None = None,
-                         columns: int = 3) -> dict:
-    """Render every declared parameter of `registry[name]`; returns {param: value}."""
+                         columns: int = 3, only: Callable[[str], bool] | None = None) -> dict:
+    """Render the declared parameters of `registry[name]` (those for which `only(param name)` holds,
+    all by default); returns {param: value}."""
     entry = registry.get(name)
     values = values or {}
     out = {}
-    if not entry.params:
+    params = [p for p in entry.params if only is None or only(p.name)]
+    if not params:
         return out
     cells = _grid(columns)
-    for param in entry.params:
+    for param in params:
         with next(cells):
             out[param.name] = param_widget(param, f"{key_prefix}.{param.name}", values.get(param.name))
     return out
@@ -274,7 +303,7 @@ def registry_chooser(registry: Registry, key: str, value: str | None, label: str
     choice = Param(label, "choice", default, choices=tuple(names), help=help_text)
     pick, about = st.columns([1, 2], vertical_alignment="bottom")
     with pick:
-        name = param_widget(choice, key, value)
+        name = param_widget(choice, key, value, label=human_label(label))
     entry = registry.get(name)
     text = entry.description or ""
     if not entry.params:
@@ -305,8 +334,13 @@ def set_augment_chain(key: str, chain: list[dict] | None) -> None:
     for spec in chain or []:
         if not isinstance(spec, dict):
             continue
-        steps.append({"uid": _new_uid(key), "name": spec.get("name"),
-                      "params": dict(spec.get("params") or {}), "p": spec.get("p", 1.0)})
+        name, params = spec.get("name"), dict(spec.get("params") or {})
+        try:  # one probability per step: an older flip's p_flip is folded into p, as validation does
+            (step,) = validate_chain([spec])
+            params, p = dict(step["params"]), step["p"]
+        except (ConfigError, TypeError, ValueError):  # shown as it is; the form reports the problem
+            p = spec.get("p", default_step_p(name) if isinstance(name, str) else 1.0)
+        steps.append({"uid": _new_uid(key), "name": name, "params": params, "p": p})
     st.session_state[_steps_key(key)] = steps
 
 
@@ -325,15 +359,23 @@ def _remove(key: str, uid: int) -> None:
 def _add(key: str) -> None:
     name = st.session_state.get(f"{key}.__add_choice")
     if name:
-        st.session_state[_steps_key(key)].append({"uid": _new_uid(key), "name": name, "params": {}, "p": 1.0})
+        st.session_state[_steps_key(key)].append({"uid": _new_uid(key), "name": name, "params": {},
+                                                  "p": default_step_p(name)})
 
 
 def _clear(key: str) -> None:
     st.session_state[_steps_key(key)] = []
 
 
-_P_PARAM = Param("p", "float", 1.0, 0.0, 1.0,
-                 help="Probability that this step is applied to an image (each image drawn separately).")
+_P_HELP = "Probability that this step is applied to an image (each image drawn separately)."
+STEP_P_LABELS = {"hflip": "Flip probability (p)", "vflip": "Flip probability (p)"}
+STEP_ICONS = {"up": ":material/arrow_upward:", "down": ":material/arrow_downward:", "remove": ":material/close:",
+              "add": ":material/add:", "clear": ":material/clear_all:"}
+
+
+def step_probability_param(name: str) -> Param:
+    """The declared probability p of a chain step (its default is the step's own: 0.5 for the flips)."""
+    return Param("p", "float", default_step_p(name) if isinstance(name, str) else 1.0, 0.0, 1.0, help=_P_HELP)
 
 
 def augment_chain_editor(key: str, chain: list[dict] | None = None) -> list[dict]:
@@ -352,16 +394,19 @@ def augment_chain_editor(key: str, chain: list[dict] | None = None) -> list[dict
     for i, step in enumerate(steps):
         uid, name = step["uid"], step["name"]
         with st.container(border=True):
-            head, up, down, remove = st.columns([6, 1, 1, 1], vertical_alignment="center")
             entry = registry.entries.get(name)
             tags = f" · {', '.join(entry.tags)}" if entry and entry.tags else ""
-            head.markdown(f"**{i + 1}. {name}**{tags}")
-            up.button("↑", key=f"{key}.s{uid}.up", help="Move up", disabled=i == 0,
-                      on_click=_move, args=(key, uid, -1), width="stretch")
-            down.button("↓", key=f"{key}.s{uid}.down", help="Move down", disabled=i == len(steps) - 1,
-                        on_click=_move, args=(key, uid, 1), width="stretch")
-            remove.button("✕", key=f"{key}.s{uid}.remove", help="Remove this step",
-                          on_click=_remove, args=(key, uid), width="stretch")
+            with st.container(horizontal=True, vertical_alignment="center", gap="small"):
+                # the title takes the room left by the buttons, which keep their own width; they are
+                # icon-only (Material Symbols, drawn with Streamlit's own font: arrows typed as text
+                # may be missing from the browser's font and render empty), their words in the tooltip
+                st.markdown(f"**{i + 1}. {name}**{tags}", width="stretch")
+                st.button("", icon=STEP_ICONS["up"], key=f"{key}.s{uid}.up", help="Move up", disabled=i == 0,
+                          on_click=_move, args=(key, uid, -1))
+                st.button("", icon=STEP_ICONS["down"], key=f"{key}.s{uid}.down", help="Move down",
+                          disabled=i == len(steps) - 1, on_click=_move, args=(key, uid, 1))
+                st.button("", icon=STEP_ICONS["remove"], key=f"{key}.s{uid}.remove", help="Remove this step",
+                          on_click=_remove, args=(key, uid))
             if entry is None:
                 st.error(f"unknown augmentation {name!r} (choose from: {', '.join(registry.names())}); "
                          "remove this step")
@@ -375,22 +420,25 @@ def augment_chain_editor(key: str, chain: list[dict] | None = None) -> list[dict
                     params[param.name] = param_widget(param, f"{key}.s{uid}.{param.name}",
                                                       step["params"].get(param.name))
             with next(cells):
-                p = param_widget(_P_PARAM, f"{key}.s{uid}.p", step["p"], label="p (probability)")
+                p = param_widget(step_probability_param(name), f"{key}.s{uid}.p", step["p"],
+                                 label=STEP_P_LABELS.get(name, "Probability (p)"))
         step["params"], step["p"] = params, p  # so the chain survives the widgets being cleaned up
         out.append({"name": name, "params": params, "p": p})
 
-    add_col, button_col, clear_col = st.columns([4, 1, 1], vertical_alignment="bottom")
     names = registry.names()
 
     def describe(n: str) -> str:
         tags = registry.get(n).tags
         return f"{n} ({', '.join(tags)})" if tags else n
 
-    add_col.selectbox("Add a step", names, key=f"{key}.__add_choice", format_func=describe,
-                      help="Steps run in order; each applies to an image with its probability p.")
-    button_col.button("Add", key=f"{key}.__add", on_click=_add, args=(key,), width="stretch")
-    clear_col.button("Clear all", key=f"{key}.__clear", on_click=_clear, args=(key,),
-                     disabled=not steps, width="stretch")
+    # one row that wraps: the buttons keep their whole label whatever the width of the page
+    with st.container(horizontal=True, vertical_alignment="bottom", gap="small"):
+        with st.container(width=320):
+            st.selectbox("Add a step", names, key=f"{key}.__add_choice", format_func=describe,
+                         help="Steps run in order; each applies to an image with its probability p.")
+        st.button("Add", icon=STEP_ICONS["add"], key=f"{key}.__add", on_click=_add, args=(key,), width="content")
+        st.button("Clear all", icon=STEP_ICONS["clear"], key=f"{key}.__clear", on_click=_clear, args=(key,),
+                  disabled=not steps, width="content")
     return out
 
 
@@ -434,6 +482,24 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
     scalars = RunConfig.scalar_params()
     values: dict[str, Any] = {}
     sections = RunConfig.sections()
+    model_registry = by_owner["model"]
+
+    def model_params_in(section: str) -> Callable[[str], bool]:
+        return lambda name: MODEL_PARAM_SECTIONS.get(name, "model") == section
+
+    def render_model_params(section: str) -> None:
+        """The chosen model's parameters that belong to `section` (dropout sits with the regularizers)."""
+        choice = values["model"]
+        wanted = model_params_in(section)
+        model_values = values.setdefault("model_params", {})
+        if not any(wanted(param.name) for param in model_registry.get(choice).params):
+            return
+        if section != "model":
+            st.caption(f"Of the model ({choice}):")
+        start = init["model_params"] if choice == init["model"] else None
+        model_values.update(registry_params_form(model_registry, choice, f"{key}.model_params.{choice}", start,
+                                                 columns=columns, only=wanted))
+
     tabs = st.tabs([SECTION_LABELS.get(s, s.title()) for s in sections])
     for tab, (section, names) in zip(tabs, sections.items()):
         with tab:
@@ -449,6 +515,8 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
                     continue
                 with next(cells):
                     values[name] = param_widget(scalars[name], f"{key}.{name}", init[name])
+            if section != "model" and section in MODEL_PARAM_SECTIONS.values():
+                render_model_params(section)
             for i, owner in enumerate(n for n in names if n in by_owner):
                 registry = by_owner[owner]
                 if i or len(names) > 2:  # other fields above: set the group apart
@@ -456,6 +524,9 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
                 choice = registry_chooser(registry, f"{key}.{owner}", init[owner], owner,
                                           _OWNER_HELP.get(owner, ""))
                 values[owner] = choice
+                if owner == "model":
+                    render_model_params("model")
+                    continue
                 start = init[f"{owner}_params"] if choice == init[owner] else None
                 values[f"{owner}_params"] = registry_params_form(
                     registry, choice, f"{key}.{owner}_params.{choice}", start, columns=columns)

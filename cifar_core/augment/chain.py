@@ -17,6 +17,29 @@ from .base import (AUGMENTATIONS, AugOp, RemapOp, as_nchw, compose_remaps,
 
 _P = Param("p", "float", 1.0, 0, 1, help="probability per image that the step applies")
 _SPEC_KEYS = ("name", "params", "p")
+# A step's probability when its spec gives none: 1, except for the flips, whose p *is* how often an
+# image is mirrored (a flip of every image is no augmentation).
+DEFAULT_STEP_P = {"hflip": 0.5, "vflip": 0.5}
+# Flips used to carry a probability of their own, params.p_flip, on top of the step's p: a spec with it
+# (older configs and run records) still loads, as one step probability p · p_flip. The draws are the
+# same: the step's coin for each image replaces the op's.
+_FOLDED_PARAMS = {"hflip": "p_flip", "vflip": "p_flip"}
+
+
+def default_step_p(name: str) -> float:
+    """The probability a step named `name` gets when its spec says none."""
+    return DEFAULT_STEP_P.get(name, 1.0)
+
+
+def _fold_legacy_probability(name: str, params: dict, spec: dict) -> tuple[dict, float]:
+    """(params without the old flip probability, the step's one probability)."""
+    key = _FOLDED_PARAMS.get(name)
+    if key is None or key not in params:
+        return params, spec.get("p", default_step_p(name))
+    params = dict(params)
+    inner = Param(key, "float", 0.5, 0.0, 1.0).validate(params.pop(key), name)
+    outer = _P.validate(spec.get("p", 1.0), name)  # the old default: every image ran the op
+    return params, outer * inner
 
 
 def _validate_step(i: int, spec: Any) -> tuple[dict, AugOp]:
@@ -34,8 +57,9 @@ def _validate_step(i: int, spec: Any) -> tuple[dict, AugOp]:
         raise ConfigError(f"{where} {name}.params: expected a mapping, got {params!r}")
     try:
         entry = AUGMENTATIONS.get(name)
+        params, p = _fold_legacy_probability(name, params, spec)
         values = entry.validate(params)
-        p = _P.validate(spec.get("p", 1.0), name)
+        p = _P.validate(p, name)
         op = entry.fn(**values)  # some ops check combinations (odd kernel sizes)
     except ConfigError as e:
         raise ConfigError(f"{where} {e}") from None

@@ -11,7 +11,7 @@ from kornia.filters import bilateral_blur, box_blur, gaussian_blur2d, median_blu
 from kornia.geometry.transform import crop_and_resize, rotate, translate, warp_affine
 
 from ..params import ConfigError, Param
-from .base import (AUGMENTATIONS, GRID_PAD, PAD_MODE, AugOp, RemapOp, check_odd, draw_beta, draw_coin, draw_uniform, filled, image_op, reflect_index,
+from .base import (AUGMENTATIONS, GRID_PAD, PAD_MODE, AugOp, RemapOp, check_odd, draw_beta, draw_uniform, filled, image_op, reflect_index,
                    to_device_of)
 
 
@@ -126,30 +126,33 @@ def zoom(zoom=(0.8, 1.2), pad_mode: str = "reflect") -> AugOp:
     return image_op("zoom", {"zoom": tuple(zoom), "pad_mode": pad_mode}, fn)
 
 
-def _flip(name: str, p_flip: float, vertical: bool) -> AugOp:
+def _flip(name: str, vertical: bool) -> AugOp:
+    """Mirror every image it is given. How many are flipped is the chain step's own probability p
+    (0.5 unless the step says otherwise, see chain.DEFAULT_STEP_P): there is no second probability."""
     def remap(n, h, w, gen):
-        flip = draw_coin(gen, n, p_flip)
         rows, cols = torch.arange(h).expand(n, h), torch.arange(w).expand(n, w)
         if vertical:
-            rows = torch.where(flip[:, None], h - 1 - rows, rows)
+            rows = h - 1 - rows
         else:
-            cols = torch.where(flip[:, None], w - 1 - cols, cols)
-        return rows, cols, None, None, {"applied": flip}
-    return RemapOp(name, {"p_flip": p_flip}, remap)
+            cols = w - 1 - cols
+        return rows, cols, None, None, {}
+    op = RemapOp(name, {}, remap)
+    op.stochastic = False  # draws nothing: the step's p decides which images it gets
+    return op
 
 
 @AUGMENTATIONS.register(
-    "hflip", params=(Param("p_flip", "float", 0.5, 0.0, 1.0, help="probability of flipping an image"),),
-    description="Mirror left-right with probability p_flip.", tags=("geometric",))
-def hflip(p_flip: float = 0.5) -> AugOp:
-    return _flip("hflip", p_flip, vertical=False)
+    "hflip", description="Mirror left-right (the step's probability p: how many images, 0.5 by default).",
+    tags=("geometric",))
+def hflip() -> AugOp:
+    return _flip("hflip", vertical=False)
 
 
 @AUGMENTATIONS.register(
-    "vflip", params=(Param("p_flip", "float", 0.5, 0.0, 1.0, help="probability of flipping an image"),),
-    description="Mirror upside-down with probability p_flip.", tags=("geometric",))
-def vflip(p_flip: float = 0.5) -> AugOp:
-    return _flip("vflip", p_flip, vertical=True)
+    "vflip", description="Mirror upside-down (the step's probability p: how many images, 0.5 by default).",
+    tags=("geometric",))
+def vflip() -> AugOp:
+    return _flip("vflip", vertical=True)
 
 
 @AUGMENTATIONS.register(
