@@ -26,7 +26,7 @@ REFRESH_S = 2
 st.set_page_config(page_title="Studies · CIFAR-10 Lab", page_icon="🧪", layout="wide")
 st.title("Studies")
 st.caption("One click queues a whole batch of background runs that together test one claim from the "
-           "source report (or a paper it cites). Results below fill in as the runs finish; every run "
+           "source report (or a paper it cites). The results fill in as the runs finish; every run "
            "is also an ordinary run on the Runs page.")
 
 store = get_store()
@@ -39,11 +39,9 @@ if info["kind"] == "cuda":
     st.success(f"GPU found ({info['name']}): studies default to the **gpu** scale (the report's data "
                "sizes, more epochs).")
 else:
-    st.info(f"{info['name']}, no CUDA GPU: studies default to the **cpu-quick** scale — small subsets, a "
-            "reduced model and 1–2 epochs, so a whole study finishes in a few minutes. Its accuracies are "
-            "far from converged values and seed noise is large: treat it as a first look (and a check "
-            "that everything runs), not as a reproduction. Use the gpu scale on a GPU machine, or raise "
-            "the subset and epochs here (the time estimate follows).")
+    st.info(f"{info['name']}, no CUDA GPU: studies default to the **cpu-quick** scale (small subsets, a "
+            "reduced model, 1–2 epochs), so that a whole study finishes in minutes. Each study's launch "
+            "form says what to expect from its accuracies at that scale.")
 if not data["ok"]:
     st.warning(f"{data['message']}\n\nLaunching is disabled until CIFAR-10 is found (see the Home page).")
 
@@ -85,81 +83,95 @@ def study_estimate(kind: str, params_json: str, seeds: int, device: str, runs_ro
 
 # ---- launch ---------------------------------------------------------------------------------------
 
-st.header("Launch a study")
-kinds = studies.STUDIES.names()
-tabs = st.tabs([studies.INFO[k].title for k in kinds])
-for kind, tab in zip(kinds, tabs):
-    meta = studies.INFO[kind]
-    with tab:
-        st.markdown(f"**What it tests.** {meta.tests}")
-        st.markdown(f"**The claim.** {meta.claim}")
-        prefix = f"studies.{kind}"
-        top = st.columns(3)
-        scale_param = studies.study_params(kind, default_scale)[0]
-        with top[0]:
-            scale = widget(scale_param, f"{prefix}.scale")
-        with top[1]:
-            seeds = widget(studies.SEEDS_PARAM, f"{prefix}.seeds")
-        with top[2]:
-            st.caption(f"Scale in use: **{scale}**"
-                       + (" (this machine's default)" if scale == default_scale else
-                          " — not this machine's default" + (": without a GPU this takes hours"
-                                                              if scale == "gpu" and device_kind == "cpu"
-                                                              else "")))
-        if scale == "cpu-quick" and meta.cpu_note:
-            st.caption(f"**cpu-quick:** {meta.cpu_note}")
-        params = {"scale": scale}
-        declared = studies.study_params(kind, scale)[1:]
-        cols = st.columns(3)
-        for i, param in enumerate(declared):
-            with cols[i % 3]:
-                # keyed by scale: switching the scale shows that scale's defaults
-                params[param.name] = widget(param, f"{prefix}.{scale}.{param.name}")
-        params_json = json.dumps(params, sort_keys=True, default=list)
-        result = plan(kind, params_json, int(seeds))
-        estimate = None
-        if not result["ok"]:
-            st.error(result["error"])
-        else:
-            with friendly_errors("The estimate"), st.spinner(
-                    "Timing these models on this machine: a few seconds per new setting…"):
-                estimate = study_estimate(kind, params_json, int(seeds), device_kind, str(store.root),
-                                          data_source())
-            where = "on the GPU" if device_kind == "cuda" else "on this CPU"
-            timing = (f"estimated total time **{estimate['text']}** ({estimate['range']}) {where}, one run "
-                      f"at a time, {estimate['basis']}" if estimate else "no time estimate")
-            notes = "".join(f"  \nNote: {note}." for note in (estimate or {}).get("notes", []))
-            st.info(f"**{result['runs']} runs** ({result['cells']} cells × {seeds} seed(s)); {timing}.{notes}")
-        reason = ("CIFAR-10 is missing. " if not data["ok"] else "") + ("" if result["ok"] else
-                                                                        "Fix the error above.")
-        launch_column, estimate_column = st.columns([1, 4], vertical_alignment="center")
-        if estimate is not None:
-            estimate_column.caption(f"Takes {estimate['text']} ({estimate['range']}).")
-        if launch_column.button("Launch study", key=f"{prefix}.launch", type="primary",
-                                icon=":material/rocket_launch:", disabled=bool(reason),
-                                help=reason or "Queue every run of this study."):
-            with friendly_errors("Launching the study"):
-                study_id = studies.launch_study(kind, params, store, data_source=data_source(),
-                                                seeds=int(seeds))
-                st.session_state["studies.selected"] = study_id
-                st.session_state["studies.flash"] = (f"Study **{study_id}** queued ({result['runs']} runs). "
-                                                     "Its results fill in below as the runs finish.")
-                st.query_params["study"] = study_id
+def strategies_widget(kind: str, param, key: str) -> str:
+    """A list of registry names (the samplers study's strategies) as a multiselect; the value is the
+    parameter's comma-separated string (empty when nothing is picked: the plan then says so)."""
+    choices = studies.name_list_choices(kind, param.name)
+    current = st.session_state.get(key)
+    if not isinstance(current, list) or any(name not in choices for name in current):
+        st.session_state[key] = studies.name_list_default(kind, param)
+    picked = st.multiselect(param.name, choices, key=key, help=param.help,
+                            placeholder="Pick at least one")
+    return ",".join(picked)
 
-flash = st.session_state.pop("studies.flash", None)
-if flash:
-    st.success(flash)
+
+def launch(kind: str, params: dict, seeds: int, n_runs: int) -> None:
+    """The Launch button's callback (it runs before the page, so Results lists the new study at once)."""
+    with friendly_errors("Launching the study"):
+        study_id = studies.launch_study(kind, params, store, data_source=data_source(), seeds=seeds)
+        st.session_state["studies.selected"] = study_id
+        st.session_state["studies.flash"] = (f"Study **{study_id}** queued ({n_runs} runs). Its results fill "
+                                             "in under **Results** as the runs finish.")
+        st.query_params["study"] = study_id
+
+
+def launch_tab(kind: str) -> None:
+    meta = studies.INFO[kind]
+    st.markdown(f"**What it tests.** {meta.tests}")
+    st.markdown(f"**The claim.** {meta.claim}")
+    prefix = f"studies.{kind}"
+    top = st.columns(3)
+    scale_param = studies.study_params(kind, default_scale)[0]
+    with top[0]:
+        scale = widget(scale_param, f"{prefix}.scale")
+    with top[1]:
+        seeds = widget(studies.SEEDS_PARAM, f"{prefix}.seeds")
+    with top[2]:
+        st.caption(f"Scale in use: **{scale}**"
+                   + (" (this machine's default)" if scale == default_scale else
+                      " — not this machine's default" + (": without a GPU this takes hours"
+                                                          if scale == "gpu" and device_kind == "cpu"
+                                                          else "")))
+    if scale == "cpu-quick" and meta.cpu_note:
+        st.caption(f"**cpu-quick:** {meta.cpu_note}")
+    params = {"scale": scale}
+    declared = studies.study_params(kind, scale)[1:]
+    cols = st.columns(3)
+    for i, param in enumerate(declared):
+        with cols[i % 3]:
+            key = f"{prefix}.{scale}.{param.name}"  # keyed by scale: switching it shows that scale's defaults
+            if studies.name_list_choices(kind, param.name) is not None:
+                params[param.name] = strategies_widget(kind, param, key)
+            else:
+                params[param.name] = widget(param, key)
+    params_json = json.dumps(params, sort_keys=True, default=list)
+    result = plan(kind, params_json, int(seeds))
+    estimate = None
+    if not result["ok"]:
+        st.error(result["error"])
+    else:
+        with friendly_errors("The estimate"), st.spinner(
+                "Timing these models on this machine: a few seconds per new setting…"):
+            estimate = study_estimate(kind, params_json, int(seeds), device_kind, str(store.root),
+                                      data_source())
+        where = "on the GPU" if device_kind == "cuda" else "on this CPU"
+        timing = (f"estimated total time **{estimate['text']}** ({estimate['range']}) {where}, one run "
+                  f"at a time, {estimate['basis']}" if estimate else "no time estimate")
+        notes = "".join(f"  \nNote: {note}." for note in (estimate or {}).get("notes", []))
+        st.info(f"**{result['runs']} runs** ({result['cells']} cells × {seeds} seed(s)); {timing}.{notes}")
+    reason = ("CIFAR-10 is missing. " if not data["ok"] else "") + ("" if result["ok"] else
+                                                                    "Fix the error above.")
+    launch_column, estimate_column = st.columns([1, 4], vertical_alignment="center")
+    if estimate is not None:
+        estimate_column.caption(f"Takes {estimate['text']} ({estimate['range']}).")
+    launch_column.button("Launch study", key=f"{prefix}.launch", type="primary",
+                         icon=":material/rocket_launch:", disabled=bool(reason),
+                         help=reason or "Queue every run of this study.", on_click=launch,
+                         args=(kind, params, int(seeds), result.get("runs", 0)))
+
+
+def launch_form() -> None:
+    kinds = studies.STUDIES.names()
+    for kind, tab in zip(kinds, st.tabs([studies.INFO[k].title for k in kinds])):
+        with tab:
+            launch_tab(kind)
+
 
 # ---- past studies ---------------------------------------------------------------------------------
 
-st.header("Results")
-all_studies = []
+all_studies: list[dict] = []
 with friendly_errors("Reading the studies"):
     all_studies = studies.list_studies(store)
-if not all_studies:
-    st.caption("No studies yet: launch one above.")
-    st.stop()
-
 by_id = {m["study_id"]: m for m in all_studies}
 
 
@@ -170,15 +182,16 @@ def label_of(study_id: str) -> str:
     return f"{title} · {m.get('scale', '?')} · {len(m.get('runs', []))} runs · {created} · {study_id}"
 
 
-wanted = st.query_params.get("study")
-if wanted in by_id and st.session_state.get("studies.selected") not in by_id:
-    st.session_state["studies.selected"] = wanted
-if st.session_state.get("studies.selected") not in by_id:
-    st.session_state["studies.selected"] = all_studies[0]["study_id"]
-selected = st.selectbox("Study", list(by_id), key="studies.selected", format_func=label_of)
-if st.query_params.get("study") != selected:
-    st.query_params["study"] = selected
-manifest = by_id[selected]
+def pick_study() -> str:
+    wanted = st.query_params.get("study")
+    if wanted in by_id and st.session_state.get("studies.selected") not in by_id:
+        st.session_state["studies.selected"] = wanted
+    if st.session_state.get("studies.selected") not in by_id:
+        st.session_state["studies.selected"] = all_studies[0]["study_id"]
+    selected = st.selectbox("Study", list(by_id), key="studies.selected", format_func=label_of)
+    if st.query_params.get("study") != selected:
+        st.query_params["study"] = selected
+    return selected
 
 
 def mean_std_frame(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -249,7 +262,7 @@ def samplers_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
             tooltip=["strategy", "class", alt.Tooltip("recall:Q", format=".1%", title="recall (mean)"),
                      alt.Tooltip("std:Q", format=".1%", title="std over seeds")])
         st.altair_chart(chart.properties(height=340), width="stretch")
-        study_params = by_id[df.attrs.get("study_id", selected)].get("params", {})
+        study_params = by_id[df.attrs.get("study_id", st.session_state.get("studies.selected"))].get("params", {})
         st.caption("Per-class recall on the balanced 10,000-image test set (= per-class accuracy), "
                    f"mean over seeds. {studies.training_counts_text(store, df, study_params)}")
     worst = []
@@ -275,15 +288,17 @@ def ablation_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
     if done.empty:
         st.caption("The chart appears when the first runs finish.")
     else:
-        x = alt.X("label:N", sort=labels, title="cumulative step (each adds one trick)",
-                  axis=alt.Axis(labelAngle=-30, labelLimit=240))
+        # horizontal bars: every step's label on its own row, never dropped for overlap or cut short
+        y = alt.Y("label:N", sort=labels, title="cumulative step (each adds one trick)",
+                  scale=alt.Scale(domain=labels),
+                  axis=alt.Axis(labelOverlap=False, labelLimit=0, labelAngle=0))
         bars = alt.Chart(done).mark_bar(color="#4c78a8").encode(
-            x=x, y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format="%")),
+            y=y, x=alt.X("mean:Q", title="test accuracy", axis=alt.Axis(format="%")),
             tooltip=["label", alt.Tooltip("mean:Q", format=".2%", title="test acc (mean)"),
                      alt.Tooltip("std:Q", format=".2%", title="std over seeds"), "done"])
         err = alt.Chart(done[done["std"].notna()]).mark_errorbar(ticks=True, color="black").encode(
-            x=x, y=alt.Y("lo:Q", title="test accuracy"), y2="hi:Q")
-        st.altair_chart((bars + err).properties(height=340), width="stretch")
+            y=y, x=alt.X("lo:Q", title="test accuracy"), x2="hi:Q")
+        st.altair_chart((bars + err).properties(height=36 * len(labels) + 50), width="stretch")
     means = list(frame["mean"])
     delta_prev = [math.nan] + [b - a for a, b in zip(means, means[1:])]
     table = pd.DataFrame({
@@ -329,12 +344,11 @@ def show_study(study_id: str, live: bool) -> None:
                          + ", ".join(f"{v} {k}" for k, v in counts.items() if k != "completed")
                     if n_done < len(df) else f"all {len(df)} runs completed")
         params = m.get("params", {})
-        st.caption(f"Scale **{m.get('scale', params.get('scale', '?'))}** · {m.get('seeds', 1)} seed(s) · "
+        scale = m.get('scale', params.get('scale', '?'))
+        st.caption(f"Scale **{scale}**" + (" (a first look: what to expect is under *Launch a study*)"
+                                           if scale == "cpu-quick" else "") + f" · {m.get('seeds', 1)} seed(s) · "
                    "parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if k != "scale")
                    + (" · refreshing every 2 s while runs are unfinished" if not finished else ""))
-        note = studies.INFO[m["kind"]].cpu_note if m.get("kind") in studies.INFO else ""
-        if m.get("scale") == "cpu-quick" and note:
-            st.caption(f"**cpu-quick:** {note}")
         VIEWS.get(m.get("kind"), lambda d, s: st.dataframe(s))(df, summary)
         with st.expander(f"The {len(df)} runs (open any of them on the Runs page)", expanded=False):
             runs_table(df)
@@ -355,8 +369,26 @@ def show_study(study_id: str, live: bool) -> None:
             st.warning(f"run {r['run_id']} ({r['state']}): {str(r.get('error') or '')[:400]}")
 
 
-with friendly_errors("Reading the study's results"):
-    current = studies.study_results(store, selected)
-    unfinished = not studies.is_finished(current)
-    view = st.fragment(run_every=REFRESH_S if unfinished else None)(show_study)
-    view(selected, unfinished)
+def results() -> None:
+    if not all_studies:
+        st.caption("No studies yet: launch one under **Launch a study**.")
+        return
+    selected = pick_study()
+    with friendly_errors("Reading the study's results"):
+        current = studies.study_results(store, selected)
+        unfinished = not studies.is_finished(current)
+        view = st.fragment(run_every=REFRESH_S if unfinished else None)(show_study)
+        view(selected, unfinished)
+
+
+# ---- the page: results first, the long launch form on its own tab ------------------------------------
+
+flash = st.session_state.pop("studies.flash", None)
+if flash:
+    st.success(flash)
+results_tab, launch_tab_ = st.tabs(["Results", "Launch a study"],
+                                   default="Results" if all_studies else "Launch a study")
+with results_tab:
+    results()
+with launch_tab_:
+    launch_form()

@@ -20,7 +20,7 @@ from ui import preview as pv
 from ui.common import data_status, friendly_errors
 from ui.forms import augment_chain_editor, set_augment_chain
 
-DEFAULT_A = [{"name": "random_crop", "params": {"padding": 4}, "p": 1.0}, {"name": "hflip", "p": 1.0}]
+DEFAULT_A = [{"name": "random_crop", "params": {"padding": 4}, "p": 1.0}, {"name": "hflip"}]
 DEFAULT_B = [{"name": "random_resized_crop", "p": 1.0}]
 EXAMPLE = ([{"name": "zoom", "p": 1.0}], [{"name": "random_resized_crop", "p": 1.0}])
 KEYS = {"A": "preview.a", "B": "preview.b"}
@@ -83,6 +83,10 @@ with st.sidebar:
     st.session_state.setdefault("preview.grid", "8×8")
     grid = st.selectbox("Variants per image", list(pv.GRIDS), key="preview.grid",
                         help="Rows × columns of augmented copies of each image.")
+    st.session_state.setdefault("preview.all_rows", False)
+    all_rows = st.toggle("All rows, however tall", key="preview.all_rows",
+                         help=f"Off: when the captions and Mixup/CutMix partners make tiles tall, fewer rows "
+                              f"are shown so that a grid stays under about {ap.MAX_GRID_PX:,} px.")
     st.session_state.setdefault("preview.compare", False)
     compare = st.toggle("Compare two chains", key="preview.compare",
                         help="Chain A and chain B side by side on the same images with the same seed.")
@@ -99,7 +103,6 @@ with st.sidebar:
                       help="A new random seed: new draws for every tile.")
 
 rows, cols = pv.GRIDS[grid]
-n = rows * cols
 
 # ---- uploads: what was read and how -------------------------------------------------------------------
 if data_missing:
@@ -143,17 +146,35 @@ else:
 
 chains: dict[str, AugmentChain] = {}
 fits: dict[str, list] = {}
+full_fit = None
 with results:
     for label, specs in specs_by_label.items():
         with friendly_errors(f"Chain {label}" if compare else "The chain"):
             chain = AugmentChain(specs, num_classes=ap.NUM_CLASSES)  # validates: ConfigError → message
-            fitted, notes = pv.fit_steps(chain)
+            if full_fit is None and pv.needs_fit(chain):
+                st.session_state.setdefault("preview.full_fit", False)
+                full_fit = st.sidebar.toggle(
+                    "Fit as training does", key="preview.full_fit",
+                    help=f"Off: zca is fitted on at most {ap.PREVIEW_FIT_IMAGES:,} images, a few seconds (once, "
+                         "then cached). On: on all the step's fit_images, as training fits it (10–25 s the "
+                         "first time).")
+            fitted, notes = pv.fit_steps(chain, full=bool(full_fit))
             chains[label] = ap.make_chain(chain.specs, fitted)
             fits[label] = notes
+
+# ---- how many rows: the grid stays under ~MAX_GRID_PX unless "All rows" ---------------------------------
+shown_rows = rows
+if chains and not all_rows:
+    shown_rows = min(ap.bounded_rows(rows, len(chain.specs), scale, captions, ap.mixes_images(chain))
+                     for chain in chains.values())  # one count for both chains: the same draws
+n = shown_rows * cols
 
 # ---- the grids -------------------------------------------------------------------------------------
 xs, ys, _ = ap.sample()
 with results:
+    if sources and chains and shown_rows < rows:
+        st.caption(f"Showing {shown_rows} of {rows} rows ({n} variants) so that each grid stays under about "
+                   f"{ap.MAX_GRID_PX:,} px tall; turn on *All rows* in the sidebar for all {rows * cols}.")
     if sources and chains:
         st.caption(f"Seed {seed}: every image and both chains use the same draws (tile k of A and tile k "
                    f"of B start from the same random state)." if compare else
@@ -190,4 +211,4 @@ if chains:
         with col, friendly_errors("The code snippet"):
             name = f"chain {label}" if compare else "this chain"
             st.markdown(f"**{name.capitalize()}** with `cifar_core` (same image, seed and draws as the grid):")
-            pv.reproduce(name, chain, example, n, seed)
+            pv.reproduce(name, chain, example, n, seed, fits.get(label, []))

@@ -118,8 +118,25 @@ def model_card(entry) -> None:
         st.json(card, expanded=False)
 
 
+def unique_uploads(files) -> tuple[list, list[str]]:
+    """The uploads, each file content once (by SHA-256): the uploader keeps a file added twice, or
+    removed and added again, as two entries. Returns (files, notes on what was left out)."""
+    kept, notes, seen = [], [], {}
+    for upload in files:
+        digest = hashlib.sha256(upload.getvalue()).hexdigest()
+        if digest in seen:
+            first = seen[digest]
+            notes.append(f"{upload.name} was uploaded twice: listed once." if first == upload.name else
+                         f"{upload.name} has the same content as {first}: listed once, as {first}.")
+            continue
+        seen[digest] = upload.name
+        kept.append(upload)
+    return kept, notes
+
+
 def read_uploads(files) -> tuple[list, list[str]]:
-    images, problems = [], []
+    files, problems = unique_uploads(files)
+    images = []
     for upload in files[:MAX_FILES]:
         try:
             images.append(read_image(upload.getvalue(), name=upload.name))

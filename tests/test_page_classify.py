@@ -110,6 +110,28 @@ def test_uploads_good_and_bad_files(dirs):
     assert "2 images" in _texts(at)
 
 
+def test_a_file_added_twice_is_listed_once(dirs):
+    """Adding the same photo again (or removing and re-adding it) gives the uploader two entries
+    with the same bytes: it is classified and listed once."""
+    shipped, _ = dirs
+    _export_random(shipped / "tiny.onnx")
+    rng = np.random.default_rng(1)
+    photo, other = (_png(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)) for _ in range(2))
+    at = AppTest.from_file(CLASSIFY, default_timeout=60).run()
+    at.file_uploader(key="classify_images").set_value([("cat.png", photo, "image/png"),
+                                                      ("dog.png", other, "image/png"),
+                                                      ("cat.png", photo, "image/png"),
+                                                      ("copy.png", photo, "image/png")])
+    at.run()
+    assert not at.exception
+    table = at.dataframe[-1].value
+    assert list(table["file"]) == ["cat.png", "dog.png"]
+    assert "2 images" in _texts(at)
+    text = _texts(at)
+    assert "cat.png was uploaded twice: listed once." in text
+    assert "copy.png has the same content as cat.png" in text
+
+
 def test_single_upload_shows_detail_without_table(dirs):
     shipped, _ = dirs
     _export_random(shipped / "tiny.onnx")

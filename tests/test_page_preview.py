@@ -5,6 +5,7 @@ bundled sample (and fits zca on it), which keeps these tests fast.
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -21,6 +22,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifar_core.augment import AUGMENTATIONS, ZCAOp, validate_chain
 from cifar_core.augment import preview as ap
+from cifar_core.config import parse_chain
 from ui.forms import widget_kind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +190,8 @@ def test_unknown_or_bad_chain_in_the_link_is_a_message(no_data):
 def test_cli_style_chain_in_the_link(no_data):
     at = page(chain="rotation:degrees=30@0.5;hflip")
     assert_clean(at)
-    assert [(s["name"], s["p"]) for s in steps(at)] == [("rotation", 0.5), ("hflip", 1.0)]
+    hflip_p = parse_chain("hflip")[0]["p"]  # no '@p': the step's default probability
+    assert [(s["name"], s["p"]) for s in steps(at)] == [("rotation", 0.5), ("hflip", hflip_p)]
     assert at.number_input(key=f"{EDITOR}.s{steps(at)[0]['uid']}.degrees").value == 30.0
 
 
@@ -261,6 +264,82 @@ def test_mixup_and_cutmix_show_partner_and_label_weights(no_data):
     assert "of the label stays 'cat'" in captions(at)
 
 
+def test_mixing_coefficients_are_fixed_decimals(no_data):
+    """Beta(0.05, 0.05) draws λ within 1e-6 of 0 or 1: never printed as '7.36e-07'."""
+    at = page(grid="8×8", chain=[{"name": "mixup", "params": {"alpha": 0.05}}], state={"preview.all_rows": True})
+    assert_clean(at)
+    body = grids(at)["a"][0]
+    titles = [html.unescape(t) for t in tile_titles(body)]
+    lams = [re.search(r"λ(\S+)", t).group(1) for t in titles]
+    assert len(lams) == 64 and all(re.fullmatch(r"(=[01]\.\d\d|<0\.01|>0\.99),?", x) for x in lams), lams
+    assert any(x.startswith(("<", ">")) for x in lams)  # extreme draws are named as such
+    assert "e-0" not in body
+
+
+def test_lambda_text():
+    assert ap.lambda_text(7.36e-07) == "λ<0.01"
+    assert ap.lambda_text(0.99999) == "λ>0.99"
+    assert ap.lambda_text(0.5312) == "λ=0.53"
+    assert ap.lambda_text(0.0) == "λ=0.00" and ap.lambda_text(1.0) == "λ=1.00"
+    assert ap.lambda_text(0.006) == "λ=0.01"
+
+
+def test_captions_never_break_inside_a_word(no_data):
+    """Each step's caption wraps only between words, on at most STEP_LINES lines (then an ellipsis;
+    the whole line is its title), in a short form: no partner (its thumbnail is there), a single
+    value without its name."""
+    at = page(chain=[{"name": "rotation"}, {"name": "mixup", "params": {"alpha": 1.0}}])
+    assert_clean(at)
+    body = grids(at)["a"][0]
+    assert "overflow-wrap:anywhere" not in body and "word-break:break" not in body
+    captions_html = re.findall(r"<figcaption[^>]*>(.*?)</figcaption>", body)
+    assert len(captions_html) == 4
+    for cap in captions_html:
+        lines = re.findall(r'<div title="([^"]*)" style="([^"]*)">([^<]*)</div>', cap)
+        assert len(lines) == 2, cap  # one block per step
+        for title, style, _ in lines:
+            assert "overflow-wrap:normal" in style and "word-break:normal" in style
+            assert f"-webkit-line-clamp:{ap.STEP_LINES}" in style and "overflow:hidden" in style
+        (rot_title, _, rot_text), (mix_title, _, mix_text) = lines
+        assert re.fullmatch(r"rotation -?[\d.]+", rot_text) and rot_title.startswith("rotation angle=")
+        assert re.fullmatch(r"mixup λ(=[01]\.\d\d|&lt;0\.01|&gt;0\.99)", mix_text), mix_text
+        assert html.unescape(mix_title).startswith("mixup partner=")  # the long form in the title
+
+
+def test_default_grid_height_is_bounded_for_rotation_mixup_cutmix(no_data):
+    chain = [{"name": "rotation"}, {"name": "mixup", "params": {"alpha": 1.0}}, {"name": "cutmix"}]
+    at = page(grid="8×8", chain=chain)
+    assert_clean(at)
+    shown = len(tiles(grids(at)["a"][0]))
+    rows = shown // 8
+    assert shown % 8 == 0 and 1 <= rows < 8, shown
+    assert ap.grid_height_px(rows, 3, 2, True, True) <= ap.MAX_GRID_PX
+    assert ap.grid_height_px(rows + 1, 3, 2, True, True) > ap.MAX_GRID_PX  # as many rows as fit
+    assert f"Showing {rows} of 8 rows ({shown} variants)" in captions(at)
+    code = "\n".join(c.value for c in at.code)
+    assert f"n, seed = {shown}, 0" in code  # the snippet reproduces what is shown
+    at.toggle(key="preview.all_rows").set_value(True).run()
+    assert_clean(at)
+    assert len(tiles(grids(at)["a"][0])) == 64
+    # the default chain (two steps, no mixing) keeps its whole 8×8 grid
+    assert len(tiles(grids(page(grid="8×8"))["a"][0])) == 64
+
+
+def test_grid_height_estimate_matches_the_drawn_cells():
+    xs, ys, _ = ap.sample()
+    specs = validate_chain([{"name": "rotation"}, {"name": "cutmix"}])
+    v = ap.run_variants(ap.make_chain(specs), xs[0], int(ys[0]), 4, 0, xs, ys)
+    body = ap.grid_html(v, 2, 2, True, partner_tiles=xs, source_tile=xs[0])
+    # every size that makes up a cell's height is drawn explicitly, as tile_height_px counts it
+    assert body.count(f"max-height:{ap.CAPTION_LINE_PX * ap.STEP_LINES}px") == 4 * 2  # 2 steps a tile
+    assert body.count(f"max-height:{ap.CAPTION_LINE_PX}px") == 4  # the label weights line
+    assert body.count(f"height:{ap.MIX_ROW_PX}px") == 4
+    assert ap.tile_height_px(2, 2, True, True) == (64 + ap.MIX_BLOCK_PX + ap.CAPTION_TOP_PX
+                                                   + 2 * ap.STEP_LINES * ap.CAPTION_LINE_PX)
+    assert ap.bounded_rows(8, 2, 2, False, False) == 8
+    assert ap.bounded_rows(8, 9, 6, True, True) == 2 and ap.bounded_rows(8, 40, 6, True, True) == 1  # never 0
+
+
 def test_per_image_standardization_shows_the_value_range(no_data):
     at = page(chain=["per_image_standardization"])
     assert_clean(at)
@@ -294,6 +373,41 @@ def test_zca_fitted_on_the_training_set_with_data(with_data):
     assert_clean(at)
     assert "is fitted on the CIFAR-10 training set, 100 images" in captions(at)
     assert "chain.fit(load_cifar10().x_train)" in "\n".join(c.value for c in at.code)
+
+
+def test_zca_on_the_training_set_is_capped_and_fitted_once(with_data, monkeypatch):
+    """The first look at zca fits on at most PREVIEW_FIT_IMAGES training images (not the step's
+    20,000), and reruns, other grids and another epsilon reuse that fit (st.cache_resource)."""
+    calls = []
+    original = ZCAOp.fit
+
+    def counting_fit(self, x, *args, **kwargs):
+        calls.append(self.fit_images)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(ZCAOp, "fit", counting_fit)
+    at = page(chain=[{"name": "zca"}])
+    assert_clean(at)
+    text = captions(at)
+    assert f"is fitted on the CIFAR-10 training set, {ap.PREVIEW_FIT_IMAGES:,} images (of the 20,000" in text
+    assert calls in ([ap.PREVIEW_FIT_IMAGES], [])  # [] when an earlier test of this process fitted it
+    code = "\n".join(c.value for c in at.code)
+    assert f"chain.ops[0].fit_images = {ap.PREVIEW_FIT_IMAGES}" in code
+    fitted = len(calls)
+    at.run()
+    at.number_input(key="preview.seed").set_value(3).run()
+    uid = steps(at)[0]["uid"]
+    at.select_slider(key=f"{EDITOR}.s{uid}.epsilon").set_value(0.1).run()
+    assert_clean(at)
+    assert "epsilon 0.1." in captions(at)
+    assert len(calls) == fitted  # reused: no new fit for reruns, a new seed or a new epsilon
+    assert at.toggle(key="preview.full_fit").value is False
+
+
+def test_fit_count():
+    assert ap.fit_count(20000, 50000) == ap.PREVIEW_FIT_IMAGES
+    assert ap.fit_count(20000, 50000, full=True) == 20000
+    assert ap.fit_count(20000, 200) == 200 and ap.fit_count(100, 50000) == 100
 
 
 def test_comparison_mode_same_images_and_seed(no_data):
@@ -434,3 +548,18 @@ def test_zca_epsilon_change_reuses_the_decomposition():
     assert fresh.eigenvectors is None and base.fit_count == 200
     with pytest.raises(RuntimeError):
         fresh.with_epsilon(0.1)
+
+
+def test_zca_fit_on_fewer_images_than_values_goes_through_the_gram_matrix():
+    """k ≤ D images: the eigenpairs come from the k×k Gram matrix (the previewer's fast fit); the
+    whitening matrix is the covariance route's, and another epsilon still needs no new decomposition."""
+    x = (torch.rand(400, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).byte()
+    op = ZCAOp(1e-2, 150).fit(x, keep_eigenvectors=True)  # 150 images, 192 values each
+    assert op.eigenvectors.shape[0] == 192 and op.eigenvectors.shape[1] < 150  # only the non-null directions
+    idx = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:150].sort().values
+    rows = x[idx].reshape(150, -1).double() / 255
+    rows -= rows.mean(0)
+    s, u = torch.linalg.eigh(rows.T @ rows / 149)
+    expected = (u * (s.clamp_min(0) + 1e-2).rsqrt()) @ u.T
+    torch.testing.assert_close(op.matrix.double(), expected, atol=2e-4, rtol=1e-4)
+    assert torch.equal(op.with_epsilon(0.3).matrix, ZCAOp(0.3, 150).fit(x).matrix)

@@ -184,7 +184,7 @@ def test_invalid_study_queues_nothing(store, no_worker):
 
 # ---- results ----------------------------------------------------------------------------------------
 
-def _finish(record, test_acc: float, recall: dict | None = None) -> None:
+def finish_run(record, test_acc: float, recall: dict | None = None) -> None:
     recall = recall or {c: test_acc for c in CLASSES}
     atomic_write_json(record.results_path, {"test_acc": test_acc, "per_class_acc": recall,
                                             "confusion_matrix": [[0] * 10 for _ in range(10)]})
@@ -201,9 +201,9 @@ def fabricate_samplers_study(store) -> str:
         seed, strategy = entry["seed"], entry["cell"]["balance"]
         if strategy == "none":
             recall = {c: 0.5 + 0.1 * seed + (0.05 if i == 0 else 0.0) for i, c in enumerate(CLASSES)}
-            _finish(record, 0.5 + 0.1 * seed, recall)
+            finish_run(record, 0.5 + 0.1 * seed, recall)
         elif seed < 2:
-            _finish(record, 0.4 + 0.2 * seed)
+            finish_run(record, 0.4 + 0.2 * seed)
     return sid
 
 
@@ -237,7 +237,7 @@ def test_summary_single_seed_has_no_std(store, no_worker):
     sid = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store, seeds=1)
     for i, entry in enumerate(studies.read_manifest(store, sid)["runs"]):
         if i != 3:
-            _finish(store.record(entry["run_id"]), 0.2 + 0.1 * i)
+            finish_run(store.record(entry["run_id"]), 0.2 + 0.1 * i)
         else:
             store.record(entry["run_id"]).update_status(state="failed", error="boom")
     df = studies.study_results(store, sid)
@@ -304,10 +304,10 @@ def test_page_with_studies(page_env):
     sid_samplers = fabricate_samplers_study(store)
     sid_bn = studies.launch_study("bn_vs_gn", {"scale": "cpu-quick", "batch_sizes": "2,4"}, store, seeds=2)
     for entry in studies.read_manifest(store, sid_bn)["runs"]:
-        _finish(store.record(entry["run_id"]), 0.3 + 0.05 * entry["seed"])
+        finish_run(store.record(entry["run_id"]), 0.3 + 0.05 * entry["seed"])
     sid_ablation = studies.launch_study("ablation", {"scale": "cpu-quick"}, store)
     for i, entry in enumerate(studies.read_manifest(store, sid_ablation)["runs"][:4]):
-        _finish(store.record(entry["run_id"]), 0.3 + 0.02 * i)
+        finish_run(store.record(entry["run_id"]), 0.3 + 0.02 * i)
 
     for sid in (sid_samplers, sid_bn, sid_ablation):
         at = _app()
@@ -322,7 +322,8 @@ def test_page_with_studies(page_env):
 def test_page_launch_button_queues_a_study(page_env):
     store = page_env
     at = _app().run()
-    at.text_input(key=f"studies.samplers.{studies.default_scale()}.strategies").set_value("none,random_undersample")
+    at.multiselect(key=f"studies.samplers.{studies.default_scale()}.strategies").set_value(
+        ["none", "random_undersample"])
     at.run()
     at.button(key="studies.samplers.launch").click()
     at.run()

@@ -193,9 +193,30 @@ def _fitted_other(fit_key: tuple, name: str, params_json: str):
     return op
 
 
-def fit_steps(chain: AugmentChain) -> tuple[dict[int, Any], list[tuple[str, Any]]]:
-    """Fitted ops for the steps that need a fit, cached across reruns and sessions (a zca fit on
-    the training set takes seconds; changing epsilon reuses its eigendecomposition)."""
+@dataclass
+class Fit:
+    """A fitted step for the page: the op, its step name and index, and how many images it used of
+    how many the step asks for (fewer when the previewer's cap applied)."""
+    name: str
+    index: int
+    op: Any
+    requested: int
+    available: int
+
+    @property
+    def capped(self) -> bool:
+        count = getattr(self.op, "fit_count", None)
+        return count is not None and count < min(self.requested, self.available)
+
+
+def needs_fit(chain: AugmentChain) -> bool:
+    return any(getattr(op, "needs_fit", False) for op in chain.ops)
+
+
+def fit_steps(chain: AugmentChain, full: bool = False) -> tuple[dict[int, Any], list[Fit]]:
+    """Fitted ops for the steps that need a fit, cached across reruns and sessions (a zca fit takes
+    seconds; changing epsilon reuses its eigendecomposition). Unless `full`, a fit uses at most
+    ap.PREVIEW_FIT_IMAGES images (ap.fit_count)."""
     from cifar_core.augment import ZCAOp
     fitted, notes = {}, []
     fit_key, what = fit_source()
@@ -203,14 +224,15 @@ def fit_steps(chain: AugmentChain) -> tuple[dict[int, Any], list[tuple[str, Any]
         if not getattr(op, "needs_fit", False):
             continue
         available = len(_fit_images(fit_key))
-        count = min(int(getattr(op, "fit_images", available)), available)
+        requested = int(getattr(op, "fit_images", available))
+        count = ap.fit_count(requested, available, full)
         with st.spinner(f"Fitting {step['name']} on {what} ({count:,} images): once, then cached…"):
             if isinstance(op, ZCAOp):
                 # fit_images beyond the available images all give the same fit: one cache entry
                 fitted[i] = _zca(fit_key, count, float(op.epsilon))
             else:
                 fitted[i] = _fitted_other(fit_key, step["name"], json.dumps(step["params"], default=list))
-        notes.append((step["name"], fitted[i]))
+        notes.append(Fit(step["name"], i, fitted[i], requested, available))
     return fitted, notes
 
 
@@ -231,16 +253,21 @@ def render_variants(v: ap.Variants, source: ap.Source, cols: int, scale: int, ca
         st.caption(f"Values after the chain (what the model sees): **min {s['min']:.2f}, max {s['max']:.2f}**; "
                    f"per-tile mean {s['mean_lo']:.3f} … {s['mean_hi']:.3f}, std {s['std_lo']:.3f} … "
                    f"{s['std_hi']:.3f}. The tiles are stretched from their own min … max for display.")
-    for name, op in fit_notes:
-        render_fit_note(name, op, source)
+    for fit in fit_notes:
+        render_fit_note(fit, source)
     if "color" in ap.step_tags(v.specs):
         render_histograms(source, v)
 
 
-def render_fit_note(name: str, op, source: ap.Source) -> None:
+def render_fit_note(fit: Fit, source: ap.Source) -> None:
     fit_key, what = fit_source()
+    name, op = fit.name, fit.op
     count = getattr(op, "fit_count", 0)
     text = f"**{name}** is fitted on {what}" + (f", {count:,} images" if count else "")
+    if fit.capped:
+        text += (f" (of the {min(fit.requested, fit.available):,} that training uses: the previewer fits on "
+                 f"at most {ap.PREVIEW_FIT_IMAGES:,} for speed; turn on *Fit as training does* in the "
+                 "sidebar for the exact fit)")
     if fit_key[0] == "sample":
         text += (" — fewer images than the 3,072 values per image, so most directions are only "
                  "regularized by epsilon; with CIFAR-10 present it is fitted on the training set")
@@ -273,9 +300,12 @@ def render_histograms(source: ap.Source, v: ap.Variants) -> None:
     st.altair_chart(chart)
 
 
-def reproduce(label: str, chain: AugmentChain, source: ap.Source, n: int, seed: int) -> None:
+def reproduce(label: str, chain: AugmentChain, source: ap.Source, n: int, seed: int,
+              fits: list[Fit] | None = None) -> None:
     """The snippet that reproduces the grid, and the link that takes the chain to the Train page."""
-    fit_line, fit_imports = ap.fit_code_line(chain, on_training_set=fit_source()[0][0] == "train")
+    capped = {fit.index: fit.op.fit_count for fit in fits or [] if fit.capped}
+    fit_line, fit_imports = ap.fit_code_line(chain, on_training_set=fit_source()[0][0] == "train",
+                                             fit_images=capped)
     st.code(ap.code_snippet(chain.specs, source, n, seed, ap.mixes_images(chain), fit_line, fit_imports),
             language="python")
     value = ap.chain_link_value(chain.specs)

@@ -28,6 +28,18 @@ def per_image_standardization() -> AugOp:
     return image_op("per_image_standardization", {}, fn, stochastic=False, normalizes=True)
 
 
+def whitening_matrix(u: torch.Tensor, s: torch.Tensor, epsilon: float, d: int) -> torch.Tensor:
+    """U diag(1/sqrt(S + epsilon)) U^T for the covariance's eigenpairs. When U holds only the r < d
+    directions with non-zero variance (a fit on fewer images than values), every other direction has
+    eigenvalue 0: the matrix is 1/sqrt(epsilon) I + U diag(1/sqrt(S + epsilon) - 1/sqrt(epsilon)) U^T."""
+    if u.shape[1] == d:
+        return (u * (s + epsilon).rsqrt()) @ u.T
+    rest = epsilon ** -0.5
+    w = (u * ((s + epsilon).rsqrt() - rest)) @ u.T
+    w.diagonal().add_(rest)
+    return w
+
+
 class ZCAOp(AugOp):
     """ZCA whitening: x -> (x - mean) @ U diag(1/sqrt(S + epsilon)) U^T, fitted on training images.
 
@@ -81,16 +93,20 @@ class ZCAOp(AugOp):
         for i in range(0, len(idx), chunk):
             total += rows(i).sum(0, dtype=torch.float64)
         mean = (total / len(idx)).float()
-        cov = torch.zeros(d, d, device=dev)
-        for i in range(0, len(idx), chunk):
-            r = rows(i).sub_(mean)
-            cov.addmm_(r.T, r)
-        cov /= len(idx) - 1
         # float64 eigh is ~10x slower on CPU for D=3072; float32 is accurate to ~1e-7*max eigenvalue
         eig_dtype = torch.float64 if dev.type == "cuda" else torch.float32
-        s, u = torch.linalg.eigh(cov.to(eig_dtype))
-        s = s.clamp_min(0)
-        w = (u * (s + self.epsilon).rsqrt()) @ u.T
+        if len(idx) <= d:
+            s, u = self._eig_from_gram(torch.cat([rows(i).sub_(mean) for i in range(0, len(idx), chunk)]),
+                                       eig_dtype)
+        else:
+            cov = torch.zeros(d, d, device=dev)
+            for i in range(0, len(idx), chunk):
+                r = rows(i).sub_(mean)
+                cov.addmm_(r.T, r)
+            cov /= len(idx) - 1
+            s, u = torch.linalg.eigh(cov.to(eig_dtype))
+            s = s.clamp_min(0)
+        w = whitening_matrix(u, s, self.epsilon, d)
         self.mean = mean[None].cpu()
         self.matrix = w.float().cpu()
         self.eigenvalues = s.float().cpu()
@@ -125,8 +141,25 @@ class ZCAOp(AugOp):
         u, s = self.eigenvectors, self.eigenvalues
         op.mean, op.eigenvalues, op.eigenvectors = self.mean, s, u
         op.fit_count, op.shape = self.fit_count, self.shape
-        op.matrix = ((u * (s + epsilon).rsqrt()) @ u.T).float()
+        op.matrix = whitening_matrix(u, s, epsilon, u.shape[0]).float()
         return op
+
+    @staticmethod
+    def _eig_from_gram(xc: torch.Tensor, eig_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues, eigenvectors as columns) of the covariance of the k centred rows xc (k x D,
+        k <= D) with a non-zero eigenvalue, from the k x k Gram matrix: the covariance has rank < k,
+        and this costs O(k^2 D) + a k x k eigh instead of O(k D^2) + a D x D eigh (2,000 images of
+        3x32x32 on one core of a loaded 2-core machine: 13 s instead of 31 s; 1,000: 2.9 s instead
+        of 22 s)."""
+        k = xc.shape[0]
+        gram = (xc @ xc.T).div_(k - 1)
+        s, v = torch.linalg.eigh(gram.to(eig_dtype))
+        # directions at float32 noise level carry no variance: they get 1/sqrt(epsilon), like the
+        # covariance's null space (see whitening_matrix)
+        keep = s > s.max().clamp_min(0) * 1e-6
+        s, v = s[keep].to(xc.dtype), v[:, keep].to(xc.dtype)
+        u = (xc.T @ v).div_(((k - 1) * s).sqrt())  # cov (X^T v) = s (X^T v), |X^T v|^2 = (k-1) s
+        return s, u
 
     def _on_device(self, device):
         key = str(device)

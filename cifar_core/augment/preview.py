@@ -186,12 +186,28 @@ def partner_name(p: int, v: Variants) -> str:
     return f"{CLASSES[int(ys[idx])]} (sample #{idx})"
 
 
-def describe(v: Variants, i: int) -> list[str]:
-    """One line per step: what was sampled for tile i ('–' when the step did not apply)."""
+def lambda_text(lam: float) -> str:
+    """A mixing coefficient (Mixup's blend weight, CutMix's kept area) as fixed decimals: "λ=0.53".
+    Beta(α, α) with a small α often draws values within 1e-6 of 0 or 1; those read "λ<0.01" or
+    "λ>0.99" (the image is almost all partner, or almost untouched) instead of "7.36e-07" or a
+    misleading "λ=0.00"."""
+    lam = float(lam)
+    if 0.0 < lam < 0.005:
+        return "λ<0.01"
+    if 0.995 <= lam < 1.0:
+        return "λ>0.99"
+    return f"λ={lam:.2f}"
+
+
+def describe(v: Variants, i: int, short: bool = False) -> list[str]:
+    """One line per step: what was sampled for tile i ('–' when the step did not apply).
+    short=True, for the caption under a tile (the hover title has the long form): the partner is
+    left out (its thumbnail is under the tile) and a step's only value goes without its name
+    ("rotation -12.3")."""
     lines = []
     for key, entry in v.records[i].items():
         applied = entry.get("applied", True)
-        values = {k: val for k, val in entry.items() if k != "applied"}
+        values = {k: val for k, val in entry.items() if k != "applied" and not (short and k == "partner")}
         if not applied:
             lines.append(f"{key}: –")
             continue
@@ -200,7 +216,9 @@ def describe(v: Variants, i: int) -> list[str]:
             if k == "partner":
                 parts.append(f"partner={partner_name(int(val), v)}")
             elif k == "lam":
-                parts.append(f"λ={format_value(float(val))}")
+                parts.append(lambda_text(float(val)))
+            elif short and len(values) == 1:
+                parts.append(format_value(val))
             else:
                 parts.append(f"{k}={format_value(val)}")
         lines.append(f"{key} " + ", ".join(parts) if parts else f"{key} ✓")
@@ -233,11 +251,60 @@ def data_uri(array: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode("ascii")
 
 
+# The grid's vertical layout, in CSS px: grid_html draws exactly these sizes, so that the page can
+# bound a grid's height before drawing it (bounded_rows).
+CAPTION_FONT_PX = 10
+CAPTION_LINE_PX = 12.5  # 10 px text, line-height 1.25
+STEP_LINES = 2  # a step's caption wraps between words onto at most 2 lines (then an ellipsis)
+CAPTION_TOP_PX = 2
+MIX_ROW_PX = 34  # the partner thumbnails (32 px) under a mixed tile
+MIX_BLOCK_PX = 2 + MIX_ROW_PX + CAPTION_LINE_PX  # margin, thumbnails, the label weights line
+GAP_PX = 6
+MAX_GRID_PX = 1000  # the default grid's height bound
+
+
+def tile_height_px(n_steps: int, scale: int, captions: bool, mixing: bool) -> float:
+    """The height of one grid cell at most (a tile is 32*scale px, less when the column is narrower)."""
+    height = 32.0 * scale
+    if mixing:
+        height += MIX_BLOCK_PX
+    if captions:
+        height += CAPTION_TOP_PX + CAPTION_LINE_PX * STEP_LINES * n_steps
+    return height
+
+
+def grid_height_px(rows: int, n_steps: int, scale: int, captions: bool, mixing: bool) -> float:
+    """The height of a grid of `rows` rows for a chain of n_steps steps (at most; see tile_height_px)."""
+    return rows * tile_height_px(n_steps, scale, captions, mixing) + max(0, rows - 1) * GAP_PX
+
+
+def bounded_rows(rows: int, n_steps: int, scale: int, captions: bool, mixing: bool,
+                 max_px: float = MAX_GRID_PX) -> int:
+    """The most rows (≤ rows, ≥ 1) whose grid stays within max_px: a long chain with Mixup and CutMix
+    under 64-px tiles takes ~160 px a row, so an 8-row grid would reach 1,300 px."""
+    per_row = tile_height_px(n_steps, scale, captions, mixing) + GAP_PX
+    return max(1, min(int(rows), int((max_px + GAP_PX) // per_row)))
+
+
+def _line(text: str, title: str | None = None, bold: bool = False, lines: int = 1) -> str:
+    """A caption of at most `lines` lines: wrapped only between words (never inside one), cut with an
+    ellipsis when longer; the whole text is its title (and in the tile's hover title)."""
+    body = html.escape(text)
+    if lines == 1:
+        layout = "white-space:nowrap;text-overflow:ellipsis"
+    else:
+        layout = (f"display:-webkit-box;-webkit-box-orient:vertical;-webkit-line-clamp:{lines};"
+                  "overflow-wrap:normal;word-break:normal")
+    return (f'<div title="{html.escape(title or text, quote=True)}" style="{layout};overflow:hidden;'
+            f'max-height:{CAPTION_LINE_PX * lines}px">' + (f"<b>{body}</b>" if bold else body) + "</div>")
+
+
 def grid_html(v: Variants, cols: int, scale: int, captions: bool = True, css_class: str = "pv-grid",
               partner_tiles: np.ndarray | None = None, source_tile: np.ndarray | None = None) -> str:
     """The N variants as an HTML grid of enlarged PNG tiles: sampled parameters as the hover title
-    and (captions=True) as small text under each tile; for mixing steps the partner image and the
-    label weights too. Tiles are 32*scale px, shrunk (still pixelated) when the column is narrower."""
+    and (captions=True) as small text under each tile, one line per step in a short form; for mixing
+    steps the partner image and the label weights too. Tiles are 32*scale px, shrunk (still
+    pixelated) when the column is narrower. Every cell is at most tile_height_px tall."""
     tiles = display_tiles(v)
     px = 32 * scale
     cells = []
@@ -260,19 +327,23 @@ def grid_html(v: Variants, cols: int, scale: int, captions: bool = True, css_cla
                 thumbs.append(f'<img src="{data_uri(thumb)}" width="32" height="32" '
                               f'title="{html.escape(key + " partner: " + partner_name(p, v), quote=True)}" '
                               'style="image-rendering:pixelated;vertical-align:middle;margin-right:3px"/>')
-            extra = ('<div style="font-size:10px;line-height:1.2;margin-top:2px">'
-                     + (f'with {"".join(thumbs)}<br/>' if thumbs else "")
-                     + f"<b>{html.escape(labels)}</b></div>")
+            extra = (f'<div style="font-size:{CAPTION_FONT_PX}px;line-height:1.25;margin-top:2px">'
+                     f'<div style="height:{MIX_ROW_PX}px;white-space:nowrap;overflow:hidden">'
+                     + (f'with {"".join(thumbs)}' if thumbs else "") + "</div>"
+                     + _line(labels, f"labels: {labels}", bold=True) + "</div>")
         caption = ""
         if captions:
-            caption = ('<figcaption style="font-size:10px;line-height:1.25;opacity:.8;margin-top:2px;'
-                       'overflow-wrap:anywhere">' + "<br/>".join(html.escape(s) for s in lines) + "</figcaption>")
+            short = describe(v, i, short=True)
+            caption = (f'<figcaption style="font-size:{CAPTION_FONT_PX}px;line-height:1.25;opacity:.8;'
+                       f'margin-top:{CAPTION_TOP_PX}px">'
+                       + "".join(_line(s, full, lines=STEP_LINES) for s, full in zip(short, lines))
+                       + "</figcaption>")
         cells.append(f'<figure style="margin:0;min-width:0"><img src="{data_uri(enlarge(tiles[i], scale))}" '
                      f'width="{px}" height="{px}" alt="variant {i + 1}" title="{title}" '
                      'style="image-rendering:pixelated;display:block;width:100%;height:auto"/>'
                      f'{extra}{caption}</figure>')
     return (f'<div class="{css_class}" style="display:grid;grid-template-columns:repeat({cols},'
-            f'minmax(0,{px}px));gap:6px;align-items:start">' + "".join(cells) + "</div>")
+            f'minmax(0,{px}px));gap:{GAP_PX}px;align-items:start">' + "".join(cells) + "</div>")
 
 
 def channel_histograms(tile: np.ndarray, v: Variants, bins: int = 32):
@@ -332,15 +403,38 @@ def code_snippet(specs: list[dict], source: Source, n: int, seed: int, mixing: b
     return "\n".join(lines) + "\n"
 
 
-def fit_code_line(chain: AugmentChain, on_training_set: bool) -> tuple[str | None, tuple[str, ...]]:
-    """The snippet line that fits the chain's steps that need a fit (zca) as the page fitted them, and
-    its imports; (None, ()) when no step needs one."""
+PREVIEW_FIT_IMAGES = 2000  # the previewer's default cap on the images a fit (zca) uses; see fit_count
+
+
+def fit_count(requested: int, available: int, full: bool = False) -> int:
+    """How many images the previewer fits a step (zca) on: the step's fit_images as training would
+    use them (full=True), else at most PREVIEW_FIT_IMAGES of them, so that the first look at a fit
+    takes seconds instead of tens of seconds: fewer images than the 3,072 values of an image are
+    decomposed through their 2,000 x 2,000 Gram matrix (ZCAOp.fit; on one core 2.3-3.0 s instead of
+    13.4 s for the 20,000 images training uses, 7.9 s instead of 49 s with the cores busy). Never
+    more than there are."""
+    count = min(int(requested), int(available))
+    return count if full else min(count, PREVIEW_FIT_IMAGES)
+
+
+def fit_code_line(chain: AugmentChain, on_training_set: bool,
+                  fit_images: dict[int, int] | None = None) -> tuple[str | None, tuple[str, ...]]:
+    """The snippet lines that fit the chain's steps that need a fit (zca) as the page fitted them, and
+    their imports; (None, ()) when no step needs one. fit_images: {step index: images} where the page
+    fitted a step on fewer images than the step's fit_images (the snippet then does the same)."""
     if not any(getattr(op, "needs_fit", False) for op in chain.ops):
         return None, ()
+    lines = []
+    for i, count in sorted((fit_images or {}).items()):
+        requested = int(chain.specs[i].get("params", {}).get("fit_images", count))
+        if count < requested:
+            lines.append(f"chain.ops[{i}].fit_images = {count}  # as the page, for speed (training uses "
+                         f"{requested:,})")
     if on_training_set:
-        return ("chain.fit(load_cifar10().x_train)  # as the page: fitted on the training set",
-                ("from cifar_core.data import load_cifar10",))
-    return "chain.fit(xs)  # as the page: fitted on the bundled sample (CIFAR-10 not found)", ()
+        lines.append("chain.fit(load_cifar10().x_train)  # as the page: fitted on the training set")
+        return "\n".join(lines), ("from cifar_core.data import load_cifar10",)
+    lines.append("chain.fit(xs)  # as the page: fitted on the bundled sample (CIFAR-10 not found)")
+    return "\n".join(lines), ()
 
 
 def chain_link_value(specs: list[dict]) -> str:

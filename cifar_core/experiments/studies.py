@@ -294,7 +294,9 @@ def _balancing_names() -> list[str]:
                  "enough to see recall move between classes, with seed noise of a few points."),
     params=(
         Param("strategies", "str", "none,weighted_sampler,class_weighted_loss,random_oversample,"
-              "random_undersample", help="Comma-separated balancing strategies to compare."),
+              "random_undersample", help="The balancing strategies to compare (a comma-separated list of "
+                                         "the balancing registry's names; the Studies page picks them "
+                                         "from a list)."),
         Param("low", "int", 500, 1, 5000, help="Fewest training images a class keeps."),
         Param("high", "int", 1000, 1, 5000, help="Most training images a class keeps."),
         Param("model", "choice", "fastnet", choices=("fastnet", "resnet18", "resnet34", "lenet", "alexnet"),
@@ -336,6 +338,26 @@ def build_samplers(seeds: list[int], scale: str, strategies: str, low: int, high
         }
         cells.append(({"balance": name}, fields))
     return _seeded(cells, seeds)
+
+
+# ---- parameters that are lists of registry names ---------------------------------------------------
+# {study: {parameter: the allowed names}}: stored as a comma-separated string (manifests, links and
+# the CLI stay plain), shown by the Studies page as a multiselect over the names.
+NAME_LISTS: dict[str, dict[str, Callable[[], list[str]]]] = {"samplers": {"strategies": _balancing_names}}
+
+
+def name_list_choices(kind: str, param_name: str) -> list[str] | None:
+    """The allowed names when `param_name` of study `kind` is a list of registry names, else None."""
+    choices = NAME_LISTS.get(kind, {}).get(param_name)
+    return list(choices()) if choices else None
+
+
+def name_list_default(kind: str, param: Param) -> list[str]:
+    """A name-list parameter's default (or any stored value) as a list, keeping only allowed names."""
+    choices = name_list_choices(kind, param.name) or []
+    raw = param.default
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).replace(";", ",").split(",")
+    return [name for name in dict.fromkeys(str(item).strip() for item in items) if name in choices]
 
 
 # ---- 3. cumulative trick ablation ----------------------------------------------------------------

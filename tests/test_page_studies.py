@@ -1,0 +1,110 @@
+"""The Studies page (pages/4_Studies.py) through AppTest: results first and the launch form on its own
+tab, the strategies picker, the ablation chart's labels and the cpu-quick note shown once."""
+from __future__ import annotations
+
+import json
+
+from streamlit.testing.v1 import AppTest
+
+from cifar_core.experiments import studies
+from cifar_core.imbalance import BALANCING
+from tests import test_studies
+from tests.test_studies import PAGE, finish_run
+
+# the Studies tests' fixtures: a store for the page, no supervisor, the estimates measured once
+no_worker, measured_studies, page_env = test_studies.no_worker, test_studies.measured_studies, test_studies.page_env
+
+STRATEGIES = f"studies.samplers.{studies.default_scale()}.strategies"
+
+
+def _app() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=60)
+
+
+def _texts(at: AppTest) -> list[str]:
+    parts = []
+    for kind in ("markdown", "caption", "info", "success", "warning", "error"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return parts
+
+
+def _charts(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for name in ("arrow_vega_lite_chart", "vega_lite_chart")
+            for el in at.get(name)]
+
+
+def _ablation_study(store, scale: str = "cpu-quick") -> str:
+    sid = studies.launch_study("ablation", {"scale": scale}, store)
+    for i, entry in enumerate(studies.read_manifest(store, sid)["runs"]):
+        finish_run(store.record(entry["run_id"]), 0.3 + 0.02 * i)
+    return sid
+
+
+def test_strategies_is_a_multiselect_over_the_registry(page_env):
+    store = page_env
+    at = _app().run()
+    assert not at.exception, at.exception
+    picker = at.multiselect(key=STRATEGIES)
+    assert picker.options == BALANCING.names() and picker.value == BALANCING.names()
+    assert STRATEGIES not in [t.key for t in at.text_input]
+    picker.set_value([]).run()  # nothing picked: a message, and nothing can be launched
+    assert any("strategies: choose at least one of" in e.value for e in at.error), [e.value for e in at.error]
+    assert at.button(key="studies.samplers.launch").disabled
+    at.multiselect(key=STRATEGIES).set_value(["random_undersample", "none"]).run()
+    assert not at.error, [e.value for e in at.error]
+    at.button(key="studies.samplers.launch").click().run()
+    assert not at.exception, at.exception
+    (listed,) = studies.list_studies(store)
+    assert listed["params"]["strategies"] == "random_undersample,none"
+    assert [r["cell"]["balance"] for r in listed["runs"]] == ["random_undersample", "none"]
+    assert at.selectbox(key="studies.selected").value == listed["study_id"]  # shown at once
+
+
+def test_results_come_first_and_the_launch_form_is_a_tab(page_env):
+    at = _app().run()
+    assert [t.label for t in at.tabs[:2]] == ["Results", "Launch a study"]
+    assert any("No studies yet" in c.value for c in at.tabs[0].caption)
+    assert at.tabs[1].button(key="studies.samplers.launch")
+    sid = _ablation_study(page_env)
+    at = _app()
+    at.query_params["study"] = sid
+    at.run()
+    assert not at.exception, at.exception
+    results, launch = at.tabs[0], at.tabs[1]
+    assert results.label == "Results" and results.selectbox(key="studies.selected").value == sid
+    assert len(results.dataframe) >= 1
+    assert not [b for b in results.button if b.key and b.key.endswith(".launch")]
+    assert len([b for b in launch.button if b.key and b.key.endswith(".launch")]) == len(studies.STUDIES.names())
+
+
+def test_ablation_chart_shows_every_label(page_env):
+    sid = _ablation_study(page_env)
+    at = _app()
+    at.query_params["study"] = sid
+    at.run()
+    assert not at.exception, at.exception
+    labels = list(at.dataframe[0].value["step"])
+    assert len(labels) == len(studies.ablation_steps()) >= 7
+    specs = [s for s in _charts(at) if "label" in json.dumps(s)]
+    assert specs, "no ablation chart"
+    layers = specs[0].get("layer", [specs[0]])
+    for layer in layers:
+        y = layer["encoding"]["y"]
+        assert y["field"] == "label" and y["type"] == "nominal"  # horizontal bars: one row per step
+        assert y["axis"]["labelOverlap"] is False and y["axis"]["labelLimit"] == 0
+        assert y["scale"]["domain"] == labels  # every step is on the axis, in order
+        assert layer["encoding"]["x"]["type"] == "quantitative"
+
+
+def test_cpu_quick_note_is_shown_once(page_env):
+    sid = _ablation_study(page_env)
+    at = _app()
+    at.session_state["studies.ablation.scale"] = "cpu-quick"
+    at.query_params["study"] = sid
+    at.run()
+    assert not at.exception, at.exception
+    texts = _texts(at)
+    note = studies.INFO["ablation"].cpu_note
+    assert sum(note in t for t in texts) == 1, [t for t in texts if note in t]
+    assert sum("far from converged" in t for t in texts) <= 1
+    assert any("Scale **cpu-quick** (a first look" in t for t in texts)
