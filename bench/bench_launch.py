@@ -3,7 +3,7 @@
 Real headless Chromium (Debian's package) + a real `streamlit run app.py` + the real job supervisor,
 on the "tiny (smoke test)" preset. Prints one line per repetition and the median.
 
-    .venv/bin/python bench/bench_launch.py --data ../shared/data/cifar10 --repeat 3
+    PYTHONPATH=. .venv/bin/python bench/bench_launch.py --data ../shared/data/cifar10 --repeat 3
 """
 from __future__ import annotations
 
