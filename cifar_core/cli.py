@@ -1,4 +1,4 @@
-"""Command line: `python -m cifar_core train|submit|cancel|runs|tensorboard|export|predict|data|describe`.
+"""Command line: `python -m cifar_core train|submit|split|cancel|runs|tensorboard|export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -198,6 +198,15 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_split(args) -> int:
+    from .data import load_cifar10
+    from .engine.prepare import run_split, split_counts
+    cfg = config_from_args(args)
+    arrays = load_cifar10(args.data)
+    print(json.dumps(split_counts(run_split(cfg, arrays.y_train)), indent=2))
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import load_cifar10
     started = time.time()
@@ -312,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
     add_config_flags(submit)
     submit.set_defaults(func=cmd_submit)
+
+    split = sub.add_parser("split", help="print the per-class counts of a run's training split as JSON "
+                                         "(labeled, unlabeled, validation; same flags as train)")
+    split.add_argument("--config", help="a config.json to start from (flags override it)")
+    split.add_argument("--preset", default=None, metavar="NAME",
+                       help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
+    split.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    add_config_flags(split)
+    split.set_defaults(func=cmd_split)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("run_id")

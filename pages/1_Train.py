@@ -10,9 +10,11 @@ import streamlit as st
 from cifar_core import jobs
 from cifar_core.config import RunConfig, parse_chain
 from cifar_core.engine.distill import check_teacher_run, teacher_candidates
+from cifar_core.engine.prepare import run_split, split_counts
 from cifar_core.params import ConfigError
 from cifar_core.experiments.estimate import estimate_run, human_duration
 from cifar_core.experiments.presets import presets
+from ui import charts
 from ui.common import data_source, data_status, friendly_errors, get_store
 from ui.forms import config_form, fingerprint
 
@@ -138,6 +140,27 @@ if estimate is not None:
             f"{estimate.train_images:,} training images × {estimate.epochs} epoch(s) at "
             f"~{estimate.images_per_s:,.0f} images/s.  \n**{cfg.model}**, tricks: {tricks}"
             + "".join(f"  \nNote: {note}." for note in estimate.notes))
+
+# ---- the training split, per class (what `python -m cifar_core split` prints) ----------------------
+@st.cache_data(show_spinner=False, max_entries=2)
+def _train_labels(source: str | None):
+    from cifar_core.data import load_cifar10
+    return load_cifar10(source).y_train.copy()  # only the labels stay cached, not the images
+
+
+if cfg is not None and data["ok"]:
+    with st.expander("Training split per class", expanded=cfg.imbalance != "none" or bool(cfg.label_budget)), \
+            friendly_errors("Computing the split"):
+        counts = split_counts(run_split(cfg, _train_labels(data_source())))
+        totals = counts["totals"]
+        ratio = counts["imbalance_ratio"]
+        st.caption(f"{totals['labeled']:,} labeled · {totals['unlabeled']:,} unlabeled · "
+                   f"{totals['validation']:,} validation images"
+                   + (f" · imbalance ratio {ratio:.1f}" if ratio else "")
+                   + ". The same counts: `python -m cifar_core split` with this run's flags.")
+        for note in counts["notes"]:
+            st.caption(f"Note: {note}.")
+        st.altair_chart(charts.split_chart(counts), width="stretch")
 
 # ---- config and CLI -------------------------------------------------------------------------------
 shown = cfg.to_dict() if cfg is not None else values

@@ -468,3 +468,21 @@ def test_the_missing_teacher_message_names_the_control(runs_root):
     at = page(preset="ViT-tiny distilled")
     message = next(m for m in errors(at) if "needs a teacher_run" in m)
     assert "Train page" not in message and "'Teacher run'" in message
+
+
+def test_the_training_split_is_shown_per_class_before_launch(runs_root, cifar):
+    from cifar_core.config import RunConfig
+    from cifar_core.engine.prepare import run_split, split_counts
+    from cifar_core.experiments.presets import preset
+
+    at = page(preset="tiny (smoke test)")
+    assert_clean(at)
+    expected = split_counts(run_split(RunConfig.from_dict(preset("tiny (smoke test)")), cifar.y_train))["totals"]
+    text = (f"{expected['labeled']:,} labeled · {expected['unlabeled']:,} unlabeled · "
+            f"{expected['validation']:,} validation images")
+    assert any(text in c.value for c in at.caption), [c.value for c in at.caption]
+    specs = [el.proto.spec for el in at.get("vega_lite_chart")]
+    assert any('"part"' in spec and '"unlabeled"' in spec for spec in specs), "no per-class split chart"
+    at.selectbox(key=f"{FORM}.imbalance").set_value("long_tail").run()
+    assert_clean(at)
+    assert any("imbalance ratio" in c.value for c in at.caption)

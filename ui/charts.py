@@ -445,6 +445,27 @@ def show_curves(frames: dict[str, tuple[pd.DataFrame, pd.DataFrame]], x: str, sm
         st.caption(note)
 
 
+SPLIT_PARTS = {"labeled": "#1f77b4", "unlabeled": "#aec7e8", "validation": "#ff7f0e"}
+
+
+def split_chart(counts: dict, height: int = 220) -> alt.Chart:
+    """Stacked per-class bars of a training split (labeled, unlabeled, validation), from
+    `engine.prepare.split_counts`."""
+    rows = [{"class": cls, "part": part, "images": n}
+            for part in SPLIT_PARTS for cls, n in counts[part].items()]
+    df = pd.DataFrame(rows)
+    classes = list(counts["labeled"])
+    return alt.Chart(df).mark_bar().encode(
+        x=alt.X("class:N", sort=classes, title=None, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
+        y=alt.Y("images:Q", title="images", stack="zero"),
+        color=alt.Color("part:N", sort=list(SPLIT_PARTS), title=None, legend=alt.Legend(orient="top"),
+                        scale=alt.Scale(domain=list(SPLIT_PARTS), range=list(SPLIT_PARTS.values()))),
+        order=alt.Order("part_order:Q"),
+        tooltip=[alt.Tooltip("class:N"), alt.Tooltip("part:N"), alt.Tooltip("images:Q", format=",")],
+    ).transform_calculate(part_order=f"indexof({list(SPLIT_PARTS)!r}, datum.part)").properties(
+        height=height, autosize=FIT_X)
+
+
 def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -> alt.Chart | None:
     """Per-class accuracy bars; several runs side by side (grouped) when more than one label."""
     rows = [{"run": label, "class": cls, "acc": float(acc)}

@@ -9,7 +9,8 @@ import torch
 
 from ..augment import AugmentChain
 from ..config import RunConfig
-from ..data import CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, build_split, load_cifar10, per_class_subset, to_device_tensors
+from ..data import (CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, Split, build_split, load_cifar10, per_class_subset,
+                    to_device_tensors)
 from ..devices import resolve_device
 from ..imbalance import build_balance_plan
 from .rng import EPOCH_ORDER, seeded_generator
@@ -39,13 +40,35 @@ class Prepared:
     split_summary: dict
 
 
-def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
-    device = resolve_device(cfg.device)
-    arrays = load_cifar10(data_source)
-    split = build_split(arrays.y_train, {
+def run_split(cfg: RunConfig, y_train) -> Split:
+    """The training split a run of `cfg` uses (pool, validation hold-out, imbalance, label budget):
+    what `prepare` trains on and what `python -m cifar_core split` prints."""
+    return build_split(y_train, {
         "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
         "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
         "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
+
+
+def split_counts(split: Split) -> dict:
+    """Per-class counts of a split, labeled by class name: labeled, unlabeled and validation."""
+    def per_class(counts) -> dict[str, int]:
+        return {name: int(n) for name, n in zip(split.classes, counts)}
+
+    labeled = split.labeled_counts
+    unlabeled = split.train_counts - labeled
+    summary = split.summary()
+    return {"labeled": per_class(labeled), "unlabeled": per_class(unlabeled),
+            "validation": per_class(split.val_counts),
+            "totals": {"labeled": int(labeled.sum()), "unlabeled": int(unlabeled.sum()),
+                       "validation": int(split.val_counts.sum())},
+            "imbalance_ratio": summary["imbalance_ratio"], "seed": split.seed, "spec": summary["spec"],
+            "notes": summary["notes"]}
+
+
+def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
+    device = resolve_device(cfg.device)
+    arrays = load_cifar10(data_source)
+    split = run_split(cfg, arrays.y_train)
     labeled = split.labeled_idx
     train_y_np = arrays.y_train[labeled]
     plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
