@@ -104,8 +104,9 @@ def test_bn_vs_gn_rejects_bad_input():
 
 def test_samplers_five_strategies_on_report_random():
     built = studies.build_study("samplers", {"scale": "cpu-quick"}, seeds=1)
-    assert [c["balance"] for c, _ in built] == BALANCING.names()
-    assert len(built) == 5
+    assert [c["balance"] for c, _ in built] == ["none", "weighted_sampler", "class_weighted_loss",
+                                                "random_oversample", "random_undersample"]
+    assert set(c["balance"] for c, _ in built) <= set(BALANCING.names())
     for cell, cfg in built:
         assert cfg.imbalance == "report_random"
         assert cfg.imbalance_params == {"low": 500, "high": 1000}

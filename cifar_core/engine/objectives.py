@@ -103,9 +103,31 @@ class Objective:
 
 
 def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the balance plan's class weights and the run's label smoothing."""
-    return F.cross_entropy(logits.float(), targets, weight=prep.class_weights,
-                           label_smoothing=prep.cfg.label_smoothing)
+    """Cross-entropy with the balance plan's class weights, logit offsets (Balanced Softmax, logit
+    adjustment) or focal exponent, and the run's label smoothing."""
+    logits = logits.float()
+    if prep.logit_offsets is not None:
+        logits = logits + prep.logit_offsets
+    if prep.focal_gamma > 0:
+        return focal_loss(logits, targets, prep.focal_gamma, prep.class_weights, prep.cfg.label_smoothing)
+    return F.cross_entropy(logits, targets, weight=prep.class_weights, label_smoothing=prep.cfg.label_smoothing)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, weight: torch.Tensor | None = None,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Softmax focal loss with soft targets (mixing augmentations blend labels): the mean over the batch
+    of -Σ_c w_c · t_c · (1 - p_c)^γ · log p_c. Written here because torchvision's focal loss is the
+    sigmoid (one-vs-all) form; with γ = 0 this is exactly F.cross_entropy (a test checks it)."""
+    n_classes = logits.shape[1]
+    if targets.dim() == 1:
+        targets = F.one_hot(targets, n_classes).float()
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / n_classes
+    log_p = F.log_softmax(logits, dim=1)
+    terms = -targets * (1.0 - log_p.exp()).pow(gamma) * log_p
+    if weight is not None:
+        terms = terms * weight
+    return terms.sum(dim=1).mean()
 
 
 def draw_unlabeled(prep: Prepared, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

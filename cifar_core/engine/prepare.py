@@ -33,6 +33,8 @@ class Prepared:
     epoch_indices: np.ndarray    # positions into train_x used each epoch (after resampling)
     sample_weights: torch.Tensor | None
     class_weights: torch.Tensor | None
+    logit_offsets: torch.Tensor | None   # (C,) added to the logits by the training loss only
+    focal_gamma: float                   # > 0: the training loss is the focal loss
     chain: AugmentChain
     mean: torch.Tensor
     std: torch.Tensor
@@ -94,6 +96,8 @@ def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
         sample_weights=None if plan.sample_weights is None else torch.as_tensor(plan.sample_weights),
         class_weights=None if plan.class_weights is None else torch.as_tensor(plan.class_weights,
                                                                                device=device),
+        logit_offsets=None if plan.logit_offsets is None else torch.as_tensor(plan.logit_offsets, device=device),
+        focal_gamma=plan.focal_gamma,
         chain=chain,
         mean=torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
         std=torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
