@@ -290,16 +290,21 @@ def _preset_names() -> list[str]:
     return [repr(name) if " " in name else name for name in presets()]
 
 
+def add_config_source_flags(parser: argparse.ArgumentParser) -> None:
+    """--config, --preset and --data: where a run's config and data come from (train, submit, split)."""
+    parser.add_argument("--config", help="a config.json to start from (flags override it)")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
+    parser.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cifar_core", description="CIFAR-10 Lab command line")
     parser.add_argument("--runs-root", default=None, help="runs folder (default: $CIFAR_LAB_RUNS or ./runs)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model and write a run record")
-    train.add_argument("--config", help="a config.json to start from (flags override it)")
-    train.add_argument("--preset", default=None, metavar="NAME",
-                        help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
-    train.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
+    add_config_source_flags(train)
     train.add_argument("--run-id", default=None, help="id of the new run folder (default: generated)")
     train.add_argument("--resume", default=None, metavar="RUN_ID", help="continue a run from its last checkpoint (best.pt when last.pt is damaged); a queued run starts")
     train.add_argument("--no-progress", action="store_true", help="no terminal progress bar")
@@ -315,19 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
 
     submit = sub.add_parser("submit", help="queue a run as a background job (same flags as train)")
-    submit.add_argument("--config", help="a config.json to start from (flags override it)")
-    submit.add_argument("--preset", default=None, metavar="NAME",
-                        help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
-    submit.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    add_config_source_flags(submit)
     add_config_flags(submit)
     submit.set_defaults(func=cmd_submit)
 
     split = sub.add_parser("split", help="print the per-class counts of a run's training split as JSON "
                                          "(labeled, unlabeled, validation; same flags as train)")
-    split.add_argument("--config", help="a config.json to start from (flags override it)")
-    split.add_argument("--preset", default=None, metavar="NAME",
-                       help="start from a preset (--config and flags override it): " + ", ".join(_preset_names()))
-    split.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    add_config_source_flags(split)
     add_config_flags(split)
     split.set_defaults(func=cmd_split)
 

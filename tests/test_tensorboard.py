@@ -17,9 +17,9 @@ from cifar_core.config import RunConfig
 from cifar_core.engine import train_run
 from cifar_core.processes import process_start_time
 from cifar_core.runs import RunStore
+from tests.test_engine_faults import tiny as fault_tiny
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH, EPOCHS = 4, 3
 # metrics.jsonl keys → the TensorBoard tags the export promises
 TRAIN_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "lr": "train/lr",
               "grad_norm": "train/grad_norm", "images_per_s": "train/images_per_s"}
@@ -29,11 +29,8 @@ FINAL_TAGS = {"test_acc": "final/test_acc", "test_loss": "final/test_loss", "bal
 
 
 def tiny(**changes) -> RunConfig:
-    base = dict(model="lenet", model_params={"dropout": 0.5}, subset="per_class", per_class=30, val_size=100,
-                test_size=200, epochs=EPOCHS, batch_size=50, lr=0.05, schedule="onecycle", log_every=3,
-                augment=[{"name": "random_crop"}, {"name": "hflip"}], device="cpu")
-    base.update(changes)
-    return RunConfig(**base).validated()
+    """test_engine_faults' tiny run, logging every 3 steps (so epochs end between two log lines)."""
+    return fault_tiny(**{"log_every": 3, **changes})
 
 
 def read_events(run_dir: Path) -> event_accumulator.EventAccumulator:
