@@ -269,7 +269,7 @@ for rid in picked:
         row["Δ macro-F1"] = deltas[rid]["macro_f1"]
     rows.append(row)
 pp = st.column_config.NumberColumn(format="%+.2f")
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—",
              column_config={"val acc best %": st.column_config.NumberColumn("val acc best", format="%.2f%%"),
                             "val acc last %": st.column_config.NumberColumn("val acc last", format="%.2f%%"),
                             "test acc %": st.column_config.NumberColumn("test acc", format="%.2f%%"),
