@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cifar_core.models import MODELS, check_model, count_params, create_model
+from cifar_core.models import (MODELS, check_model, classifier_head, count_params, create_model,
+                               penultimate_features)
 from cifar_core.params import ConfigError
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -309,3 +310,17 @@ def test_fastnet_fold_refuses_train_mode_and_negative_scales():
     assert "2 of 3" in model.fold_for_inference()
     assert isinstance(model.block2.norm1, nn.BatchNorm2d)
     assert isinstance(model.block1.norm1, nn.Identity) and isinstance(model.block3.norm1, nn.Identity)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "lenet", "alexnet", "fastnet", "vit", "cait"])
+def test_penultimate_features_are_what_the_head_maps_to_the_logits(name):
+    model = create_model(name, {}).eval()
+    x = torch.rand(3, 3, 32, 32)
+    features = penultimate_features(model, x)
+    head = classifier_head(model)
+    assert features.shape == (3, head.in_features)
+    with torch.no_grad():
+        logits = model(x)
+        from_features = head(features)
+    scale = getattr(model, "scale", 1.0)  # fastnet scales its head's output
+    assert torch.allclose(logits, from_features * scale, atol=1e-5)

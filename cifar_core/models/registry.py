@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from ..params import ConfigError, Registry
 
-__all__ = ["MODELS", "create_model", "check_model", "count_params", "dropout_layer"]
+__all__ = ["MODELS", "create_model", "check_model", "count_params", "dropout_layer", "classifier_head",
+           "penultimate_features"]
 
 MODELS = Registry("model")
 
@@ -64,3 +65,30 @@ def check_model(name: str, params: dict | None = None, num_classes: int = 10) ->
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{name}: expected output shape (2, {num_classes}), got {tuple(out.shape)}")
     return values
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final linear layer that maps a model's features to its logits (`head` of fastnet, ViT and
+    CaiT, `fc` of the ResNets, the last layer of LeNet's and AlexNet's `classifier`). Decoupled
+    training (cRT) re-initialises and retrains it; feature extraction reads its input."""
+    for name in ("head", "fc"):
+        layer = getattr(model, name, None)
+        if isinstance(layer, nn.Linear):
+            return layer
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear):
+        return classifier[-1]
+    raise ConfigError(f"{type(model).__name__} has no recognised classifier head (head, fc or classifier[-1])")
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features the classifier head sees for input `x` (B, D), read with a forward hook on the
+    head so that every model's own forward (whitening, pooling, dropout in eval mode) is used as is."""
+    captured = []
+    hook = classifier_head(model).register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return captured[0].float()
