@@ -1,4 +1,5 @@
-"""Command line: `python -m cifar_core train|submit|split|cancel|runs|tensorboard|export|predict|data|describe`.
+"""Command line: `python -m cifar_core train|submit|split|crt|ensemble|ensemble-result|cancel|runs|tensorboard|
+export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -96,8 +97,22 @@ def cmd_train(args) -> int:
         from .experiments.estimate import estimate_run
         print(estimate_run(cfg, store, data_source=args.data).report())
         return 0
+    if not args.resume:
+        check_init_source(cfg, store, run_id)
     record = train_run(cfg, store=store, run_id=run_id, data_source=args.data, resume=bool(args.resume),
                        progress=not args.no_progress, meta=None if args.resume else {"command": args.command_line})
+    return report_trained(record)
+
+
+def check_init_source(cfg: RunConfig, store, run_id: str | None = None) -> None:
+    """ConfigError now, before any record or job exists, when cfg.init_run cannot be started from."""
+    if cfg.init_run:
+        from .engine.init_from import check_init_run
+        check_init_run(store, cfg, run_id)
+
+
+def report_trained(record) -> int:
+    """Print a trained run's outcome and record; 0 when it completed."""
     status = record.status()
     results = record.results() or {}
     line = f"run {record.run_id}: {status.get('state')}"
@@ -185,9 +200,56 @@ def cmd_submit(args) -> int:
     from .runs import RunStore
     from .data import load_cifar10
     cfg = config_from_args(args)
+    store = RunStore(args.runs_root)
+    check_init_source(cfg, store)
     load_cifar10(args.data)  # no data: say so now, not when the queued job fails later
-    record = submit(cfg, RunStore(args.runs_root), data_source=args.data)
+    record = submit(cfg, store, data_source=args.data)
     print(record.run_id)
+    return 0
+
+
+def cmd_crt(args) -> int:
+    from .engine.init_from import crt_config
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    cfg = crt_config(store, args.run_id, epochs=args.epochs)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    if args.submit:
+        from .data import load_cifar10
+        from .jobs import submit
+        load_cifar10(args.data)  # no data: say so now, not when the queued job fails later
+        record = submit(cfg, store, data_source=args.data, meta={"command": args.command_line})
+        print(record.run_id)
+        return 0
+    from .engine import train_run
+    record = train_run(cfg, store=store, data_source=args.data, progress=not args.no_progress,
+                       meta={"command": args.command_line})
+    return report_trained(record)
+
+
+def cmd_ensemble(args) -> int:
+    from .data import load_cifar10
+    from .experiments.ensembles import launch_ensemble, member_configs
+    from .runs import RunStore
+    cfg = config_from_args(args)
+    store = RunStore(args.runs_root)
+    check_init_source(cfg, store)
+    member_configs(cfg, args.members)  # a bad K or balancing: say so before looking for the data
+    load_cifar10(args.data)  # no data: say so now, not when the queued jobs fail later
+    ensemble_id = launch_ensemble(cfg, args.members, store, data_source=args.data)
+    print(ensemble_id)
+    return 0
+
+
+def cmd_ensemble_result(args) -> int:
+    from .experiments.ensembles import ensemble_result
+    from .jobs import refresh
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    refresh(store)  # a member whose process vanished is failed, not running
+    print(json.dumps(ensemble_result(store, args.ensemble_id), indent=2))
     return 0
 
 
@@ -329,6 +391,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_source_flags(split)
     add_config_flags(split)
     split.set_defaults(func=cmd_split)
+
+    crt = sub.add_parser("crt", help="classifier re-training (cRT, Kang et al. 2020) of a finished run: its "
+                                     "features frozen, the head re-initialised and trained with class-balanced "
+                                     "sampling for a few epochs",
+                         description="Builds the run from RUN_ID's config (same data, split, seed, model and "
+                                     "augmentation) with --init-run RUN_ID --init-mode crt --balance "
+                                     "class_balanced_sampling and a short cosine schedule, then trains it here "
+                                     "(or queues it with --submit).")
+    crt.add_argument("run_id", metavar="RUN_ID", help="a completed run in the runs folder")
+    crt.add_argument("--epochs", type=int, default=None,
+                     help="epochs of re-training (default: a tenth of the run's, 1 to 10)")
+    crt.add_argument("--submit", action="store_true", help="queue it as a background job instead")
+    crt.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder (default: $CIFAR10_NPZ, cache)")
+    crt.add_argument("--no-progress", action="store_true", help="no terminal progress bar")
+    crt.add_argument("--print-config", action="store_true", help="print the cRT run's config and exit")
+    crt.set_defaults(func=cmd_crt)
+
+    ensemble = sub.add_parser("ensemble", help="queue an EasyEnsemble: K runs, each on its own balanced "
+                                               "under-sample (same flags as train); prints the ensemble id")
+    ensemble.add_argument("--members", type=int, default=5, help="K, the number of member runs (2..100; default 5)")
+    add_config_source_flags(ensemble)
+    add_config_flags(ensemble)
+    ensemble.set_defaults(func=cmd_ensemble)
+
+    ensemble_result = sub.add_parser("ensemble-result", help="an ensemble's averaged-logits evaluation and each "
+                                                             "member's own, as JSON")
+    ensemble_result.add_argument("ensemble_id", metavar="ID")
+    ensemble_result.set_defaults(func=cmd_ensemble_result)
 
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("run_id")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
+INIT_MODES = ("finetune", "linear_probe", "crt")  # how init_run's weights are used (engine/init_from.py)
 SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "distill", "speed")
 # Where the form shows them: architecture in "model", what fights overfitting (weight decay, smoothing,
 # clipping, EMA, and the models' own dropout / stochastic depth, see MODEL_PARAM_SECTIONS) in
@@ -58,6 +59,19 @@ class RunConfig:
     # model
     model: str = _p("model", Param("model", "str", "resnet18"), "Model")
     model_params: dict = _reg("model", "model", "Model options", owner="model")
+    # initial weights from a finished run (fine-tuning, linear probe, cRT: engine/init_from.py)
+    init_run: str = _p("model", Param("init_run", "str", "",
+                                      help="Start from the weights of a completed run in the same runs folder "
+                                           "(the weights its test report measured: last checkpoint, else best); "
+                                           "same model and model options. Empty: random initialisation."),
+                       "Initialise from run (id)")
+    init_mode: str = _p("model", Param(
+        "init_mode", "choice", "finetune", choices=INIT_MODES,
+        help="With an init run: finetune = load every weight and train them all; linear_probe = load every "
+             "weight and train only the classifier head (the rest frozen, its BatchNorm statistics too); "
+             "crt = classifier re-training (Kang et al. 2020, decoupling): load, re-initialise the head and "
+             "train only it, best with class-balanced sampling and a few epochs."),
+        "Initialisation mode")
     # data
     subset: str = _p("data", Param("subset", "choice", "full", choices=("full", "random", "per_class"),
                                    help="Which training images to use."), "Training images")
@@ -263,6 +277,15 @@ class RunConfig:
                 validate_id(v["teacher_run"], "run id")
             except ConfigError as exc:
                 raise ConfigError(f"teacher_run: {exc}") from None
+        if v["init_run"]:
+            try:
+                validate_id(v["init_run"], "run id")
+            except ConfigError as exc:
+                raise ConfigError(f"init_run: {exc}") from None
+        if v["init_mode"] != "finetune" and not v["init_run"]:
+            raise ConfigError(f"init_mode={v['init_mode']} needs an init_run: the id of a completed run in the same "
+                              "runs folder whose weights to start from (choose one in the 'Initialise from a "
+                              "finished run' list, or pass --init-run RUN_ID)")
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
                               "same runs folder (choose one in the 'Teacher run' list, or pass "
@@ -381,6 +404,8 @@ class RunConfig:
             tricks.append(self.balance)
         if self.distill != "none":
             tricks.append(f"distill-{self.distill}")
+        if self.init_run:
+            tricks.append(f"init-{self.init_mode}")
         norm = self.model_params.get("norm")
         if norm and norm != "batch":
             tricks.append(f"norm={norm}")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 from .config import RunConfig, config_diff, config_value
-from .params import ID_RE, ConfigError, validate_id
+from .params import ID_RE, ConfigError, reject_unknown, validate_id
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 FINAL_STATES = ("completed", "failed", "cancelled")
@@ -77,17 +77,24 @@ def run_duration(status: dict, now: float | None = None) -> float | None:
     return None
 
 
+GROUP_METRICS = ("many_acc", "medium_acc", "few_acc")  # results.json's group_acc, flattened
+
+
 def final_metrics(status: dict, results: dict | None) -> dict[str, float | None]:
     """A run's final numbers: results.json's, else what status.json recorded (None where neither has
-    one): test_acc, balanced_acc, macro_f1, train_seconds, steps, params."""
+    one): test_acc, balanced_acc, macro_f1, ece, train_seconds, steps, params, and the many / medium /
+    few-shot group accuracies (many_acc, medium_acc, few_acc; None for a balanced training set)."""
     results = results if isinstance(results, dict) else {}
     out = {}
-    for key in ("test_acc", "balanced_acc", "macro_f1", "train_seconds"):
+    for key in ("test_acc", "balanced_acc", "macro_f1", "ece", "train_seconds"):
         value = _number(results.get(key))
         out[key] = value if value is not None else _number(status.get(key))
     steps = _number(results.get("steps"))
     out["steps"] = steps if steps is not None else _number(status.get("step"))
     out["params"] = _number(status.get("params"))
+    groups = results.get("group_acc") if isinstance(results.get("group_acc"), dict) else {}
+    for key in GROUP_METRICS:
+        out[key] = _number(groups.get(key.removesuffix("_acc")))
     return out
 
 
@@ -281,6 +288,40 @@ class Annotations:
 
 
 
+LOGITS_FILE = "logits.npz"
+LOGITS_DTYPES = {"test_logits": "float32", "test_labels": "int64", "val_logits": "float32",
+                 "val_labels": "int64", "train_counts": "int64"}
+
+
+def check_logits_arrays(arrays: dict, where: str) -> None:
+    """ConfigError unless `arrays` holds the LOGITS_DTYPES arrays with those dtypes and matching shapes:
+    test_logits (N, C), test_labels (N,), val_logits (M, C), val_labels (M,) (M = 0: no validation
+    split), train_counts (C,); labels in 0..C-1, finite logits, counts >= 0."""
+    import numpy as np
+
+    missing = [key for key in LOGITS_DTYPES if key not in arrays]
+    if missing:
+        raise ConfigError(f"{where} lacks {', '.join(missing)}")
+    for key, dtype in LOGITS_DTYPES.items():
+        if arrays[key].dtype != np.dtype(dtype):
+            raise ConfigError(f"{where}: {key} is {arrays[key].dtype}, expected {dtype}")
+    counts = arrays["train_counts"]
+    if counts.ndim != 1 or counts.shape[0] < 2 or (counts < 0).any():
+        raise ConfigError(f"{where}: train_counts must be one count >= 0 per class, got shape {counts.shape}")
+    num_classes = counts.shape[0]
+    for split in ("test", "val"):
+        logits, labels = arrays[f"{split}_logits"], arrays[f"{split}_labels"]
+        if logits.ndim != 2 or logits.shape[1] != num_classes or labels.shape != logits.shape[:1]:
+            raise ConfigError(f"{where}: {split}_logits {logits.shape} and {split}_labels {labels.shape} do not "
+                              f"match: expected (N, {num_classes}) and (N,)")
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ConfigError(f"{where}: {split}_labels must be class indices 0..{num_classes - 1}")
+        if not np.isfinite(logits).all():
+            raise ConfigError(f"{where}: {split}_logits hold NaN or infinite values")
+    if arrays["test_labels"].size == 0:
+        raise ConfigError(f"{where}: no test logits")
+
+
 class RunRecord:
     """One run folder. Construct through RunStore so the id is validated and contained."""
 
@@ -302,6 +343,8 @@ class RunRecord:
     def log_path(self) -> Path: return self.path / "train.log"
     @property
     def annotations_path(self) -> Path: return self.path / "annotations.json"
+    @property
+    def logits_path(self) -> Path: return self.path / LOGITS_FILE
 
     def checkpoint_path(self, which: str) -> Path:
         if which not in ("last", "best"):
@@ -370,6 +413,38 @@ class RunRecord:
 
     def results(self) -> dict | None:
         return read_json_object(self.results_path)[0]
+
+    # saved logits: the final model's on the test and validation splits (threshold moving, re-scoring)
+    def write_logits(self, **arrays) -> None:
+        """Write logits.npz atomically: the LOGITS_DTYPES arrays, converted to those dtypes and checked."""
+        import io
+
+        import numpy as np
+
+        reject_unknown(arrays, LOGITS_DTYPES, "logits.npz", "array(s)")
+        arrays = {key: np.ascontiguousarray(arrays[key], dtype=dtype) for key, dtype in LOGITS_DTYPES.items()}
+        check_logits_arrays(arrays, f"run {self.run_id}: logits to save")
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.logits_path, buffer.getvalue())
+
+    def read_logits(self) -> dict[str, np.ndarray] | None:
+        """logits.npz as {name: array} (see LOGITS_DTYPES); None when the run saved none (it has not
+        finished, or predates saved logits); ConfigError saying what is wrong when it is damaged."""
+        import numpy as np
+
+        path = self.logits_path
+        if not path.is_file():
+            return None
+        where = f"{path.name} of run {self.run_id}"
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises many kinds; a reader must not crash
+            raise ConfigError(f"{where} is unreadable ({type(exc).__name__}: {exc}); delete it, or train the "
+                              "run again to save its logits") from None
+        check_logits_arrays(arrays, where)
+        return arrays
 
     # annotations: written by the app only, never by the trainer (so it never races status.json)
     def annotations(self) -> Annotations:

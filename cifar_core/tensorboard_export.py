@@ -42,7 +42,7 @@ DISABLE_ENV = "CIFAR_LAB_TENSORBOARD"  # "0": the trainer writes no events
 TRAIN_TAGS = {"train_loss": "loss", "train_acc": "acc"}  # other train keys keep their name
 EVAL_TAGS = {"val_loss": "loss", "val_acc": "acc"}
 NOT_SCALARS = frozenset({"step", "epoch", "elapsed", "time", "first_step"})
-FINAL_METRICS = ("test_acc", "test_loss", "balanced_acc", "macro_f1")
+FINAL_METRICS = ("test_acc", "test_loss", "balanced_acc", "macro_f1", "ece")
 ACTIVE_STATES = ("starting", "running")  # the trainer owns the event file then
 
 

@@ -10,6 +10,7 @@ import streamlit as st
 from cifar_core import jobs
 from cifar_core.config import RunConfig, parse_chain
 from cifar_core.engine.distill import check_teacher_run, teacher_candidates
+from cifar_core.engine.init_from import check_init_run, init_candidates
 from cifar_core.engine.prepare import run_split, split_counts
 from cifar_core.params import ConfigError
 from cifar_core.experiments.estimate import estimate_run, human_duration
@@ -21,6 +22,7 @@ from ui.forms import config_form, fingerprint
 RUNS_PAGE = "pages/2_Runs.py"
 FORM_KEY = "train.form"
 TEACHER_PICK = "train.teacher_pick"
+INIT_PICK = "train.init_pick"
 CONFIRM_KEY = "train.confirm_long"
 LONG_RUN_S = 10 * 60  # a launch estimated longer than this is confirmed first, with its estimate
 
@@ -116,10 +118,44 @@ if values.get("distill", "none") != "none":
                          help="A completed run in this runs folder; its last checkpoint (else its best) "
                               "teaches. Fills teacher_run in the Distill tab.")
 
+# ---- initial weights: a picker over the finished runs that fills the form's init_run ----------------
+def _use_picked_init():
+    st.session_state[f"{FORM_KEY}.init_run"] = st.session_state.get(INIT_PICK) or ""
+
+
+with friendly_errors("Listing the runs to start from"):
+    starts = {c["run_id"]: c for c in init_candidates(store, values.get("model"), values.get("model_params"))}
+    if starts:
+        with st.expander("Initialise from a finished run (fine-tune, linear probe, cRT)",
+                         expanded=bool(values.get("init_run"))):
+            st.session_state[INIT_PICK] = values.get("init_run") if values.get("init_run") in starts else ""
+
+            def _start_label(run_id: str) -> str:
+                if not run_id:
+                    return "none: random initialisation"
+                c = starts[run_id]
+                acc = f"{c['test_acc']:.1%}" if isinstance(c["test_acc"], (int, float)) else "?"
+                fits = {True: "", False: " · another model"}.get(c["fits"], "")
+                return f"{run_id} · {c['model']} · test {acc}{fits}"
+
+            st.selectbox("Start from the weights of", [""] + list(starts), key=INIT_PICK, format_func=_start_label,
+                         on_change=_use_picked_init,
+                         help="A completed run in this runs folder with the same model and model options; its "
+                              "last checkpoint (else its best) is loaded. Fills init_run in the Model tab.")
+            st.caption("The Model tab's *Initialisation mode* says what trains: finetune (every weight), "
+                       "linear_probe (the classifier head only) or crt (the head re-initialised, then trained "
+                       "alone: with class_balanced_sampling under Data and a few epochs, this is cRT; "
+                       "`python -m cifar_core crt RUN_ID` builds that run from a finished one).")
+
 cfg, errors = RunConfig.checked(values)
 if cfg is not None and cfg.distill != "none":
     try:  # the config alone cannot know whether the run exists and has finished
         check_teacher_run(store, cfg.teacher_run)
+    except ConfigError as exc:
+        cfg, errors = None, [str(exc)]
+if cfg is not None and cfg.init_run:
+    try:
+        check_init_run(store, cfg)
     except ConfigError as exc:
         cfg, errors = None, [str(exc)]
 for message in errors:

@@ -357,22 +357,10 @@ def results_section(store, run_id: str, state: str) -> None:
             st.warning("results.json is missing or unreadable, so the final evaluation can't be shown.")
         else:
             with friendly_errors("Showing the results"):
-                seconds = results.get("train_seconds", status.get("train_seconds"))
-                cols = st.columns(4)
-                cols[0].metric("test accuracy", _pct(results.get("test_acc")))
-                cols[1].metric("balanced accuracy", _pct(results.get("balanced_acc")))
-                cols[2].metric("macro-F1", f"{results['macro_f1']:.4f}"
-                               if isinstance(results.get("macro_f1"), (int, float)) else "—")
-                cols[3].metric("training time", charts.fmt_duration(seconds))
+                final_numbers(results, status)
                 left, right = st.columns([1, 1])
                 with left:
-                    st.markdown("**Per-class accuracy** (test)")
-                    per_class = results.get("per_class_acc")
-                    chart = charts.per_class_chart({run_id: per_class}) if isinstance(per_class, dict) else None
-                    if chart is None:
-                        st.caption("No per-class accuracy in results.json.")
-                    else:
-                        st.altair_chart(chart, width="stretch")
+                    per_class_recall(run_id, results)
                 with right:
                     st.markdown("**Confusion matrix** (test; rows: true class)")
                     chart = charts.confusion_chart(results.get("confusion_matrix") or [],
@@ -381,9 +369,68 @@ def results_section(store, run_id: str, state: str) -> None:
                         st.caption("No confusion matrix in results.json.")
                     else:
                         st.altair_chart(chart, width="content")
+                calibration(results)
     if state == "completed":
         export_section(store, record)
     downloads(record)
+
+
+def final_numbers(results: dict, status: dict) -> None:
+    """The headline test metrics, and the many / medium / few-shot accuracies of an imbalanced run."""
+    seconds = results.get("train_seconds", status.get("train_seconds"))
+    cols = st.columns(5)
+    cols[0].metric("test accuracy", _pct(results.get("test_acc")))
+    cols[1].metric("balanced accuracy", _pct(results.get("balanced_acc")),
+                   help="The mean of the per-class recalls: every class counts the same.")
+    cols[2].metric("macro-F1", _fixed(results.get("macro_f1")))
+    cols[3].metric("ECE", _fixed(results.get("ece")),
+                   help="Expected calibration error: the gap between confidence and accuracy, averaged over "
+                        f"{results.get('ece_bins', 15)} confidence bins weighted by their images (0 = calibrated).")
+    cols[4].metric("training time", charts.fmt_duration(seconds))
+    groups, accs = results.get("class_groups"), results.get("group_acc")
+    if isinstance(groups, dict) and isinstance(accs, dict):
+        cols = st.columns(3)
+        for col, name in zip(cols, ("many", "medium", "few")):
+            members = groups.get(name) or []
+            col.metric(f"{name}-shot accuracy", _pct(accs.get(name)),
+                       help=f"Mean recall of {', '.join(members) or 'no class'}: the classes with the "
+                            + {"many": "most", "medium": "middle", "few": "fewest"}[name] + " training images.")
+        st.caption("Groups by training count: the top 30% of the classes are many-shot, the bottom 30% few-shot, "
+                   "the rest medium.")
+    elif "group_acc" in results:
+        st.caption("Balanced training set: every class had as many images, so there are no many / medium / "
+                   "few-shot groups.")
+
+
+def _fixed(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else "—"
+
+
+def per_class_recall(run_id: str, results: dict) -> None:
+    st.markdown("**Per-class recall** (test)")
+    per_class = results.get("per_class_recall", results.get("per_class_acc"))
+    groups = results.get("class_groups") if isinstance(results.get("class_groups"), dict) else None
+    chart = charts.per_class_chart({run_id: per_class}, title="recall", groups=groups) \
+        if isinstance(per_class, dict) else None
+    if chart is None:
+        st.caption("No per-class recall in results.json.")
+    else:
+        st.altair_chart(chart, width="stretch")
+
+
+def calibration(results: dict) -> None:
+    st.markdown("**Reliability diagram** (test)")
+    chart = charts.reliability_chart(results.get("reliability"))
+    if chart is None:
+        st.caption("No reliability bins in results.json (runs trained before calibration was measured).")
+        return
+    left, right = st.columns([3, 2])
+    with left:
+        st.altair_chart(chart, width="stretch")
+    right.caption("Bars: the accuracy of the test images whose top probability falls in each confidence bin; "
+                  "red ticks: their mean confidence; dashed: perfect calibration. Bars below the diagonal "
+                  f"mean over-confidence. ECE {_fixed(results.get('ece'))} is the gap weighted by each bin's "
+                  "share of the images.")
 
 
 def export_section(store, record) -> None:
@@ -465,7 +512,8 @@ def downloads(record) -> None:
     files = [(record.config_path, "config.json", "application/json"),
              (record.metrics_path, "metrics.jsonl", "application/jsonl"),
              (record.checkpoint_path("best"), "best.pt", "application/octet-stream"),
-             (record.checkpoint_path("last"), "last.pt", "application/octet-stream")]
+             (record.checkpoint_path("last"), "last.pt", "application/octet-stream"),
+             (record.logits_path, "logits.npz", "application/octet-stream")]
     present = [(p, n, m) for p, n, m in files if p.is_file()]
     if not present:
         return

@@ -17,9 +17,13 @@ from ui.common import friendly_errors, get_store
 MAX_RUNS = 50
 NO_BASELINE = "(no baseline)"
 GROUPINGS = {"no grouping": None, "tag": "tag", "same config, any seed": "config"}
-METRIC_KEYS = ("best_val_acc", "last_val_acc", "test_acc", "balanced_acc", "macro_f1")
+METRIC_KEYS = ("best_val_acc", "last_val_acc", "test_acc", "balanced_acc", "macro_f1", "ece", "many_acc",
+               "medium_acc", "few_acc")
 PERCENT = {"best_val_acc": "val acc best", "last_val_acc": "val acc last", "test_acc": "test acc",
-           "balanced_acc": "balanced acc"}
+           "balanced_acc": "balanced acc", "many_acc": "many-shot acc", "medium_acc": "medium-shot acc",
+           "few_acc": "few-shot acc"}
+# shown only when some picked run has them (runs trained before they were measured, balanced sets: none)
+OPTIONAL_COLUMNS = ("ECE", "many-shot acc %", "medium-shot acc %", "few-shot acc %", "Δ ECE")
 
 
 def _show(value) -> str:
@@ -260,26 +264,37 @@ for rid in picked:
            "tags": ", ".join(notes[rid].tags),
            "val acc best %": _pct(m["best_val_acc"]), "val acc last %": _pct(m["last_val_acc"]),
            "test acc %": _pct(m["test_acc"]), "balanced acc %": _pct(m["balanced_acc"]), "macro-F1": m["macro_f1"],
+           "ECE": m["ece"], **{f"{PERCENT[key]} %": _pct(m[key]) for key in runs.GROUP_METRICS},
            "train time": charts.fmt_duration(m["train_seconds"]),
            "steps": None if m["steps"] is None else int(m["steps"]),
            "params": None if m["params"] is None else int(m["params"])}
     if baseline:
-        for key in ("test_acc", "best_val_acc", "last_val_acc"):
+        for key in ("test_acc", "balanced_acc", "best_val_acc", "last_val_acc"):
             row[f"Δ {PERCENT[key]} (pp)"] = _pct(deltas[rid][key])
         row["Δ macro-F1"] = deltas[rid]["macro_f1"]
+        row["Δ ECE"] = deltas[rid]["ece"]
     rows.append(row)
+final_table = pd.DataFrame(rows)
+final_table = final_table.drop(columns=[c for c in OPTIONAL_COLUMNS if c in final_table and final_table[c].isna().all()])
 pp = st.column_config.NumberColumn(format="%+.2f")
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—",
+st.dataframe(final_table, hide_index=True, width="stretch", placeholder="—",
              column_config={"val acc best %": st.column_config.NumberColumn("val acc best", format="%.2f%%"),
                             "val acc last %": st.column_config.NumberColumn("val acc last", format="%.2f%%"),
                             "test acc %": st.column_config.NumberColumn("test acc", format="%.2f%%"),
                             "balanced acc %": st.column_config.NumberColumn("balanced acc", format="%.2f%%"),
                             "macro-F1": st.column_config.NumberColumn(format="%.4f"),
+                            "ECE": st.column_config.NumberColumn(
+                                format="%.4f", help="Expected calibration error (0 = calibrated; lower is better)."),
+                            **{f"{PERCENT[key]} %": st.column_config.NumberColumn(PERCENT[key], format="%.2f%%")
+                               for key in runs.GROUP_METRICS},
                             "params": st.column_config.NumberColumn(format="localized"),
-                            **{f"Δ {name} (pp)": pp for name in ("test acc", "val acc best", "val acc last")},
-                            "Δ macro-F1": st.column_config.NumberColumn(format="%+.4f")})
+                            **{f"Δ {name} (pp)": pp for name in ("test acc", "balanced acc", "val acc best",
+                                                                 "val acc last")},
+                            "Δ macro-F1": st.column_config.NumberColumn(format="%+.4f"),
+                            "Δ ECE": st.column_config.NumberColumn(format="%+.4f")})
 st.caption("val acc best: the best validation accuracy during training (the checkpoint kept as best.pt); "
-           "last: the final evaluation's. Test acc: the final model on the test set."
+           "last: the final evaluation's. Test acc: the final model on the test set. Many / medium / few-shot: "
+           "the mean recall of the top 30%, middle and bottom 30% of the classes by training count."
            + (" Δ: minus the baseline's value (percentage points)." if baseline else ""))
 if groups:
     st.markdown("**Groups: mean ± std across each group's runs**")
@@ -290,16 +305,16 @@ if groups:
            for key in METRIC_KEYS}} for row in summary]), hide_index=True, width="stretch")
     st.caption("std: the sample standard deviation across the group's runs (none for a group of one).")
 
-st.subheader("Per-class accuracy (test)")
-per_class = {labels[rid]: res.get("per_class_acc") for rid, res in results.items()
-             if res and isinstance(res.get("per_class_acc"), dict)}
+st.subheader("Per-class recall (test)")
+per_class = {labels[rid]: res.get("per_class_recall", res.get("per_class_acc")) for rid, res in results.items()
+             if res and isinstance(res.get("per_class_recall", res.get("per_class_acc")), dict)}
 missing = [labels[rid] for rid in picked if labels[rid] not in per_class]
 if missing:
     st.caption("No final evaluation yet for: " + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else ""))
 if per_class:
-    with friendly_errors("Drawing per-class accuracy"):
+    with friendly_errors("Drawing per-class recall"):
         if len(per_class) <= 12:
-            chart = charts.per_class_chart(per_class)
+            chart = charts.per_class_chart(per_class, title="recall")
             if chart is not None:
                 st.altair_chart(chart, width="stretch")
         else:

@@ -43,7 +43,7 @@ def test_json_round_trip_is_identity():
     ({"lr": float("nan")}, "finite"),
     ({"nesterov": "maybe"}, "expected true or false"),
     ({"imbalance": "long_tail", "imbalance_params": {"imbalance_ratio": 0}}, "imbalance_ratio"),
-    ({"balance": "smote"}, "unknown balancing strategy"),
+    ({"balance": "no_such_strategy"}, "unknown balancing strategy"),
 ])
 def test_invalid_values_raise_clear_errors(changes, fragment):
     with pytest.raises(ConfigError) as err:

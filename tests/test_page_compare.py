@@ -167,3 +167,34 @@ def test_a_damaged_annotations_file_is_a_message(store):
     at = app(["r1", "r2"])
     assert_ok(at)
     assert "annotations.json is unreadable" in texts(at)
+
+
+def test_final_metrics_show_calibration_and_group_accuracies(store):
+    from cifar_core.runs import read_json
+
+    imbalanced = {"ece": 0.12, "group_acc": {"many": 0.95, "medium": 0.8, "few": 0.4}}
+    for rid, extra in (("lt", imbalanced), ("lt2", {**imbalanced, "ece": 0.05}), ("old", {})):
+        record = make_run(store, rid)
+        atomic_write_json(record.results_path, {**read_json(record.results_path), **extra})
+    at = app(["lt", "lt2", "old"])
+    assert_ok(at)
+    final = table(at, "ECE")
+    assert list(final["ECE"].iloc[:2]) == pytest.approx([0.12, 0.05])
+    assert final["ECE"].isna().iloc[2]  # older results: no ECE
+    assert list(final["few-shot acc %"].iloc[:2]) == pytest.approx([40.0, 40.0])
+    assert list(final["many-shot acc %"].iloc[:2]) == pytest.approx([95.0, 95.0])
+    at.selectbox(key="cmp_baseline").select("lt").run()
+    assert_ok(at)
+    assert table(at, "Δ ECE")["Δ ECE"].iloc[1] == pytest.approx(-0.07)
+    at.selectbox(key="cmp_group").select("same config, any seed").run()
+    assert_ok(at)
+    assert "ece" in table(at, "group").columns and "few-shot acc %" in table(at, "group").columns
+
+
+def test_runs_without_the_new_metrics_do_not_get_empty_columns(store):
+    make_run(store, "a")
+    make_run(store, "b", lr=0.1)
+    at = app(["a", "b"])
+    assert_ok(at)
+    columns = table(at, "test acc %").columns
+    assert "ECE" not in columns and "few-shot acc %" not in columns

@@ -352,3 +352,50 @@ def test_queued_run_says_what_it_waits_for_instead_of_empty_charts(store):
     assert "Queued — waiting for a free CPU slot (r-running is training" in info, info
     assert "live_x" not in {r.key for r in at.radio}  # no chart controls
     assert "No metric lines yet" not in texts(at)
+
+
+def write_imbalance_results(record, train_counts) -> dict:
+    """results.json as the trainer writes it now (metrics.imbalance_report of constructed logits)."""
+    import numpy as np
+
+    from cifar_core.imbalance.metrics import imbalance_report
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 10
+    logits = rng.normal(size=(400, 10))
+    logits[np.arange(400), labels] += np.where(labels < 3, 3.0, 0.5)  # the head classes are easy
+    report = imbalance_report(logits, labels, train_counts, CLASSES)
+    report.update(train_seconds=100.0, steps=100, total_steps=100, test_loss=1.0)
+    atomic_write_json(record.results_path, report)
+    return report
+
+
+def test_results_show_calibration_groups_and_per_class_recall(store):
+    record = make_run(store, "r-lt", "completed")
+    report = write_imbalance_results(record, [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50])
+    at = app(RUNS_PAGE, run="r-lt")
+    assert_ok(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["ECE"] == f"{report['ece']:.4f}"
+    assert metrics["many-shot accuracy"] == f"{100 * report['group_acc']['many']:.2f}%"
+    assert metrics["few-shot accuracy"] == f"{100 * report['group_acc']['few']:.2f}%"
+    assert report["group_acc"]["many"] > report["group_acc"]["few"]
+    shown = texts(at)
+    assert "Per-class recall" in shown and "Reliability diagram" in shown
+    specs = [el.proto.spec for el in at.get("vega_lite_chart")]
+    assert any('"tick"' in spec and '"confidence"' in spec and '"accuracy"' in spec for spec in specs), \
+        "no reliability diagram"
+    assert any('"group"' in spec and '"few"' in spec for spec in specs), "per-class bars are not coloured by group"
+
+
+def test_balanced_and_older_results_say_what_is_missing(store):
+    write_imbalance_results(make_run(store, "r-bal", "completed"), [500] * 10)
+    at = app(RUNS_PAGE, run="r-bal")
+    assert_ok(at)
+    assert "no many / medium / few-shot groups" in texts(at)
+    assert "few-shot accuracy" not in [m.label for m in at.metric]
+    make_run(store, "r-old", "completed")  # results.json without calibration
+    at = app(RUNS_PAGE, run="r-old")
+    assert_ok(at)
+    assert {m.label: m.value for m in at.metric}["ECE"] == "—"
+    assert "No reliability bins" in texts(at)

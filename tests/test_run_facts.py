@@ -51,9 +51,12 @@ def test_run_duration():
 def test_final_metrics_prefer_results_then_status():
     status = {"test_acc": 0.5, "macro_f1": 0.4, "step": 80, "params": 1234}
     m = final_metrics(status, {"test_acc": 0.9, "steps": 100, "train_seconds": 12.0})
-    assert m == {"test_acc": 0.9, "balanced_acc": None, "macro_f1": 0.4, "train_seconds": 12.0, "steps": 100.0,
-                 "params": 1234.0}
+    assert m == {"test_acc": 0.9, "balanced_acc": None, "macro_f1": 0.4, "ece": None, "train_seconds": 12.0,
+                 "steps": 100.0, "params": 1234.0, "many_acc": None, "medium_acc": None, "few_acc": None}
     assert final_metrics(status, None)["steps"] == 80.0
+    groups = final_metrics({"ece": 0.2}, {"group_acc": {"many": 0.9, "medium": 0.7, "few": None}, "ece": 0.1})
+    assert (groups["ece"], groups["many_acc"], groups["medium_acc"], groups["few_acc"]) == (0.1, 0.9, 0.7, None)
+    assert final_metrics({"ece": 0.2}, {})["ece"] == 0.2  # status.json's when results.json lacks it
 
 
 def test_run_progress_eta_counts_down_until_metrics_go_stale():

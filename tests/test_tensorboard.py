@@ -25,7 +25,7 @@ TRAIN_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "lr": "train
               "grad_norm": "train/grad_norm", "images_per_s": "train/images_per_s"}
 EVAL_TAGS = {"val_loss": "val/loss", "val_acc": "val/acc"}
 FINAL_TAGS = {"test_acc": "final/test_acc", "test_loss": "final/test_loss", "balanced_acc": "final/balanced_acc",
-              "macro_f1": "final/macro_f1"}
+              "macro_f1": "final/macro_f1", "ece": "final/ece"}
 
 
 def tiny(**changes) -> RunConfig:

@@ -1,5 +1,5 @@
 """Altair charts for runs: training curves (one run, several overlaid, or groups of runs as a mean
-line and a ± std band), per-class accuracy, confusion matrix. Builders return Altair charts and do not touch Streamlit except `curve_controls`
+line and a ± std band), per-class accuracy, confusion matrix, reliability diagram. Builders return Altair charts and do not touch Streamlit except `curve_controls`
 and `show_curves`, which draw the shared controls and the chart row.
 """
 from __future__ import annotations
@@ -466,9 +466,15 @@ def split_chart(counts: dict, height: int = 220) -> alt.Chart:
         height=height, autosize=FIT_X)
 
 
-def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -> alt.Chart | None:
-    """Per-class accuracy bars; several runs side by side (grouped) when more than one label."""
-    rows = [{"run": label, "class": cls, "acc": float(acc)}
+GROUP_COLORS = {"many": "#1f77b4", "medium": "#9467bd", "few": "#d62728"}
+
+
+def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200, *,
+                    title: str = "test accuracy", groups: dict[str, list[str]] | None = None) -> alt.Chart | None:
+    """Per-class accuracy (recall) bars; several runs side by side (grouped) when more than one label.
+    `groups` (one run): {"many" | "medium" | "few": class names} colours each bar by its group."""
+    group_of = {cls: name for name, members in (groups or {}).items() for cls in members}
+    rows = [{"run": label, "class": cls, "acc": float(acc), "group": group_of.get(cls, "")}
             for label, accs in per_class.items() if accs
             for cls, acc in accs.items() if isinstance(acc, (int, float))]
     if not rows:
@@ -478,7 +484,7 @@ def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -
     multi = df["run"].nunique() > 1
     enc = {
         "x": alt.X("class:N", sort=classes, title=None, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
-        "y": alt.Y("acc:Q", title="test accuracy", scale=alt.Scale(domain=[0, 1]),
+        "y": alt.Y("acc:Q", title=title, scale=alt.Scale(domain=[0, 1]),
                    axis=alt.Axis(format=".0%")),
         "tooltip": [alt.Tooltip("run:N"), alt.Tooltip("class:N"), alt.Tooltip("acc:Q", format=".2%")],
     }
@@ -486,6 +492,11 @@ def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -
         enc["xOffset"] = alt.XOffset("run:N")
         enc["color"] = alt.Color("run:N", scale=alt.Scale(scheme="tableau10"),
                                  legend=alt.Legend(orient="bottom", columns=2, labelLimit=260))
+    elif group_of:
+        enc["color"] = alt.Color("group:N", title="training count", sort=list(GROUP_COLORS),
+                                 scale=alt.Scale(domain=list(GROUP_COLORS), range=list(GROUP_COLORS.values())),
+                                 legend=alt.Legend(orient="top"))
+        enc["tooltip"].append(alt.Tooltip("group:N"))
     else:
         enc["color"] = alt.value("#1f77b4")
     bars = alt.Chart(df).mark_bar().encode(**enc)
@@ -494,6 +505,34 @@ def per_class_chart(per_class: dict[str, dict[str, float]], height: int = 200) -
             x=enc["x"], y=enc["y"], text=alt.Text("acc:Q", format=".0%"))
         return alt.layer(bars, text).properties(height=height, autosize=FIT_X)
     return bars.properties(height=height, autosize=FIT_X)
+
+
+def reliability_chart(bins: list[dict], height: int = 260) -> alt.LayerChart | None:
+    """Reliability diagram: each confidence bin's accuracy as a bar over the bin, its mean confidence as
+    a tick, and the diagonal (perfect calibration). Bars below the diagonal: over-confident."""
+    rows = [{"lower": b["lower"], "upper": b["upper"], "count": int(b["count"]),
+             "accuracy": float(b["accuracy"]), "confidence": float(b["confidence"]),
+             "gap": float(b["confidence"]) - float(b["accuracy"])}
+            for b in bins or [] if isinstance(b, dict) and b.get("count")
+            and isinstance(b.get("accuracy"), (int, float)) and isinstance(b.get("confidence"), (int, float))]
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    unit = alt.Scale(domain=[0, 1])
+    x = alt.X("lower:Q", title="confidence (top probability)", scale=unit, axis=alt.Axis(format=".0%"))
+    y = alt.Y("accuracy:Q", title="accuracy", scale=unit, axis=alt.Axis(format=".0%"))
+    tooltip = [alt.Tooltip("lower:Q", title="from", format=".0%"), alt.Tooltip("upper:Q", title="to", format=".0%"),
+               alt.Tooltip("count:Q", title="images", format=","), alt.Tooltip("accuracy:Q", format=".1%"),
+               alt.Tooltip("confidence:Q", title="mean confidence", format=".1%"),
+               alt.Tooltip("gap:Q", title="confidence - accuracy", format="+.1%")]
+    bars = alt.Chart(df).mark_bar(color="#1f77b4", opacity=0.85, stroke="white", strokeWidth=0.5).encode(
+        x=x, x2="upper:Q", y=y, tooltip=tooltip)
+    ticks = alt.Chart(df).mark_tick(color="#d62728", thickness=2).encode(
+        x=alt.X("mid:Q", scale=unit), y=alt.Y("confidence:Q", scale=unit), tooltip=tooltip
+    ).transform_calculate(mid="(datum.lower + datum.upper) / 2")
+    diagonal = alt.Chart(pd.DataFrame({"p": [0.0, 1.0]})).mark_line(color="#888", strokeDash=[4, 4]).encode(
+        x=alt.X("p:Q", scale=unit), y=alt.Y("p:Q", scale=unit))
+    return alt.layer(bars, ticks, diagonal).properties(height=height, autosize=FIT_X)
 
 
 def confusion_chart(matrix, classes: list[str], size: int = 380) -> alt.LayerChart | None:

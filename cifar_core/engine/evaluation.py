@@ -1,4 +1,5 @@
-"""Evaluation: test-time views, batched prediction, accuracy and the classification report."""
+"""Evaluation: test-time views, batched prediction, accuracy and the final report (accuracy, balanced
+accuracy, macro-F1, per-class recall, many / medium / few-shot groups, calibration)."""
 from __future__ import annotations
 
 
@@ -6,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..imbalance.metrics import imbalance_report, prediction_metrics
 from .prepare import Prepared, eval_transform
 from .tricks import autocast_context
 
@@ -48,11 +50,13 @@ def evaluate(model, prep: Prepared, x: torch.Tensor, y: torch.Tensor, tta_flip: 
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
-    return {"test_acc": float((y_true == y_pred).mean()),
-            "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-            "per_class_acc": dict(zip(classes, per_class)),
-            "confusion_matrix": cm.tolist(), "classes": classes}
+    """Accuracy, balanced accuracy, macro-F1, per-class recall and the confusion matrix of predictions."""
+    return prediction_metrics(y_true, y_pred, classes)
+
+
+def logits_report(logits: torch.Tensor, y_true: torch.Tensor, train_counts: np.ndarray, classes: list[str]) -> dict:
+    """The final test report of `logits` (metrics.imbalance_report: the classification report, ECE and
+    its reliability bins, the many / medium / few-shot groups of `train_counts`) and the test loss."""
+    report = imbalance_report(logits.float().cpu().numpy(), y_true.cpu().numpy(), train_counts, classes)
+    report["test_loss"] = F.cross_entropy(logits.float(), y_true).item()
+    return report

@@ -26,7 +26,6 @@ import traceback
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import RunConfig
@@ -40,7 +39,8 @@ from ..schedules import build_schedule
 from ..tensorboard_export import NoEvents, live_events
 from .checkpoints import (RESUME_ORDER, Checkpoint, CheckpointError, normalizer_states, read_checkpoint,
                           write_checkpoint)
-from .evaluation import classification_report, evaluate, predict_logits
+from .evaluation import evaluate, logits_report, predict_logits
+from .init_from import InitSource, load_init_source
 from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
 from .prepare import Prepared, epoch_order, model_input, normalize, prepare
 from .rng import (AUGMENTATION, INIT_SAMPLE, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
@@ -71,14 +71,17 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
-def build_model(cfg: RunConfig, prep: Prepared) -> torch.nn.Module:
+def build_model(cfg: RunConfig, prep: Prepared, source: InitSource | None = None) -> torch.nn.Module:
     """The network on the device; models that initialise from data (fastnet's whitening) see 5,000
-    training images first."""
+    training images first. With a `source` (init_run), its weights then replace the initial ones and
+    the parts its mode freezes are frozen (engine/init_from.py)."""
     model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
     init = getattr(model, "init_from_data", None)
     if callable(init):
         pick = torch.randperm(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, INIT_SAMPLE))[:5000]
         init(normalize(prep, prep.train_x[pick.to(prep.device)]))
+    if source is not None:
+        source.apply(model)  # after the data init, so the loaded weights win
     model.to(prep.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -141,7 +144,7 @@ class Trainer:
         self.step, self.best_acc, self.elapsed_before, self.t0 = 0, -1.0, 0.0, 0.0
         self.window = LogWindow()
         self.events = NoEvents()  # the TensorBoard event file, opened when training starts
-        self._test_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last test eval
+        self._eval_logits: tuple[int, torch.Tensor] | None = None  # (step, logits) of the last eval of prep.eval_x
 
     # ---- signals -------------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame):
@@ -212,10 +215,14 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the model's initial weights (and a teacher's, built first)
         self.objective = self.objective or objective_for(cfg)
-        self.objective.setup(RunContext(cfg, self.record, RunStore(self.record.root)))  # before the data
-        prep = self.prep = prepare(cfg, self.data_source)
+        store = RunStore(self.record.root)
+        self.objective.setup(RunContext(cfg, self.record, store))  # before the data
+        source = load_init_source(store, cfg, self.record.run_id)  # before the data too: a bad source fails at once
+        if source is not None:
+            self.record.update_status(init_from=source.info)
+        prep = self.prep = prepare(cfg, self.data_source, store)
         self.objective.attach(prep)
-        self.model = build_model(cfg, prep)
+        self.model = build_model(cfg, prep, source)
         self.optimizer = build_optimizer(cfg, self.model)
         self.precision = effective_precision(cfg, prep.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -308,7 +315,7 @@ class Trainer:
         cfg, prep = self.cfg, self.prep
         self.model.train()
         batch = self._labeled_batch(idx, epoch)
-        ctx = StepContext(prep, self.step, seeded_generator(cfg.seed, OBJECTIVE_DRAWS, self.step))
+        ctx = StepContext(prep, self.step, seeded_generator(cfg.seed, OBJECTIVE_DRAWS, self.step), self.total_steps)
         with autocast_context(cfg, prep.device):
             result = self.objective.loss(self.model, batch, ctx)
         loss = result.loss.item()
@@ -396,8 +403,7 @@ class Trainer:
         prep, cfg = self.prep, self.cfg
         result = evaluate(self.tricks.eval_model(self.model), prep, prep.eval_x, prep.eval_y, cfg.tta_flip,
                           cfg.tta_translate)
-        if prep.eval_split == "test":  # the final report can reuse these logits (TTA is costly on CPU)
-            self._test_logits = (self.step, result["logits"])
+        self._eval_logits = (self.step, result["logits"])  # the final report reuses them (TTA is costly on CPU)
         now = time.time()
         row = {"kind": "eval", "step": self.step, "epoch": self._epoch_of(self.step), "val_loss": result["loss"],
                "val_acc": result["acc"], "eval_split": prep.eval_split, "elapsed": now - self.t0, "time": now}
@@ -430,24 +436,41 @@ class Trainer:
                            "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _final_report(self) -> None:
+        """results.json (metrics.imbalance_report of the test logits), logits.npz (test and validation
+        logits of the final model, the training counts) and the headline numbers in status.json."""
         prep, cfg = self.prep, self.cfg
-        cached = self._test_logits
-        if cached is not None and cached[0] == self.step:
-            logits = cached[1]
-        else:
-            logits = predict_logits(self.tricks.eval_model(self.model), prep, prep.test_x, cfg.tta_flip,
-                                    cfg.tta_translate)
-        y_true = prep.test_y.cpu().numpy()
-        report = classification_report(y_true, logits.argmax(1).cpu().numpy(), list(CLASSES))
-        report.update(test_loss=F.cross_entropy(logits, prep.test_y).item(), steps=self.step,
-                      total_steps=self.total_steps, train_seconds=time.time() - self.t0,
+        test_logits = self._final_logits(prep.test_x, "test")
+        val_logits = self._final_logits(prep.eval_x, "val") if prep.eval_split == "val" else None
+        train_counts = prep.labeled_counts  # before balancing, synthetic images left out
+        report = logits_report(test_logits, prep.test_y, train_counts, list(CLASSES))
+        report.update(steps=self.step, total_steps=self.total_steps, train_seconds=time.time() - self.t0,
                       evaluated_with=self.tricks.eval_weights,
-                      tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate, test_images=int(y_true.shape[0]),
+                      tta_flip=cfg.tta_flip, tta_translate=cfg.tta_translate, test_images=int(prep.test_y.shape[0]),
                       **self.objective.results())
+        self._save_logits(test_logits, val_logits, train_counts)
         atomic_write_json(self.record.results_path, report)
         self.events.add_results(report)
         self.record.update_status(test_acc=report["test_acc"], balanced_acc=report["balanced_acc"],
-                                  macro_f1=report["macro_f1"], train_seconds=report["train_seconds"])
+                                  macro_f1=report["macro_f1"], ece=report["ece"], train_seconds=report["train_seconds"])
+
+    def _final_logits(self, x_uint8: torch.Tensor, split: str) -> torch.Tensor:
+        """The final evaluation model's logits of `x_uint8` (TTA as configured): the last evaluation's when
+        it ran at this step on `split`."""
+        cached, prep, cfg = self._eval_logits, self.prep, self.cfg
+        if cached is not None and cached[0] == self.step and prep.eval_split == split:
+            return cached[1]
+        return predict_logits(self.tricks.eval_model(self.model), prep, x_uint8, cfg.tta_flip, cfg.tta_translate)
+
+    def _save_logits(self, test_logits: torch.Tensor, val_logits: torch.Tensor | None, train_counts) -> None:
+        """logits.npz (RunRecord.write_logits): empty validation arrays when the run has no validation split."""
+        prep = self.prep
+        if val_logits is None:
+            val_logits, val_labels = torch.zeros(0, NUM_CLASSES), torch.zeros(0, dtype=torch.int64)
+        else:
+            val_labels = prep.eval_y
+        self.record.write_logits(test_logits=test_logits.float().cpu().numpy(), test_labels=prep.test_y.cpu().numpy(),
+                                 val_logits=val_logits.float().cpu().numpy(), val_labels=val_labels.cpu().numpy(),
+                                 train_counts=train_counts)
 
 
 def being_trained_message(run_id: str, held: LockHeld) -> str:

@@ -57,6 +57,12 @@ class StepContext:
     prep: Prepared
     step: int                 # optimizer steps done before this one
     rng: torch.Generator      # the objective's own draws this step, seeded from (seed, step)
+    total_steps: int = 0      # the run's optimizer steps (0: unknown)
+
+    @property
+    def progress(self) -> float:
+        """The share of training done before this step (0 when the total is unknown)."""
+        return self.step / self.total_steps if self.total_steps else 0.0
 
 
 @dataclass
@@ -102,15 +108,36 @@ class Objective:
         pass
 
 
-def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the balance plan's class weights, logit offsets (Balanced Softmax, logit
-    adjustment) or focal exponent, and the run's label smoothing."""
+def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
+                    ctx: StepContext | None = None) -> torch.Tensor:
+    """Cross-entropy with the balance plan's class weights (deferred ones from their start, by the
+    step's progress in `ctx`), logit offsets (Balanced Softmax, logit adjustment), LDAM margins or
+    focal exponent, and the run's label smoothing. `targets`: (N,) labels or (N, C) soft targets
+    (mixing augmentations blend them); every combination accepts both."""
     logits = logits.float()
     if prep.logit_offsets is not None:
         logits = logits + prep.logit_offsets
+    if prep.ldam_margins is not None:
+        logits = ldam_logits(logits, targets, prep.ldam_margins, prep.ldam_scale)
+    weight = class_weights_at(prep, ctx)
     if prep.focal_gamma > 0:
-        return focal_loss(logits, targets, prep.focal_gamma, prep.class_weights, prep.cfg.label_smoothing)
-    return F.cross_entropy(logits, targets, weight=prep.class_weights, label_smoothing=prep.cfg.label_smoothing)
+        return focal_loss(logits, targets, prep.focal_gamma, weight, prep.cfg.label_smoothing)
+    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=prep.cfg.label_smoothing)
+
+
+def class_weights_at(prep: Prepared, ctx: StepContext | None) -> torch.Tensor | None:
+    """The loss's class weights at this step: the plan's, or its deferred re-weighting (DRW) weights
+    once `drw_start` of training is done (Cao et al. 2019: epoch 160 of 200)."""
+    if prep.drw_weights is not None and ctx is not None and ctx.progress >= prep.drw_start:
+        return prep.drw_weights
+    return prep.class_weights
+
+
+def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, margins: torch.Tensor, scale: float) -> torch.Tensor:
+    """LDAM (Cao et al. 2019): s · (z - Δ ⊙ t), the true class's logit lowered by its margin Δ_y; with
+    soft targets each class's logit is lowered by its margin times its share of the target."""
+    soft = targets if targets.dim() == 2 else F.one_hot(targets, logits.shape[1])
+    return scale * (logits - margins * soft.to(logits.dtype))
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, weight: torch.Tensor | None = None,
@@ -144,7 +171,7 @@ def draw_unlabeled(prep: Prepared, n: int, rng: torch.Generator) -> tuple[torch.
 class Supervised(Objective):
     def loss(self, model, batch, ctx):
         logits = model(batch.x)
-        return StepResult(supervised_loss(ctx.prep, logits, batch.y_soft), logits, batch.y_soft)
+        return StepResult(supervised_loss(ctx.prep, logits, batch.y_soft, ctx), logits, batch.y_soft)
 
 
 @OBJECTIVES.register("distill", description="(1 - alpha) · cross-entropy + alpha · distillation from a "
@@ -162,7 +189,7 @@ class Distill(Objective):
     def loss(self, model, batch, ctx):
         cfg = self.cfg
         logits = model(batch.x)
-        ce = supervised_loss(ctx.prep, logits, batch.y_soft)
+        ce = supervised_loss(ctx.prep, logits, batch.y_soft, ctx)
         # the teacher sees the same augmented batch
         kd = distillation_loss(cfg.distill, logits.float(), self.teacher.logits(batch.x_augmented, batch.x),
                                cfg.distill_temperature)

@@ -1,5 +1,11 @@
 """A run's data on its device, split, balancing plan and augmentation chain, built from its config;
-the epoch order and the model input made from them."""
+the epoch order and the model input made from them.
+
+A balancing strategy that synthesises images (SMOTE) returns them with the plan; they are appended
+to the training images after the labeled pool (training images only: never evaluated), and the split
+summary says how many. Strategies that measure distances in a finished run's feature space get the
+features computed here (engine.features), from the run named by their `feature_run` parameter.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +18,10 @@ from ..config import RunConfig
 from ..data import (CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, Split, build_split, load_cifar10, per_class_subset,
                     to_device_tensors)
 from ..devices import resolve_device
-from ..imbalance import build_balance_plan
+from ..imbalance import BalancePlan, build_balance_plan
+from ..imbalance.strategies import feature_run_of
+from ..runs import RunStore
+from .features import run_features
 from .rng import EPOCH_ORDER, seeded_generator
 
 
@@ -22,7 +31,7 @@ class Prepared:
 
     cfg: RunConfig
     device: torch.device
-    train_x: torch.Tensor        # uint8 (N,3,32,32) on device
+    train_x: torch.Tensor        # uint8 (N,3,32,32) on device: the labeled pool, then `synthetic` new images
     train_y: torch.Tensor        # int64 (N,) on device
     unlabeled_x: torch.Tensor    # uint8 (M,3,32,32) on device: the split's unlabeled images (M=0: no label budget)
     eval_x: torch.Tensor
@@ -40,6 +49,17 @@ class Prepared:
     std: torch.Tensor
     data_origin: str
     split_summary: dict
+    synthetic: int = 0                          # the last `synthetic` of train_x are synthesised (SMOTE)
+    ldam_margins: torch.Tensor | None = None    # (C,) LDAM margins of the true class (training loss only)
+    ldam_scale: float = 1.0                     # LDAM's s
+    drw_weights: torch.Tensor | None = None     # (C,) class weights from drw_start of training on
+    drw_start: float = 1.0                      # fraction of the training steps
+
+    @property
+    def labeled_counts(self) -> np.ndarray:
+        """Per-class counts of the labeled training images, before balancing (synthetic ones left out)."""
+        real = self.train_y[:self.train_y.shape[0] - self.synthetic]
+        return torch.bincount(real, minlength=NUM_CLASSES).cpu().numpy()
 
 
 def run_split(cfg: RunConfig, y_train) -> Split:
@@ -67,13 +87,38 @@ def split_counts(split: Split) -> dict:
             "notes": summary["notes"]}
 
 
-def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
+def balance_features(cfg: RunConfig, images: torch.Tensor, store: RunStore | None) -> np.ndarray | None:
+    """A finished run's features of `images` when the run's balancing strategy measures distances in
+    them (space=features), else None; ConfigError naming the parameter when that run cannot give them."""
+    run_id = feature_run_of(cfg.balance, cfg.balance_params)
+    if run_id is None:
+        return None
+    return run_features(store or RunStore(), run_id, images, f"{cfg.balance}.feature_run")
+
+
+def with_synthetic(pool: torch.Tensor, pool_y: np.ndarray, plan: BalancePlan) -> tuple[torch.Tensor, np.ndarray]:
+    """The pool's images (on its device) and labels, followed by the plan's synthetic ones."""
+    if not plan.synthetic:
+        return pool, pool_y
+    return (torch.cat([pool, to_device_tensors(plan.synthetic_x, pool.device)]),
+            np.concatenate([pool_y, plan.synthetic_y]))
+
+
+def optional_tensor(values: np.ndarray | None, device: torch.device | None = None) -> torch.Tensor | None:
+    return None if values is None else torch.as_tensor(values, device=device)
+
+
+def prepare(cfg: RunConfig, data_source: str | None = None, store: RunStore | None = None) -> Prepared:
+    """`store`: the runs root a feature-space strategy's `feature_run` is looked up in (default: the
+    default runs root)."""
     device = resolve_device(cfg.device)
     arrays = load_cifar10(data_source)
     split = run_split(cfg, arrays.y_train)
     labeled = split.labeled_idx
-    train_y_np = arrays.y_train[labeled]
-    plan = build_balance_plan(cfg.balance, cfg.balance_params, train_y_np, cfg.seed, NUM_CLASSES)
+    pool_x, pool_y = arrays.x_train[labeled], arrays.y_train[labeled]
+    pool = to_device_tensors(pool_x, device)
+    plan = build_balance_plan(cfg.balance, cfg.balance_params, pool_y, cfg.seed, NUM_CLASSES,
+                              x=pool_x, features=balance_features(cfg, pool, store))
     test_x, test_y = arrays.x_test, arrays.y_test
     if cfg.test_size:
         keep = per_class_subset(test_y, cfg.test_size // NUM_CLASSES, seed=0)
@@ -84,24 +129,27 @@ def prepare(cfg: RunConfig, data_source: str | None = None) -> Prepared:
         eval_x, eval_y, eval_split = test_x, test_y, "test"
     as_labels = lambda y: torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
     chain = AugmentChain(cfg.augment)
-    train_x = to_device_tensors(arrays.x_train[labeled], device)
     if any(getattr(op, "needs_fit", False) for op in chain.ops):
-        chain.fit(train_x.float().div_(255))
+        chain.fit(pool.float().div_(255))  # on the real images only
+    train_x, train_y_np = with_synthetic(pool, pool_y, plan)
+    summary = {**split.summary(), "n_synthetic": plan.synthetic,
+               "synthetic_per_class": np.bincount(train_y_np[len(pool_y):], minlength=NUM_CLASSES).tolist()}
     return Prepared(
         cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
         unlabeled_x=to_device_tensors(arrays.x_train[split.unlabeled_idx], device),
         eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
         test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
         epoch_indices=plan.indices,
-        sample_weights=None if plan.sample_weights is None else torch.as_tensor(plan.sample_weights),
-        class_weights=None if plan.class_weights is None else torch.as_tensor(plan.class_weights,
-                                                                               device=device),
-        logit_offsets=None if plan.logit_offsets is None else torch.as_tensor(plan.logit_offsets, device=device),
+        sample_weights=optional_tensor(plan.sample_weights),
+        class_weights=optional_tensor(plan.class_weights, device),
+        logit_offsets=optional_tensor(plan.logit_offsets, device),
         focal_gamma=plan.focal_gamma,
         chain=chain,
         mean=torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
         std=torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
-        data_origin=arrays.origin, split_summary=split.summary())
+        data_origin=arrays.origin, split_summary=summary, synthetic=plan.synthetic,
+        ldam_margins=optional_tensor(plan.ldam_margins, device), ldam_scale=plan.ldam_scale,
+        drw_weights=optional_tensor(plan.drw_weights, device), drw_start=plan.drw_start)
 
 
 def normalize(prep: Prepared, x: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ def run_counts(cfg: RunConfig) -> RunCounts:
     import numpy as np
 
     from ..data import build_split
-    from ..imbalance import build_balance_plan
+    from ..imbalance.strategies import planned_epoch_images
 
     labels = np.tile(np.arange(NUM_CLASSES, dtype=np.int64), TRAIN_LABELS_PER_CLASS)
     split = build_split(labels, {
@@ -196,12 +196,12 @@ def run_counts(cfg: RunConfig) -> RunCounts:
         "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
         "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
     labeled = split.train_idx[split.labeled_mask]
-    plan = build_balance_plan(cfg.balance, cfg.balance_params, labels[labeled], cfg.seed, NUM_CLASSES)
+    train = planned_epoch_images(cfg.balance, cfg.balance_params, labels[labeled], cfg.seed, NUM_CLASSES)
     test = cfg.test_size or TEST_IMAGES
     n_val = len(split.val_idx)
-    steps = max(1, math.ceil(len(plan.indices) / cfg.batch_size))
+    steps = max(1, math.ceil(train / cfg.batch_size))
     evals = cfg.epochs // cfg.eval_every + (1 if cfg.epochs % cfg.eval_every else 0)
-    return RunCounts(train=len(plan.indices), pool=len(labeled), eval=n_val or test,
+    return RunCounts(train=train, pool=len(labeled), eval=n_val or test,
                      eval_split="val" if n_val else "test", test=test, views=tta_view_count(cfg),
                      steps_per_epoch=steps, evals=evals)
 
