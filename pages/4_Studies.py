@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from cifar_core import jobs
-from cifar_core.experiments import studies
+from cifar_core.experiments import studies, verdicts
 from cifar_core.data import CLASSES
 from cifar_core.runs import RunStore
 from ui.common import data_source, data_status, device_info, friendly_errors, get_store
@@ -39,9 +39,9 @@ if info["kind"] == "cuda":
     st.success(f"GPU found ({info['name']}): studies default to the **gpu** scale (the report's data "
                "sizes, more epochs).")
 else:
-    st.info(f"{info['name']}, no CUDA GPU: studies default to the **cpu-quick** scale (small subsets, a "
-            "reduced model, 1–2 epochs), so that a whole study finishes in minutes. Each study's launch "
-            "form says what to expect from its accuracies at that scale.")
+    st.info(f"{info['name']}, no CUDA GPU: studies default to the **cpu** scale (3 seeds, sized to test "
+            "each claim in 30 minutes or less on a 2-core CPU); **cpu-quick** is a smoke test of a few "
+            "minutes. Each study's launch form says what to expect from its accuracies at that scale.")
 if not data["ok"]:
     st.warning(f"{data['message']}\n\nLaunching is disabled until CIFAR-10 is found (see the Home page).")
 
@@ -115,15 +115,15 @@ def launch_tab(kind: str) -> None:
     with top[0]:
         scale = widget(scale_param, f"{prefix}.scale")
     with top[1]:
-        seeds = widget(studies.SEEDS_PARAM, f"{prefix}.seeds")
+        seeds = widget(studies.seeds_param(scale), f"{prefix}.{scale}.seeds")  # each scale its default
     with top[2]:
         st.caption(f"Scale in use: **{scale}**"
                    + (" (this machine's default)" if scale == default_scale else
                       " — not this machine's default" + (": without a GPU this takes hours"
                                                           if scale == "gpu" and device_kind == "cpu"
                                                           else "")))
-    if scale == "cpu-quick" and meta.cpu_note:
-        st.caption(f"**cpu-quick:** {meta.cpu_note}")
+    if meta.note(scale):
+        st.caption(f"**{scale}:** {meta.note(scale)}")
     params = {"scale": scale}
     declared = studies.study_params(kind, scale)[1:]
     cols = st.columns(3)
@@ -312,6 +312,20 @@ def ablation_view(df: pd.DataFrame, summary: pd.DataFrame) -> None:
 
 
 VIEWS = {"bn_vs_gn": bn_vs_gn_view, "samplers": samplers_view, "ablation": ablation_view}
+SCALE_CAPTIONS = {"cpu-quick": " (a first look: what to expect is under *Launch a study*)",
+                  "cpu": " (sized to test the claim on a CPU)"}
+VERDICT_BOXES = {verdicts.HELD: st.success, verdicts.NOT_HELD: st.warning, verdicts.TOO_FEW: st.info}
+
+
+def verdict_box(df: pd.DataFrame) -> None:
+    """Whether the claim held, with its numbers (cifar_core.experiments.verdicts), above the charts."""
+    if df.attrs.get("kind") not in verdicts.VERDICTS:
+        return
+    verdict = verdicts.verdict(df)
+    VERDICT_BOXES[verdict.outcome](f"**{verdict.headline}.** {verdict.summary}  \n*Tested:* {verdict.claim}")
+    if verdict.rows:
+        st.dataframe(pd.DataFrame(verdict.rows), hide_index=True, width="stretch",
+                     height=table_height(len(verdict.rows)))
 
 
 def runs_table(df: pd.DataFrame) -> None:
@@ -345,10 +359,10 @@ def show_study(study_id: str, live: bool) -> None:
                     if n_done < len(df) else f"all {len(df)} runs completed")
         params = m.get("params", {})
         scale = m.get('scale', params.get('scale', '?'))
-        st.caption(f"Scale **{scale}**" + (" (a first look: what to expect is under *Launch a study*)"
-                                           if scale == "cpu-quick" else "") + f" · {m.get('seeds', 1)} seed(s) · "
+        st.caption(f"Scale **{scale}**" + SCALE_CAPTIONS.get(scale, "") + f" · {m.get('seeds', 1)} seed(s) · "
                    "parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if k != "scale")
                    + (" · refreshing every 2 s while runs are unfinished" if not finished else ""))
+        verdict_box(df)
         VIEWS.get(m.get("kind"), lambda d, s: st.dataframe(s))(df, summary)
         with st.expander(f"The {len(df)} runs (open any of them on the Runs page)", expanded=False):
             runs_table(df)

@@ -239,7 +239,11 @@ def test_fastnet_architecture_details():
 def test_check_model_returns_validated_params_on_meta():
     params = check_model("resnet18", {"norm": "group", "groups": "16", "dropout": 0.1})
     assert params == {"norm": "group", "groups": 16, "dropout": 0.1, "shortcut": "projection",
-                      "stem": "cifar"}
+                      "stem": "cifar", "width": 1.0}
+    narrow = create_model("resnet18", {"width": 0.25, "norm": "group", "groups": 8})
+    assert [narrow.layer1[0].conv1.out_channels, narrow.layer4[0].conv1.out_channels] == [16, 128]
+    with pytest.raises(ConfigError, match=r"groups=32 must divide .*\(16, 32, 64, 128\)"):
+        check_model("resnet18", {"width": 0.25, "norm": "group", "groups": 32})
     for name in ALL:
         assert check_model(name, {}) == MODELS.get(name).defaults()
     assert check_model("fastnet", {"width": 2.0}, num_classes=100)["width"] == 2.0

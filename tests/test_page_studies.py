@@ -1,5 +1,6 @@
 """The Studies page (pages/4_Studies.py) through AppTest: results first and the launch form on its own
-tab, the strategies picker, the ablation chart's labels and the cpu-quick note shown once."""
+tab, the strategies picker, the ablation chart's labels, the cpu-quick note shown once, and the verdict
+(held, did not hold, not yet) with its numbers above the results."""
 from __future__ import annotations
 
 import json
@@ -45,14 +46,15 @@ def test_strategies_is_a_multiselect_over_the_registry(page_env):
     at = _app().run()
     assert not at.exception, at.exception
     picker = at.multiselect(key=STRATEGIES)
-    assert picker.options == BALANCING.names()  # every strategy can be picked, the study's five by default
-    assert picker.value == ["none", "weighted_sampler", "class_weighted_loss", "random_oversample",
-                            "random_undersample"]
+    assert picker.options == BALANCING.names()  # every strategy can be picked, the scale's by default
+    default = studies.study_params("samplers", studies.default_scale())[1].default
+    assert picker.value == default.split(",") and "none" in picker.value
     assert STRATEGIES not in [t.key for t in at.text_input]
     picker.set_value([]).run()  # nothing picked: a message, and nothing can be launched
     assert any("strategies: choose at least one of" in e.value for e in at.error), [e.value for e in at.error]
     assert at.button(key="studies.samplers.launch").disabled
     at.multiselect(key=STRATEGIES).set_value(["random_undersample", "none"]).run()
+    at.slider(key=f"studies.samplers.{studies.default_scale()}.seeds").set_value(1).run()
     assert not at.error, [e.value for e in at.error]
     at.button(key="studies.samplers.launch").click().run()
     assert not at.exception, at.exception
@@ -106,7 +108,53 @@ def test_cpu_quick_note_is_shown_once(page_env):
     at.run()
     assert not at.exception, at.exception
     texts = _texts(at)
-    note = studies.INFO["ablation"].cpu_note
+    note = studies.INFO["ablation"].note("cpu-quick")
     assert sum(note in t for t in texts) == 1, [t for t in texts if note in t]
     assert sum("far from converged" in t for t in texts) <= 1
     assert any("Scale **cpu-quick** (a first look" in t for t in texts)
+
+
+def _bn_vs_gn_study(store, acc: dict, seeds: int = 3) -> str:
+    """A cpu-scale bn_vs_gn study whose runs finished with acc[(norm, batch)] + 0.01 × seed."""
+    sid = studies.launch_study("bn_vs_gn", {"scale": "cpu", "batch_sizes": "2,64"}, store, seeds=seeds)
+    for entry in studies.read_manifest(store, sid)["runs"]:
+        cell = entry["cell"]
+        finish_run(store.record(entry["run_id"]), acc[(cell["norm"], cell["batch_size"])] + 0.01 * entry["seed"])
+    return sid
+
+
+def _open(sid: str) -> AppTest:
+    at = _app()
+    at.query_params["study"] = sid
+    return at.run()
+
+
+def test_verdict_held_is_shown_with_its_numbers(page_env):
+    sid = _bn_vs_gn_study(page_env, {("batch", 2): 0.20, ("batch", 64): 0.40, ("group", 2): 0.38,
+                                     ("group", 64): 0.39})
+    at = _open(sid)
+    assert not at.exception, at.exception
+    results = at.tabs[0]
+    (box,) = [s.value for s in results.success if "The claim held" in s.value]
+    assert "BatchNorm's test error changed by +20.0 ± 0.0 pts" in box and "GroupNorm's by +1.0" in box
+    assert "Tested:" in box
+    table = results.dataframe[0].value  # the verdict's table comes first, above the chart
+    assert list(table["comparison"])[:2] == ["BatchNorm: error at batch 2 − at batch 64",
+                                             "GroupNorm: error at batch 2 − at batch 64"]
+    assert list(table["mean (pts)"]) == [20.0, 1.0, 19.0]
+
+
+def test_verdict_not_held_and_not_yet(page_env):
+    store = page_env
+    flat = _bn_vs_gn_study(store, {("batch", 2): 0.40, ("batch", 64): 0.40, ("group", 2): 0.30,
+                                   ("group", 64): 0.40})
+    at = _open(flat)
+    assert not at.exception, at.exception
+    (box,) = [w.value for w in at.tabs[0].warning if "The claim did not hold" in w.value]
+    assert "did not grow beyond the seed noise" in box and "+0.0 ± 0.0 pts" in box
+    one_seed = _bn_vs_gn_study(store, {("batch", 2): 0.2, ("batch", 64): 0.4, ("group", 2): 0.38,
+                                       ("group", 64): 0.39}, seeds=1)
+    at = _open(one_seed)
+    assert not at.exception, at.exception
+    (box,) = [i.value for i in at.tabs[0].info if "No verdict yet" in i.value]
+    assert "needs 8 more finished runs" in box and "launch it with 3 or more" in box

@@ -1,6 +1,7 @@
 """One-click studies: builders, launching (without a worker), results and the Studies page."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def measured_studies(cifar_npz, tmp_path_factory) -> RunStore:
         mp.setenv("CIFAR10_NPZ", str(cifar_npz))
         for kind in studies.STUDIES.names():
             studies.estimate_study(kind, {"scale": studies.default_scale()}, 1, store, str(cifar_npz))
+            studies.estimate_study(kind, {"scale": "cpu"}, 1, store, str(cifar_npz), device_kind="cpu")
     return store
 
 
@@ -112,7 +114,7 @@ def test_samplers_five_strategies_on_report_random():
         assert cfg.imbalance_params == {"low": 500, "high": 1000}
         assert cfg.balance == cell["balance"]
     with pytest.raises(ConfigError, match="strategies"):
-        studies.build_study("samplers", {"scale": "cpu-quick", "strategies": "none,smote"})
+        studies.build_study("samplers", {"scale": "cpu-quick", "strategies": "none,no_such_strategy"})
 
 
 def test_ablation_is_cumulative():
@@ -149,6 +151,122 @@ def test_estimate_is_the_sum_of_the_runs_and_grows_with_seeds(measured_studies):
     assert 10 * 500 <= studies.training_images(cells[0][1]) <= 10 * 1000  # the report's 500-1000 per class
     with pytest.raises(ConfigError):
         studies.estimate_seconds("samplers", {"scale": "cpu-quick", "bogus": 1}, 1, "cpu", store)
+
+
+# ---- the cpu scale ----------------------------------------------------------------------------------
+
+def test_each_scale_has_its_default_seeds():
+    assert studies.SCALES == ("cpu-quick", "cpu", "gpu")
+    assert studies.seeds_param("cpu").default == 3 and studies.seeds_param("cpu-quick").default == 1
+    assert studies.seeds_param("cpu").name == "seeds" and studies.default_seeds("gpu") == 3
+    for kind in studies.STUDIES.names():
+        quick = studies.build_study(kind, {"scale": "cpu-quick"})
+        cpu = studies.build_study(kind, {"scale": "cpu"})
+        assert {cfg.seed for _, cfg in quick} == {0}
+        assert {cfg.seed for _, cfg in cpu} == {0, 1, 2}  # mean ± std and a verdict need 3 seeds
+        assert len(studies.build_study(kind, {"scale": "cpu"}, seeds=1)) == len(cpu) // 3
+    with pytest.raises(ConfigError, match="seeds"):
+        studies.build_study("ablation", {"scale": "cpu"}, seeds=0)
+    with pytest.raises(ConfigError, match="scale"):
+        studies.seeds_param("tpu")
+
+
+def test_cpu_scale_defaults_validate_and_build():
+    for kind in studies.STUDIES.names():
+        params = studies.study_params(kind, "cpu")
+        assert params[0].default == "cpu"
+        values = studies.validate_params(kind, {"scale": "cpu"})
+        assert values == {p.name: p.default for p in params}  # the form's defaults are valid as they are
+        built = studies.build_study(kind, values)
+        for _, cfg in built:
+            assert cfg.validated().to_dict() == cfg.to_dict()
+        assert studies.INFO[kind].note("cpu") and studies.INFO[kind].note("cpu-quick")
+
+
+def test_cpu_bn_vs_gn_trains_every_batch_size_on_the_same_images():
+    built = studies.build_study("bn_vs_gn", {"scale": "cpu"})
+    assert len(built) == 2 * 4 * 3
+    sizes = sorted({cell["batch_size"] for cell, _ in built})
+    assert sizes == [2, 4, 16, 64]
+    for cell, cfg in built:
+        assert cfg.model_params["width"] == 0.5 and cfg.model_params["stem"] == "imagenet"
+        assert 64 % cfg.model_params["groups"] == 0 and 32 % cfg.model_params["groups"] == 0
+        assert cfg.epochs * studies.training_images(cfg) == 2 * 2500  # the same images seen per run
+        assert cfg.lr == pytest.approx(0.1 * cfg.batch_size / 128)
+        assert cfg.schedule_params["warmup_epochs"] > 0
+
+
+def test_cpu_samplers_strategies_and_profiles():
+    registered = BALANCING.names()
+    built = studies.build_study("samplers", {"scale": "cpu"})
+    names = [c["balance"] for c, _ in built[:len(built) // 3]]
+    assert names == [n for n in studies.CPU_STRATEGIES if n in registered]
+    assert {"none", "weighted_sampler", "balanced_softmax"} <= set(names)
+    report = built[0][1]
+    assert report.imbalance == "report_random" and report.val_size == 0
+    assert report.epochs == 3 and report.eval_every == report.epochs  # one test evaluation, at the end
+    assert report.epochs * studies.training_images(report) <= studies.AUTO_EPOCH_IMAGES
+    for rho, epochs, images in ((10, 1, 20431), (50, 1, 13996), (100, 2, 12406), (200, 2, 11203)):
+        lt = studies.build_study("samplers", {"scale": "cpu", "profile": "long_tail", "imbalance_ratio": rho})
+        _, cfg = lt[0]
+        assert cfg.imbalance == "long_tail" and cfg.imbalance_params["imbalance_ratio"] == rho
+        assert studies.training_images(cfg) == images  # CIFAR-10-LT's standard counts: nothing held out
+        assert cfg.epochs == epochs
+    # a default computed when asked: only registered names, even if the registry lacks one
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BALANCING, "names", lambda: ["none", "weighted_sampler"])
+        assert studies.study_params("samplers", "cpu")[1].default == "none,weighted_sampler"
+
+
+def test_cpu_ablation_trains_long_enough_for_augmentation():
+    built = studies.build_study("ablation", {"scale": "cpu"})
+    assert len(built) == 7 * 3
+    for _, cfg in built:
+        assert cfg.epochs == 15 and studies.training_images(cfg) == 1000 and cfg.batch_size == 64
+        assert cfg.model_params["width"] == 0.5
+    quick = studies.build_study("ablation", {"scale": "cpu-quick"})[0][1]
+    assert built[0][1].epochs * 1000 > 4 * quick.epochs * studies.training_images(quick)
+
+
+# The cost model the cpu scale was sized with (studies.py's docstring: a quiet 2-core box, 2 threads):
+# per model and width, (seconds per training step, per training image, per evaluated image).
+SIZING = {("resnet18", 0.5): (0.019, 0.0029, 0.0004), ("fastnet", 0.5): (0.010, 0.0035, 0.0010)}
+START = {"imports_s": 8.0, "sklearn_s": 3.4, "data_s": 2.0, "write_s_per_byte": 5.4e-9,
+         "status_write_s": 0.012}  # ~11 s from launch to the first step: bench/README.md, case 3
+
+
+def test_cpu_scale_fits_30_minutes_with_its_sizing_figures(measured_studies, tmp_path, cifar_npz, monkeypatch):
+    """Each cpu study, default parameters and seeds, put through the estimator with the sizing figures
+    above in place of this machine's probes (which a shared CPU makes unreliable): 30 minutes or less,
+    one run after another. What this checks is the plan (runs × images × steps), not this machine."""
+    monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
+    from cifar_core.experiments import estimate as est
+
+    cache = json.loads((measured_studies.root / est.CACHE_NAME).read_text())
+    for entry in cache["machine"].values():
+        entry.update(START)
+    for key, entry in cache["models"].items():
+        _, model, params, *_ = json.loads(key)
+        step, image, forward = SIZING[(model, params.get("width"))]
+        entry.update(steps=[[1, step + image], [1000, step + 1000 * image]], forward_fixed_s=0.0,
+                     forward_per_image_s=forward, build_s=0.3, warmup_s=0.5, init_per_image_s=1e-4,
+                     grad_norm_s=0.005, weights_pass_s=0.005, load_per_cpu=0.0)
+    for entry in cache["chains"].values():
+        entry.update(per_image_s=1e-4, fit_per_image_s=0.0)
+    store = RunStore(tmp_path / "sized")
+    store.root.mkdir(parents=True)
+    (store.root / est.CACHE_NAME).write_text(json.dumps(cache))
+    est.clear_memory()
+    try:
+        plans = [(kind, {"scale": "cpu"}) for kind in studies.STUDIES.names()]
+        plans += [("samplers", {"scale": "cpu", "profile": "long_tail", "imbalance_ratio": rho})
+                  for rho in (10, 50, 100, 200)]
+        for kind, params in plans:
+            estimate = studies.estimate_study(kind, params, None, store, str(cifar_npz), "cpu")
+            assert estimate.runs >= 12 and "probe" in estimate.basis
+            assert 10 * 60 < estimate.seconds <= 30 * 60, (kind, params, estimate.report())
+    finally:
+        est.clear_memory()  # later estimates read this machine's own measurements again
 
 
 # ---- launching --------------------------------------------------------------------------------------
@@ -332,7 +450,7 @@ def test_page_launch_button_queues_a_study(page_env):
     assert not at.error, [e.value for e in at.error]
     listed = studies.list_studies(store)
     assert len(listed) == 1 and listed[0]["kind"] == "samplers"
-    assert len(listed[0]["runs"]) == 2
+    assert len(listed[0]["runs"]) == 2 * studies.SCALE_SEEDS[studies.default_scale()]  # the scale's seeds
     assert at.selectbox(key="studies.selected").value == listed[0]["study_id"]
 
 

@@ -7,33 +7,61 @@ from them) and a builder that turns validated parameters into one RunConfig per 
   cited by the source report: BN's error grows quickly as the batch shrinks, GN's stays flat).
   Every batch size trains for the same number of epochs (same images seen) with the learning rate
   scaled linearly with the batch size: lr = base_lr × batch_size / base_batch.
-- ``samplers``: the report's imbalanced training set (each class keeps 500–1000 images, drawn at
-  random) trained with each balancing strategy; compared on per-class recall and balanced accuracy.
+- ``samplers``: an imbalanced training set (``profile``: the report's, each class keeps 500–1000
+  images drawn at random; or CIFAR-10-LT with imbalance ratio ρ) trained with each balancing strategy;
+  compared on per-class recall and balanced accuracy.
 - ``ablation``: the report's cumulative trick ablation (baseline → + crop & flip → + rotation →
   + weight decay → + inverse-time LR decay → + dropout → + gradient clipping). The steps come from
   `cifar_core.experiments.presets` (the Train page's presets), so they are defined once.
 
-Scales: every study has a ``scale`` parameter. "cpu-quick" (the default without CUDA) picks small
-subsets, a reduced model and one or two epochs so that a whole study finishes in minutes on a CPU
-rather than hours. Its accuracies are far from converged values (see `StudyInfo.cpu_note`): a first
-look and a check that everything runs, not a reproduction. "gpu" (the default with CUDA) uses the
-report's data sizes and more epochs. How long a study takes on this machine is `estimate_study`
-(`cifar_core.experiments.estimate`: the sum over its runs, measured here); on the 2-core dev box the
-cpu-quick ablation took 8.4 min, with every run a fresh process that imports torch, loads the data
-and ends with the 10,000-image test evaluation.
+Whether a study's claim held is `cifar_core.experiments.verdicts` (from its results, with the numbers).
+
+Scales: every study has a ``scale`` parameter, and each scale its default number of seeds
+(`SCALE_SEEDS`). "cpu-quick" is a smoke test: small subsets, a reduced model, one or two epochs and
+one seed, so a whole study finishes in minutes; its accuracies are far from converged values (see
+`StudyInfo.note`), and one seed cannot give a verdict. "cpu" (the default without CUDA) is sized from
+what each claim needs, with 3 seeds (mean ± std, a t-interval), to finish in 30 minutes or less on a
+2-core CPU, one run after another. "gpu" (the default with CUDA) uses the report's data sizes and more
+epochs. How long a study takes on this machine is `estimate_study` (`cifar_core.experiments.estimate`:
+the sum over its runs, measured here); on the 2-core dev box the cpu-quick ablation took 8.4 min, with
+every run a fresh process that imports torch, loads the data and ends with the 10,000-image test
+evaluation.
 
 How cpu-quick was chosen (single cells timed on the 2-core box):
 - Every run ends with an evaluation on the 10,000 test images (the trainer always does it). With
   ResNet-18's usual CIFAR stem (3×3 conv, 32×32 maps in stage 1) that alone takes about a minute on
-  this CPU, so cpu-quick uses ResNet-18 with the "imagenet" stem (7×7 stride-2 conv + max-pool,
+  this CPU, so the CPU scales use ResNet-18 with the "imagenet" stem (7×7 stride-2 conv + max-pool,
   8×8 maps in stage 1, ~16× less compute, the same blocks and the same normalization layers) for
-  bn_vs_gn and ablation. It validates during training on a small held-out set (100–500 images)
+  bn_vs_gn and ablation. They validate during training on a small held-out set (100–500 images)
   instead of the test set.
 - A ResNet-18 optimizer step costs ~47 ms whatever the batch (updating 11 M weights), so at batch 2
   the steps are what cost: bn_vs_gn trains on 500 images for 1 epoch (250 steps at batch 2).
 - samplers needs the whole imbalanced set (~7,500 images) to mean anything, so it uses the fast net
   at half width, 2 epochs (~58 % test accuracy).
-- ablation: 1,800 training images, 2 epochs, batch 64.
+- ablation: 1,800 training images, 2 epochs, batch 64. Measured: baseline 27.7 %, all seven tricks
+  18.4 %: too short for any regularizer to pay, the opposite of the report's claim.
+
+How cpu was sized. The cost model, from the quiet 2-core box (bench/README.md: a run's start-up
+~11 s, the cpu-quick ablation's ResNet-18 at ~105 images/s at batch 64 and 13 s per 10,000-image
+test pass, the quick preset's half-width fast net at ~300 images/s), and side-by-side single-thread
+step timings of the candidate models (taken while 5 agents shared the CPU, so only their ratios were
+used): a half-width ResNet-18 with the imagenet stem costs ~0.4× the full one's per-step overhead
+(~19 ms a step) and ~0.3× its per-image cost (~2.8 ms an image; GroupNorm about the same), and
+evaluates 10,000 test images in ~4 s. `tests/test_studies.py` puts these figures through the
+estimator and checks that each cpu study (default parameters and seeds) fits in 30 minutes.
+- bn_vs_gn (24 runs, ~21 min): the claim needs both norms to learn at every batch size from the same
+  images, so the half-width ResNet-18 (~4× cheaper per image and ~2.5× per step than the full one)
+  trains 2 epochs on 2,500 images (per_class 260, 100 held out), 5,000 images per run, at batch 2, 4,
+  16 and 64 (2 and 4 where Wu & He see BatchNorm fail, 16 and 64 where it works; batch 2 alone is
+  ~45 % of the training time), lr = 0.1 × batch / 128 with half an epoch of warm-up, then cosine.
+  GroupNorm with 16 groups (2 channels a group in the first stage, as Wu & He's 32 groups of 64).
+- samplers (12 runs, 15–23 min): none, the weighted sampler, Balanced Softmax and LDAM-DRW (those of
+  them registered), half-width fast net, as many whole epochs as fit in 25,000 training images (3 of
+  the report's ~7,100–7,500, 2 of CIFAR-10-LT ρ=100's 12,406; ρ=10 and 50: 1), no validation split
+  (LT keeps its standard counts) and a single test evaluation at the end.
+- ablation (21 runs, ~25 min): augmentation pays only once the baseline has fit its training images,
+  so the half-width ResNet-18 trains 15 epochs (240 steps of 64) on 1,000 images rather than 2 on
+  1,800; every step sees the same subset per seed, so steps are compared pairwise over seeds.
 
 Files: launching writes ``<runs>/.studies/<study_id>.json`` (kind, params, seeds, run ids, created);
 each run's status.json carries {"study", "study_kind", "cell", "seed"}. Results are read back from
@@ -57,13 +85,17 @@ from ..runs import FINAL_STATES, RunStore, atomic_write_json, read_json
 from .estimate import Estimate, estimate_run, estimate_runs, run_counts
 
 STUDIES = Registry("study")
-SCALES = ("cpu-quick", "gpu")
+SCALES = ("cpu-quick", "cpu", "gpu")
 SEEDS_PARAM = Param("seeds", "int", 1, 1, 5, help="Repeat every cell with seeds 0 … n-1 (mean ± std "
-                                                   "over seeds in the results).")
+                                                   "over seeds in the results; a verdict needs 3).")
+# Seeds each scale launches by default: a claim's verdict needs MIN_SEEDS (3) paired seeds per cell;
+# cpu-quick is a smoke test, one seed.
+SCALE_SEEDS = {"cpu-quick": 1, "cpu": 3, "gpu": 3}
 MANIFEST_DIR = ".studies"
 SEED_VALUE = RunConfig.scalar_params()["seed"]
 METRICS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
 RECALL_PREFIX = "recall_"
+COUNT_PREFIX = "train_count_"  # a run's training images of each class (its split, before balancing)
 
 
 @dataclass(frozen=True)
@@ -72,7 +104,10 @@ class StudyInfo:
     tests: str          # one sentence: what the study tests
     claim: str          # the claim it reproduces, and where it comes from
     cell_keys: tuple    # the columns that identify a cell
-    cpu_note: str = ""  # what to expect from the cpu-quick scale
+    scale_notes: dict = dataclasses.field(default_factory=dict)  # scale -> what to expect from it
+
+    def note(self, scale: str) -> str:
+        return self.scale_notes.get(scale, "")
 
 
 INFO: dict[str, StudyInfo] = {}
@@ -81,15 +116,26 @@ SCALE_DEFAULTS: dict[str, dict[str, dict]] = {}
 
 
 def default_scale() -> str:
-    """"gpu" when CUDA is available, else "cpu-quick"."""
-    return "gpu" if cuda_available() else "cpu-quick"
+    """"gpu" when CUDA is available, else "cpu"."""
+    return "gpu" if cuda_available() else "cpu"
 
 
 def _scale_param() -> Param:
     return Param("scale", "choice", "cpu-quick", choices=SCALES,
-                 help="cpu-quick: the whole study in a few minutes on a CPU (small subsets, reduced "
-                      "model, 1–2 epochs: a first look, far from converged accuracies). gpu: the "
-                      "report's data sizes and more epochs (needs a CUDA GPU to finish in reasonable time).")
+                 help="cpu-quick: a smoke test, the whole study in a few minutes on a CPU (small subsets, "
+                      "reduced model, 1–2 epochs, one seed: far from converged accuracies). cpu: sized "
+                      "to test the claim, 3 seeds, 30 minutes or less on a 2-core CPU. gpu: the report's "
+                      "data sizes and more epochs (needs a CUDA GPU to finish in reasonable time).")
+
+
+def default_seeds(scale: str | None = None) -> int:
+    """How many seeds a study at `scale` (default: this machine's) launches unless told (SCALE_SEEDS)."""
+    return SCALE_SEEDS[_scale_param().validate(scale or default_scale(), "seeds")]
+
+
+def seeds_param(scale: str | None = None) -> Param:
+    """SEEDS_PARAM with the scale's default number of seeds."""
+    return dataclasses.replace(SEEDS_PARAM, default=default_seeds(scale))
 
 
 def _register(kind: str, info: StudyInfo, params: tuple[Param, ...], scale_defaults: dict[str, dict]):
@@ -117,7 +163,8 @@ def study_params(kind: str, scale: str | None = None) -> tuple[Param, ...]:
     scale = scale or default_scale()
     if scale not in SCALES:
         raise ConfigError(f"scale {scale!r} is not one of: {', '.join(SCALES)}")
-    defaults = {"scale": scale, **SCALE_DEFAULTS[kind][scale]}
+    defaults = {"scale": scale, **{name: value() if callable(value) else value
+                                   for name, value in SCALE_DEFAULTS[kind][scale].items()}}
     return tuple(dataclasses.replace(p, default=defaults.get(p.name, p.default)) for p in entry.params)
 
 
@@ -208,10 +255,16 @@ def _label(cell: dict) -> str:
               "rises sharply as the batch gets small (its batch statistics become noisy), while "
               "GroupNorm, which normalizes within each image, is nearly independent of the batch size.",
         cell_keys=("norm", "batch_size"),
-        cpu_note="At cpu-quick a ResNet-18 sees 500 images once: test accuracies stay around 10–25 %, "
-                 "GroupNorm (which starts learning more slowly) can look worse than BatchNorm, and the "
-                 "largest batches get only a handful of steps. The claim is about fully trained "
-                 "networks: use the gpu scale, or raise per_class and epochs (the estimate follows)."),
+        scale_notes={
+            "cpu-quick": "At cpu-quick a ResNet-18 sees 500 images once: test accuracies stay around "
+                         "10–25 %, GroupNorm (which starts learning more slowly) can look worse than "
+                         "BatchNorm, and the largest batches get only a handful of steps. The claim is "
+                         "about trained networks: use the cpu or gpu scale.",
+            "cpu": "At cpu a half-width ResNet-18 trains 2 epochs on 2,500 images at batch 2, 4, 16 "
+                   "and 64, 3 seeds: every batch size sees the same images, and accuracies stay well "
+                   "short of trained values. With 32-pixel inputs and the cheap stem the last "
+                   "stage's maps are 1×1, so BatchNorm at batch 2 normalizes each channel over 2 "
+                   "numbers: a harsher test than ImageNet's 7×7 maps."}),
     params=(
         Param("batch_sizes", "str", "2,4,8,16,32,128",
               help="Comma-separated batch sizes; each is trained with norm=batch and norm=group."),
@@ -219,8 +272,11 @@ def _label(cell: dict) -> str:
               help="A model whose normalization layer can be switched (norm=batch|group)."),
         Param("stem", "choice", "imagenet", choices=("cifar", "imagenet"),
               help="cifar: 3×3 stride-1 stem (full-size ResNet for CIFAR); imagenet: 7×7 stride-2 + "
-                   "max-pool, ~16× cheaper (the cpu-quick choice, same blocks and norm layers)."),
-        Param("groups", "int", 32, 1, 64, help="GroupNorm groups (must divide 64, 128, 256 and 512)."),
+                   "max-pool, ~16× cheaper (the CPU scales' choice, same blocks and norm layers)."),
+        Param("width", "float", 1.0, 0.25, 2.0,
+              help="ResNet width multiplier (0.5: 32–256 channels, ~4× fewer weights: the cpu scale)."),
+        Param("groups", "int", 32, 1, 64,
+              help="GroupNorm groups (must divide every stage's channel count: 64, 128, 256, 512 × width)."),
         Param("per_class", "int", 60, 2, 5000,
               help="Training pool: this many images per class (5000 = the whole training set)."),
         Param("val_size", "int", 100, 0, 25000,
@@ -236,14 +292,17 @@ def _label(cell: dict) -> str:
     ),
     scale_defaults={
         "cpu-quick": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "imagenet",
-                      "per_class": 60, "val_size": 100, "epochs": 1, "base_lr": 0.1, "base_batch": 128,
-                      "warmup_epochs": 0.5},
-        "gpu": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "cifar",
-                "per_class": 1000, "val_size": 0, "epochs": 10, "base_lr": 0.1, "base_batch": 128,
-                "warmup_epochs": 1.0},
+                      "width": 1.0, "groups": 32, "per_class": 60, "val_size": 100, "epochs": 1,
+                      "base_lr": 0.1, "base_batch": 128, "warmup_epochs": 0.5},
+        "cpu": {"batch_sizes": "2,4,16,64", "model": "resnet18", "stem": "imagenet", "width": 0.5,
+                "groups": 16, "per_class": 260, "val_size": 100, "epochs": 2, "base_lr": 0.1,
+                "base_batch": 128, "warmup_epochs": 0.5},
+        "gpu": {"batch_sizes": "2,4,8,16,32,128", "model": "resnet18", "stem": "cifar", "width": 1.0,
+                "groups": 32, "per_class": 1000, "val_size": 0, "epochs": 10, "base_lr": 0.1,
+                "base_batch": 128, "warmup_epochs": 1.0},
     })
-def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, stem: str, groups: int,
-                   per_class: int, val_size: int, epochs: int, base_lr: float,
+def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, stem: str, width: float,
+                   groups: int, per_class: int, val_size: int, epochs: int, base_lr: float,
                    base_batch: int, warmup_epochs: float) -> list[tuple[dict, RunConfig]]:
     sizes = parse_int_list(batch_sizes, "batch_sizes", low=2)
     n_train = 10 * per_class - val_size
@@ -261,7 +320,7 @@ def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, s
             lr = base_lr * bs / base_batch
             fields = {
                 "name": f"bn_vs_gn {norm} bs{bs}", "model": model, "epochs": epochs,
-                "model_params": {"norm": norm, "groups": groups, "stem": stem},
+                "model_params": {"norm": norm, "groups": groups, "stem": stem, "width": width},
                 "subset": "full" if per_class >= 5000 else "per_class", "per_class": min(per_class, 5000),
                 "val_size": val_size, "batch_size": bs, "lr": lr, "schedule": "cosine",
                 "schedule_params": {"warmup_epochs": warmup_epochs, "final_factor": 0.0},
@@ -271,73 +330,109 @@ def build_bn_vs_gn(seeds: list[int], scale: str, batch_sizes: str, model: str, s
     return _seeded(cells, seeds)
 
 
-# ---- 2. balancing strategies on the report's imbalanced set --------------------------------------
+# ---- 2. balancing strategies on an imbalanced set (the report's, or CIFAR-10-LT) ---------------------
 
 def _balancing_names() -> list[str]:
     from ..imbalance import BALANCING
     return BALANCING.names()
 
 
+# The cpu scale's strategies: none, the report's weighted sampler, and two cost-sensitive losses
+# (those of them that the balancing registry has when the study is built).
+CPU_STRATEGIES = ("none", "weighted_sampler", "balanced_softmax", "ldam_drw")
+PROFILES = ("report", "long_tail")
+# samplers with epochs=0 (the cpu scale): as many whole epochs as fit in this many training images
+AUTO_EPOCH_IMAGES = 25_000
+
+
+def _registered(names: tuple[str, ...]) -> Callable[[], str]:
+    """A default computed when asked: `names` that the balancing registry has, comma-separated."""
+    return lambda: ",".join(n for n in names if n in _balancing_names())
+
+
 @_register(
     "samplers",
     StudyInfo(
         title="Balancing strategies on imbalanced CIFAR-10",
-        tests="Trains the same model on the report's imbalanced training set (each class keeps a random "
-              "500–1000 images) with each balancing strategy, and compares per-class recall and "
-              "balanced accuracy on the (balanced) test set.",
-        claim="The source report: with mild imbalance, plain training already does reasonably; "
-              "re-balancing (weighted sampling, a class-weighted loss, over-/under-sampling) mainly "
-              "moves recall from the large classes to the small ones, and under-sampling pays for it "
-              "by throwing images away.",
+        tests="Trains the same model on an imbalanced training set (the report's: each class keeps a "
+              "random 500–1000 images; or CIFAR-10-LT with imbalance ratio ρ) with each balancing "
+              "strategy, and compares per-class recall and balanced accuracy on the (balanced) test set.",
+        claim="The source report: re-balancing (weighted sampling, a class-weighted or cost-sensitive "
+              "loss, over-/under-sampling) moves recall from the large classes to the small ones; with "
+              "mild imbalance plain training already does reasonably, so balanced accuracy moves less.",
         cell_keys=("balance",),
-        cpu_note="At cpu-quick the fast net (half width) trains 2 epochs: about 55–60 % test accuracy, "
-                 "enough to see recall move between classes, with seed noise of a few points."),
+        scale_notes={
+            "cpu-quick": "At cpu-quick the fast net (half width) trains 2 epochs: about 55–60 % test "
+                         "accuracy, enough to see recall move between classes, with seed noise of a "
+                         "few points.",
+            "cpu": "At cpu the fast net (half width) trains up to 25,000 images per run (3 epochs of the "
+                   "report's set, 2 of CIFAR-10-LT ρ=100), 3 seeds, 4 strategies: accuracies well short "
+                   "of trained ones, meant to be enough for recall to move between classes "
+                   "beyond the seed noise."}),
     params=(
         Param("strategies", "str", "none,weighted_sampler,class_weighted_loss,random_oversample,"
               "random_undersample", help="The balancing strategies to compare (a comma-separated list of "
                                          "the balancing registry's names; the Studies page picks them "
                                          "from a list)."),
-        Param("low", "int", 500, 1, 5000, help="Fewest training images a class keeps."),
-        Param("high", "int", 1000, 1, 5000, help="Most training images a class keeps."),
+        Param("profile", "choice", "report", choices=PROFILES,
+              help="report: each class keeps a random low–high images (the source report's set); "
+                   "long_tail: CIFAR-10-LT, class c keeps 5000 · ρ^(-c/9) images."),
+        Param("low", "int", 500, 1, 5000, help="profile=report: fewest training images a class keeps."),
+        Param("high", "int", 1000, 1, 5000, help="profile=report: most training images a class keeps."),
+        Param("imbalance_ratio", "float", 100.0, 1.0, 1000.0, log=True,
+              help="profile=long_tail: ρ, the largest class over the smallest (10, 50, 100, 200 are "
+                   "the usual benchmarks)."),
         Param("model", "choice", "fastnet", choices=("fastnet", "resnet18", "resnet34", "lenet", "alexnet"),
-              help="The network (cpu-quick: the fast net at half width)."),
-        Param("width", "float", 0.5, 0.25, 4.0, help="Width multiplier (fastnet and alexnet only)."),
-        Param("epochs", "int", 2, 1, 500),
+              help="The network (the CPU scales: the fast net at half width)."),
+        Param("width", "float", 0.5, 0.25, 4.0, help="Width multiplier (fastnet, alexnet and the ResNets)."),
+        Param("epochs", "int", 2, 0, 500,
+              help=f"0: as many whole epochs as fit in {AUTO_EPOCH_IMAGES:,} training images (at least "
+                   "one; the same for every strategy)."),
         Param("batch_size", "int", 128, 2, 8192),
         Param("lr", "float", 0.2, 1e-5, 10.0, log=True,
               help="Peak learning rate (cosine schedule). The fast net needs a larger one than a ResNet."),
         Param("val_size", "int", 500, 0, 25000,
-              help="Held out (balanced, before the imbalance) to validate during training; 0: the test "
-                   "set. Final numbers are always on the 10,000 test images."),
+              help="Held out (balanced, before the imbalance) to validate during training; 0: no "
+                   "validation, the test set is evaluated once at the end (long_tail keeps its standard "
+                   "counts only then). Final numbers are always on the 10,000 test images."),
     ),
     scale_defaults={
-        "cpu-quick": {"model": "fastnet", "width": 0.5, "epochs": 2, "batch_size": 128, "lr": 0.2,
-                      "val_size": 500},
-        "gpu": {"model": "resnet18", "width": 1.0, "epochs": 30, "batch_size": 128, "lr": 0.1,
-                "val_size": 0},
+        "cpu-quick": {"profile": "report", "model": "fastnet", "width": 0.5, "epochs": 2,
+                      "batch_size": 128, "lr": 0.2, "val_size": 500},
+        "cpu": {"strategies": _registered(CPU_STRATEGIES), "profile": "report", "model": "fastnet",
+                "width": 0.5, "epochs": 0, "batch_size": 128, "lr": 0.2, "val_size": 0},
+        "gpu": {"profile": "report", "model": "resnet18", "width": 1.0, "epochs": 30, "batch_size": 128,
+                "lr": 0.1, "val_size": 0},
     })
-def build_samplers(seeds: list[int], scale: str, strategies: str, low: int, high: int, model: str,
-                   width: float, epochs: int, batch_size: int, lr: float,
-                   val_size: int) -> list[tuple[dict, RunConfig]]:
+def build_samplers(seeds: list[int], scale: str, strategies: str, profile: str, low: int, high: int,
+                   imbalance_ratio: float, model: str, width: float, epochs: int, batch_size: int,
+                   lr: float, val_size: int) -> list[tuple[dict, RunConfig]]:
     names = parse_name_list(strategies, "strategies", _balancing_names())
-    if low > high:
-        raise ConfigError(f"samplers: low {low} is greater than high {high}")
     if val_size % 10:
         raise ConfigError("samplers: val_size must be a multiple of 10 (the same number per class)")
-    if 5000 - val_size // 10 < high:
-        raise ConfigError(f"samplers: after holding out val_size={val_size} a class has "
-                          f"{5000 - val_size // 10} images, fewer than high={high}")
-    cells = []
-    for name in names:
-        fields = {
-            "name": f"samplers {name}", "model": model,
-            "model_params": _model_params_for(model, {"width": width}),
-            "subset": "full", "val_size": val_size, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "imbalance": "report_random", "imbalance_params": {"low": low, "high": high},
-            "balance": name,
-        }
-        cells.append(({"balance": name}, fields))
+    if profile == "report":
+        if low > high:
+            raise ConfigError(f"samplers: low {low} is greater than high {high}")
+        if 5000 - val_size // 10 < high:
+            raise ConfigError(f"samplers: after holding out val_size={val_size} a class has "
+                              f"{5000 - val_size // 10} images, fewer than high={high}")
+        imbalance = {"imbalance": "report_random", "imbalance_params": {"low": low, "high": high}}
+    else:
+        imbalance = {"imbalance": "long_tail", "imbalance_params": {"imbalance_ratio": imbalance_ratio}}
+    study = {"model": model, "model_params": _model_params_for(model, {"width": width}), "subset": "full",
+             "val_size": val_size, "batch_size": batch_size, "lr": lr, "channels_last": True, **imbalance}
+    epochs = epochs or _auto_epochs(study)
+    # without a validation split every evaluation is the 10,000 test images: only the final one
+    study.update(epochs=epochs, eval_every=epochs if val_size == 0 else 1)
+    cells = [({"balance": name}, {**study, "name": f"samplers {name}", "balance": name}) for name in names]
     return _seeded(cells, seeds)
+
+
+def _auto_epochs(study: dict) -> int:
+    """Whole epochs (at least one) of this imbalanced set (seed 0's draw, before balancing) that fit in
+    AUTO_EPOCH_IMAGES training images."""
+    images = training_images(RunConfig.from_dict({**study, "balance": "none", "epochs": 1, "seed": 0}))
+    return max(1, AUTO_EPOCH_IMAGES // images)
 
 
 # ---- parameters that are lists of registry names ---------------------------------------------------
@@ -384,15 +479,21 @@ def _short_step_label(label: str) -> str:
               "over the baseline; the later tricks add smaller, less certain improvements (repeat with "
               "several seeds to see which ones stand out of the noise).",
         cell_keys=("step", "trick"),
-        cpu_note="At cpu-quick every step trains 2 epochs on 1,800 images: regularizers (augmentation, "
-                 "dropout, clipping) slow down early learning, so later steps can score *below* the "
-                 "baseline (measured here: baseline 27–30 %, all seven tricks 20 %). The report's gains "
-                 "show with longer training: use the gpu scale or raise epochs."),
+        scale_notes={
+            "cpu-quick": "At cpu-quick every step trains 2 epochs on 1,800 images: regularizers "
+                         "(augmentation, dropout, clipping) slow down early learning, so later steps can "
+                         "score *below* the baseline (measured here: baseline 27–30 %, all seven tricks "
+                         "18–20 %). The report's gains show with longer training: use the cpu or gpu scale.",
+            "cpu": "At cpu a half-width ResNet-18 trains 15 epochs on 1,000 images, 3 seeds: long "
+                   "enough for the baseline to fit its training images, which is when augmentation "
+                   "starts to pay; accuracies stay far below the report's (10,000 images, full width)."}),
     params=(
         Param("model", "choice", "resnet18", choices=("resnet18", "resnet34", "fastnet", "lenet", "alexnet"),
               help="The network (every model has a dropout parameter for the dropout step)."),
         Param("stem", "choice", "imagenet", choices=("cifar", "imagenet"),
               help="ResNet stem (ignored by other models); imagenet is ~16× cheaper on a CPU."),
+        Param("width", "float", 1.0, 0.25, 2.0,
+              help="Width multiplier (the ResNets, fastnet and alexnet; ignored by lenet)."),
         Param("subset_size", "int", 2000, 10, 50000, help="Random training subset (the report used 10,000)."),
         Param("val_size", "int", 200, 0, 25000, help="Held out of the subset for validation."),
         Param("epochs", "int", 2, 1, 500),
@@ -400,13 +501,15 @@ def _short_step_label(label: str) -> str:
         Param("lr", "float", 0.01, 1e-5, 10.0, log=True),
     ),
     scale_defaults={
-        "cpu-quick": {"model": "resnet18", "stem": "imagenet", "subset_size": 2000, "val_size": 200,
-                      "epochs": 2, "batch_size": 64, "lr": 0.01},
-        "gpu": {"model": "resnet18", "stem": "cifar", "subset_size": 10000, "val_size": 1000,
+        "cpu-quick": {"model": "resnet18", "stem": "imagenet", "width": 1.0, "subset_size": 2000,
+                      "val_size": 200, "epochs": 2, "batch_size": 64, "lr": 0.01},
+        "cpu": {"model": "resnet18", "stem": "imagenet", "width": 0.5, "subset_size": 1100,
+                "val_size": 100, "epochs": 15, "batch_size": 64, "lr": 0.01},
+        "gpu": {"model": "resnet18", "stem": "cifar", "width": 1.0, "subset_size": 10000, "val_size": 1000,
                 "epochs": 30, "batch_size": 128, "lr": 0.01},
     })
-def build_ablation(seeds: list[int], scale: str, model: str, stem: str, subset_size: int, val_size: int,
-                   epochs: int, batch_size: int, lr: float) -> list[tuple[dict, RunConfig]]:
+def build_ablation(seeds: list[int], scale: str, model: str, stem: str, width: float, subset_size: int,
+                   val_size: int, epochs: int, batch_size: int, lr: float) -> list[tuple[dict, RunConfig]]:
     if val_size >= subset_size:
         raise ConfigError(f"ablation: val_size {val_size} leaves no training images out of {subset_size}")
     study = {"model": model, "subset": "random", "subset_size": subset_size, "val_size": val_size,
@@ -416,7 +519,7 @@ def build_ablation(seeds: list[int], scale: str, model: str, stem: str, subset_s
         fields = copy.deepcopy(preset)
         step_model_params = dict(fields.get("model_params") or {})
         fields.update(study)
-        fields["model_params"] = _model_params_for(model, {"stem": stem, **step_model_params})
+        fields["model_params"] = _model_params_for(model, {"stem": stem, "width": width, **step_model_params})
         fields["name"] = f"ablation {i}"
         cells.append(({"step": i, "trick": _short_step_label(label)}, fields))
     return _seeded(cells, seeds)
@@ -424,11 +527,17 @@ def build_ablation(seeds: list[int], scale: str, model: str, stem: str, subset_s
 
 # ---- building ------------------------------------------------------------------------------------
 
-def build_study(kind: str, params: dict | None = None, seeds: int = 1) -> list[tuple[dict, RunConfig]]:
-    """[(cell, validated RunConfig)], one per cell × seed (seeds 0 … seeds-1). ConfigError if invalid."""
+def build_study(kind: str, params: dict | None = None, seeds: int | None = None) -> list[tuple[dict, RunConfig]]:
+    """[(cell, validated RunConfig)], one per cell × seed (seeds 0 … seeds-1; None: the scale's default,
+    SCALE_SEEDS). ConfigError if invalid."""
     values = validate_params(kind, params)
-    n = SEEDS_PARAM.validate(seeds)
+    n = study_seeds(values["scale"], seeds)
     return STUDIES.get(kind).fn(seeds=list(range(n)), **values)
+
+
+def study_seeds(scale: str, seeds: int | None) -> int:
+    """The validated number of seeds; None: the scale's default."""
+    return seeds_param(scale).validate(default_seeds(scale) if seeds is None else seeds)
 
 
 # ---- time estimates ------------------------------------------------------------------------------
@@ -449,7 +558,7 @@ def estimate_run_seconds(cfg: RunConfig, device_kind: str | None = None, store: 
     return estimate_run(_on_device(cfg, device_kind), store, data_source).seconds
 
 
-def estimate_study(kind: str, params: dict | None = None, seeds: int = 1, store: RunStore | None = None,
+def estimate_study(kind: str, params: dict | None = None, seeds: int | None = None, store: RunStore | None = None,
                    data_source: str | None = None, device_kind: str | None = None) -> Estimate:
     """The study's runs one after another (they queue on one job slot per device): the sum of their
     estimates, with its range, parts and basis."""
@@ -457,7 +566,7 @@ def estimate_study(kind: str, params: dict | None = None, seeds: int = 1, store:
     return estimate_runs([_on_device(cfg, device_kind) for _, cfg in planned], store, data_source)
 
 
-def estimate_seconds(kind: str, params: dict | None = None, seeds: int = 1, device_kind: str | None = None,
+def estimate_seconds(kind: str, params: dict | None = None, seeds: int | None = None, device_kind: str | None = None,
                      store: RunStore | None = None, data_source: str | None = None) -> float:
     """Total seconds of a study when its runs go one after another (one job slot)."""
     return estimate_study(kind, params, seeds, store, data_source, device_kind).seconds
@@ -482,8 +591,9 @@ def manifest_path(store: RunStore, study_id: str) -> Path:
 
 
 def launch_study(kind: str, params: dict | None, store: RunStore | None = None,
-                 data_source: str | None = None, seeds: int = 1) -> str:
-    """Queue every run of a study as a background job; returns the study id.
+                 data_source: str | None = None, seeds: int | None = None) -> str:
+    """Queue every run of a study as a background job (seeds None: the scale's default); returns the
+    study id.
 
     All configs are built and validated before anything is queued, so an invalid study queues
     nothing. The manifest is written even if queuing stops half way (it lists what was queued)."""
@@ -491,7 +601,7 @@ def launch_study(kind: str, params: dict | None, store: RunStore | None = None,
 
     store = store or RunStore()
     values = validate_params(kind, params)
-    n_seeds = SEEDS_PARAM.validate(seeds)
+    n_seeds = study_seeds(values["scale"], seeds)
     planned = build_study(kind, values, n_seeds)
     study_id = new_study_id(kind)
     info = INFO[kind]
@@ -539,7 +649,8 @@ def list_studies(store: RunStore | None = None) -> list[dict]:
 
 def study_results(store: RunStore, study_id: str):
     """One row per run: cell columns, seed, run_id, state, the final metrics (NaN until finished),
-    lr, and per-class test recall columns ``recall_<class>``. df.attrs["cell_keys"] names the cell."""
+    lr, per-class test recall columns ``recall_<class>`` and the training images of each class
+    ``train_count_<class>`` (from the run's split). df.attrs["cell_keys"] names the cell."""
     import pandas as pd
 
     manifest = read_manifest(store, study_id)
@@ -565,6 +676,7 @@ def study_results(store: RunStore, study_id: str):
         if isinstance(results, dict) and isinstance(results.get("per_class_acc"), dict):
             for cls, acc in results["per_class_acc"].items():
                 row[f"{RECALL_PREFIX}{cls}"] = float(acc)
+        row.update(_class_counts(status.get("split")))
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -575,6 +687,16 @@ def study_results(store: RunStore, study_id: str):
     return df
 
 
+def _class_counts(split) -> dict:
+    """{train_count_<class>: n} from a run's split summary (empty when it has none)."""
+    if not isinstance(split, dict):
+        return {}
+    counts, classes = split.get("train_per_class"), split.get("classes")
+    if not isinstance(counts, list) or not isinstance(classes, list) or len(counts) != len(classes):
+        return {}
+    return {f"{COUNT_PREFIX}{cls}": float(n) for cls, n in zip(classes, counts)}
+
+
 def recall_columns(df) -> list[str]:
     return [c for c in df.columns if str(c).startswith(RECALL_PREFIX)]
 
@@ -582,8 +704,12 @@ def recall_columns(df) -> list[str]:
 def training_counts_text(store: RunStore, df, params: dict) -> str:
     """'The training set keeps 500–1000 images per class … Seed 0: airplane 734, …' for the samplers
     study, from the first finished run's split summary."""
-    text = (f"The training set keeps {params.get('low', '?')}–{params.get('high', '?')} images per class, "
-            "drawn at random per seed (the same draw for every strategy of a seed).")
+    if params.get("profile") == "long_tail":
+        text = (f"The training set is CIFAR-10-LT with ρ = {params.get('imbalance_ratio', '?')}: class c "
+                "keeps 5000 · ρ^(-c/9) images, the same for every seed and strategy.")
+    else:
+        text = (f"The training set keeps {params.get('low', '?')}–{params.get('high', '?')} images per "
+                "class, drawn at random per seed (the same draw for every strategy of a seed).")
     for run_id in df.loc[df["state"] == "completed", "run_id"]:
         split = store.record(run_id).status().get("split") or {}
         counts, classes = split.get("train_per_class"), split.get("classes")

@@ -59,7 +59,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks, widths 64-128-256-512.
+    """ResNet with BasicBlocks, widths 64-128-256-512 (× `width`: 0.25 gives 16-32-64-128, ~16× fewer
+    weights and multiply-adds, for CPU-sized studies).
 
     stem "cifar": 3x3 conv stride 1, no max-pool (32x32 feature maps in layer 1);
     stem "imagenet": 7x7 conv stride 2 + 3x3 max-pool stride 2 (8x8 in layer 1).
@@ -70,8 +71,9 @@ class ResNet(nn.Module):
 
     def __init__(self, layers, num_classes: int = 10, norm: str = "batch", groups: int = 32,
                  dropout: float = 0.0, shortcut: str = "projection", stem: str = "cifar",
-                 name: str = "resnet"):
+                 width: float = 1.0, name: str = "resnet"):
         super().__init__()
+        self.widths = tuple(max(4, int(round(c * width))) for c in ResNet.widths)
         if norm == "group":
             bad = [c for c in self.widths if c % groups]
             if bad:
@@ -138,13 +140,16 @@ _RESNET_PARAMS = (
     Param("norm", "choice", "batch", choices=("batch", "group", "none"),
           help="Normalization layer after each conv: BatchNorm, GroupNorm or none (convs then get a bias)."),
     Param("groups", "int", 32, low=1, high=512,
-          help="GroupNorm groups (only used with norm=group); must divide 64, 128, 256 and 512."),
+          help="GroupNorm groups (only used with norm=group); must divide every stage's channel count "
+               "(64, 128, 256, 512 × width)."),
     Param("dropout", "float", 0.0, low=0.0, high=0.9, help="Dropout before the final linear layer."),
     Param("shortcut", "choice", "projection", choices=("projection", "zero_pad"),
           help="Shortcut when the shape changes: 1x1 conv stride 2 + norm (projection) or "
                "stride-2 subsample + zero-padded channels (zero_pad, 'option A', parameter-free)."),
     Param("stem", "choice", "cifar", choices=("cifar", "imagenet"),
           help="cifar: 3x3 conv stride 1, no max-pool; imagenet: 7x7 conv stride 2 + 3x3 max-pool stride 2."),
+    Param("width", "float", 1.0, low=0.125, high=2.0,
+          help="Width multiplier of the four stages (1 = 64, 128, 256, 512 channels)."),
 )
 
 
