@@ -20,6 +20,9 @@ PAGES = (
      "overlay runs, diff their configs, compare final metrics"),
     ("pages/4_Studies.py", "Studies", "Studies", ":material/science:",
      "one-click studies: BN vs GN, samplers on imbalanced data, trick ablation"),
+    ("pages/7_Imbalance.py", "Imbalance", "Imbalance", ":material/balance:",
+     "the class-imbalance lab: imbalanced training sets, balancing strategies side by side, threshold "
+     "moving on any finished run, cRT and EasyEnsemble"),
     ("pages/5_Preview.py", "Preview", "Preview", ":material/auto_awesome_mosaic:",
      "the augmentation previewer: every augmentation, live on real images or your own, with the "
      "parameters each tile drew"),

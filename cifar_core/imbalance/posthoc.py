@@ -102,7 +102,7 @@ def no_adjustment(bundle: dict) -> np.ndarray:
 
 
 @POSTHOC.register("logit_adjustment", params=(
-    Param("tau", "float", 1.0, 0.0, 3.0,
+    Param("tau", "float", 1.0, 0.0, 2.0,
           help="τ: subtract τ · log(training class share) from the logits; 1 = the Bayes-optimal correction "
                "for balanced accuracy, 0 = none."),
 ), description="Post-hoc logit adjustment (Menon et al. 2021): logits - τ · log prior.")
