@@ -280,13 +280,13 @@ def test_feature_space_strategies_use_the_finished_runs_features(smote_run, cifa
 def test_a_missing_or_unfinished_feature_run_fails_before_training(tmp_path, cifar_npz):
     store = RunStore(tmp_path)
     cfg = tiny(balance="smote", balance_params={"space": "features", "feature_run": "nope"})
-    with pytest.raises(ConfigError, match=r"smote\.feature_run: no run nope"):
+    with pytest.raises(ConfigError, match=r"smote\.feature_run nope: no such run"):
         prepare(cfg, str(cifar_npz), store)
     store.create(tiny(), run_id="queued", state="queued")
-    with pytest.raises(ConfigError, match=r"smote\.feature_run: run queued is queued, not completed"):
+    with pytest.raises(ConfigError, match=r"smote\.feature_run queued is queued, not completed"):
         prepare(cfg.replace(balance_params={"space": "features", "feature_run": "queued"}), str(cifar_npz), store)
     record = train_run(cfg, store, run_id="asks", data_source=str(cifar_npz))
-    assert record.state() == "failed" and "smote.feature_run: no run nope" in record.status()["error"]
+    assert record.state() == "failed" and "smote.feature_run nope: no such run" in record.status()["error"]
     assert not record.metrics_path.exists() or not record.read_metrics()  # no step was trained
 
 

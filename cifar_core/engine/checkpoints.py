@@ -21,10 +21,11 @@ import torch
 from ..augment import AugmentChain
 from ..models import create_model
 from ..params import ConfigError
-from ..runs import RunRecord, atomic_write_bytes
+from ..runs import RunRecord, RunStore, atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUME_ORDER", "FINISHED_ORDER", "CheckpointError", "Checkpoint",
-           "write_checkpoint", "read_checkpoint", "normalizer_states", "restore_normalizers"]
+           "write_checkpoint", "read_checkpoint", "normalizer_states", "restore_normalizers",
+           "has_finished_checkpoint", "finished_source"]
 
 CHECKPOINT_FORMAT = 3  # 1: before normalizers/tta/eval_weights were saved; 2: before the RNG states
 RESUME_ORDER = ("last", "best")
@@ -149,3 +150,30 @@ def read_checkpoint(record: RunRecord, order: tuple[str, ...] = FINISHED_ORDER,
             continue
         return Checkpoint(which, path, data, fallback="; ".join(problems) or None)
     raise CheckpointError(f"run {record.run_id}: no usable checkpoint: " + "; ".join(problems))
+
+
+def has_finished_checkpoint(record: RunRecord) -> bool:
+    """Whether a file the reader would try for a finished run exists (existence only: listings and form
+    checks stay cheap; reading it names a damaged file)."""
+    return any(record.checkpoint_path(which).exists() for which in FINISHED_ORDER)
+
+
+def finished_source(store: RunStore, run_id: str, field: str, own: str, use: str,
+                    this_run: str | None = None) -> RunRecord:
+    """The record of a completed run with weights that config field `field` names (a teacher, an init
+    run, a feature run), or ConfigError saying why it cannot serve: `this_run` itself (`own`: what a run
+    cannot be of itself), missing, unfinished (`use`: what is done only from a finished run), no
+    checkpoint."""
+    record = store.record(run_id)  # ConfigError for ids that are not plain names
+    if run_id == this_run:
+        raise ConfigError(f"{field} {run_id}: a run cannot {own}")
+    if not record.exists():
+        raise ConfigError(f"{field} {run_id}: no such run in {store.root} (it must be a completed run in the "
+                          "same runs folder)")
+    state = record.state()
+    if state != "completed":
+        raise ConfigError(f"{field} {run_id} is {state}, not completed: {use} only from a finished run")
+    if not has_finished_checkpoint(record):
+        files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
+        raise ConfigError(f"{field} {run_id} has no checkpoint ({files}) to load")
+    return record

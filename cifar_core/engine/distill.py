@@ -33,7 +33,7 @@ from ..augment import AUGMENTATIONS
 from ..models import count_params
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
-from .checkpoints import FINISHED_ORDER, CheckpointError, read_checkpoint
+from .checkpoints import FINISHED_ORDER, CheckpointError, finished_source, has_finished_checkpoint, read_checkpoint
 
 __all__ = ["Teacher", "load_teacher", "check_teacher_run", "teacher_candidates", "teacher_input_kind",
            "distillation_loss"]
@@ -49,18 +49,12 @@ def _normalizers(augment: list) -> list[str]:
     return names
 
 
-def _has_checkpoint(record: RunRecord) -> bool:
-    """Whether a file the reader would try for a finished run exists (existence only: listing and
-    form checks must stay cheap; `load_teacher` reads it and names a damaged file)."""
-    return any(record.checkpoint_path(which).exists() for which in FINISHED_ORDER)
-
-
 def teacher_candidates(store: RunStore) -> list[dict]:
     """Completed runs with a checkpoint, newest first: [{run_id, name, model, test_acc}]."""
     out = []
     for record in store.records():
         status = record.status()
-        if status.get("state") != "completed" or not _has_checkpoint(record):
+        if status.get("state") != "completed" or not has_finished_checkpoint(record):
             continue
         config = record.config_dict() or {}
         out.append({"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
@@ -71,19 +65,7 @@ def teacher_candidates(store: RunStore) -> list[dict]:
 def check_teacher_run(store: RunStore, run_id: str, student_run_id: str | None = None) -> RunRecord:
     """The teacher's record, or ConfigError saying why it cannot teach (missing, unfinished, no
     checkpoint, itself)."""
-    record = store.record(run_id)  # ConfigError for ids that are not plain names
-    if run_id == student_run_id:
-        raise ConfigError(f"teacher_run {run_id}: a run cannot be its own teacher")
-    if not record.exists():
-        raise ConfigError(f"teacher_run {run_id}: no such run in {store.root} (the teacher must be a "
-                          "completed run in the same runs folder)")
-    state = record.state()
-    if state != "completed":
-        raise ConfigError(f"teacher_run {run_id} is {state}, not completed: distil only from a finished run")
-    if not _has_checkpoint(record):
-        files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
-        raise ConfigError(f"teacher_run {run_id} has no checkpoint ({files}) to load")
-    return record
+    return finished_source(store, run_id, "teacher_run", "be its own teacher", "distil", student_run_id)
 
 
 def teacher_input_kind(run_id: str, teacher_norm: list[str], student_norm: list[str]) -> str:

@@ -21,7 +21,7 @@ from ..data import CIFAR_MEAN, CIFAR_STD
 from ..models import penultimate_features
 from ..params import ConfigError
 from ..runs import RunStore
-from .checkpoints import FINISHED_ORDER
+from .checkpoints import finished_source
 from .distill import Teacher, load_teacher
 
 __all__ = ["check_feature_run", "load_feature_model", "run_features"]
@@ -31,20 +31,7 @@ FEATURE_BATCH = 500  # images per forward pass
 
 def check_feature_run(store: RunStore, run_id: str, field: str) -> None:
     """ConfigError naming `field` unless `run_id` is a completed run of `store` with a checkpoint."""
-    try:
-        record = store.record(run_id)
-    except ConfigError as exc:
-        raise ConfigError(f"{field}: {exc}") from None
-    if not record.exists():
-        raise ConfigError(f"{field}: no run {run_id} in {store.root} (the features come from a completed "
-                          "run in the same runs folder)")
-    state = record.state()
-    if state != "completed":
-        raise ConfigError(f"{field}: run {run_id} is {state}, not completed: features come only from a "
-                          "finished run")
-    if not any(record.checkpoint_path(which).exists() for which in FINISHED_ORDER):
-        files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
-        raise ConfigError(f"{field}: run {run_id} has no checkpoint ({files}) to load")
+    finished_source(store, run_id, field, "take features from itself", "take features")
 
 
 def load_feature_model(store: RunStore, run_id: str, field: str) -> Teacher:

@@ -38,7 +38,8 @@ from ..config import INIT_MODES, MODEL_PARAM_SECTIONS, RunConfig
 from ..models import MODELS, classifier_head
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
-from .checkpoints import FINISHED_ORDER, Checkpoint, CheckpointError, read_checkpoint
+from .checkpoints import (FINISHED_ORDER, Checkpoint, CheckpointError, finished_source, has_finished_checkpoint,
+                          read_checkpoint)
 
 __all__ = ["INIT_MODES", "InitSource", "check_init_run", "load_init_source", "init_candidates",
            "freeze_all_but_head", "keep_in_eval", "architecture_params", "crt_config", "crt_epochs"]
@@ -71,27 +72,12 @@ def check_same_model(run_id: str, source_model: str, source_params: dict | None,
                           "options (set model and model options to the source's, or pick another run)")
 
 
-def _has_checkpoint(record: RunRecord) -> bool:
-    return any(record.checkpoint_path(which).exists() for which in FINISHED_ORDER)
-
-
 def check_init_run(store: RunStore, cfg: RunConfig, run_id: str | None = None) -> RunRecord:
     """The source run's record, or ConfigError saying why this run cannot start from it (itself,
     missing, unfinished, no checkpoint, another model). Cheap: reads config.json and status.json only
     (the trainer checks the checkpoint's own model record again when it loads it)."""
     source_id = cfg.init_run
-    record = store.record(source_id)  # ConfigError for ids that are not plain names
-    if source_id == run_id:
-        raise ConfigError(f"init_run {source_id}: a run cannot start from its own weights")
-    if not record.exists():
-        raise ConfigError(f"init_run {source_id}: no such run in {store.root} (start from a completed run in "
-                          "the same runs folder)")
-    state = record.state()
-    if state != "completed":
-        raise ConfigError(f"init_run {source_id} is {state}, not completed: start only from a finished run")
-    if not _has_checkpoint(record):
-        files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
-        raise ConfigError(f"init_run {source_id} has no checkpoint ({files}) to load")
+    record = finished_source(store, source_id, "init_run", "start from its own weights", "start", run_id)
     config = record.config_dict()
     if not isinstance(config, dict) or "model" not in config:
         raise ConfigError(f"init_run {source_id} has no readable config.json")
@@ -105,7 +91,7 @@ def init_candidates(store: RunStore, model: str | None = None, model_params: dic
     out = []
     for record in store.records():
         status = record.status()
-        if status.get("state") != "completed" or not _has_checkpoint(record):
+        if status.get("state") != "completed" or not has_finished_checkpoint(record):
             continue
         config = record.config_dict() or {}
         fits = None
