@@ -25,7 +25,7 @@ from ..runs import RunRecord, RunStore, atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FORMAT", "RESUME_ORDER", "FINISHED_ORDER", "CheckpointError", "Checkpoint",
            "write_checkpoint", "read_checkpoint", "normalizer_states", "restore_normalizers",
-           "has_finished_checkpoint", "finished_source"]
+           "has_finished_checkpoint", "finished_source", "weights_sources"]
 
 CHECKPOINT_FORMAT = 3  # 1: before normalizers/tta/eval_weights were saved; 2: before the RNG states
 RESUME_ORDER = ("last", "best")
@@ -177,3 +177,14 @@ def finished_source(store: RunStore, run_id: str, field: str, own: str, use: str
         files = " or ".join(f"{which}.pt" for which in FINISHED_ORDER)
         raise ConfigError(f"{field} {run_id} has no checkpoint ({files}) to load")
     return record
+
+
+def weights_sources(store: RunStore) -> list[tuple[RunRecord, dict, dict]]:
+    """(record, status, config) of every completed run with a checkpoint, newest first: what the
+    teacher, init-run and feature-run pickers list."""
+    out = []
+    for record in store.records():
+        status = record.status()
+        if status.get("state") == "completed" and has_finished_checkpoint(record):
+            out.append((record, status, record.config_dict() or {}))
+    return sorted(out, key=lambda source: source[0].run_id, reverse=True)

@@ -33,7 +33,7 @@ from ..augment import AUGMENTATIONS
 from ..models import count_params
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
-from .checkpoints import FINISHED_ORDER, CheckpointError, finished_source, has_finished_checkpoint, read_checkpoint
+from .checkpoints import FINISHED_ORDER, CheckpointError, finished_source, read_checkpoint, weights_sources
 
 __all__ = ["Teacher", "load_teacher", "check_teacher_run", "teacher_candidates", "teacher_input_kind",
            "distillation_loss"]
@@ -51,15 +51,8 @@ def _normalizers(augment: list) -> list[str]:
 
 def teacher_candidates(store: RunStore) -> list[dict]:
     """Completed runs with a checkpoint, newest first: [{run_id, name, model, test_acc}]."""
-    out = []
-    for record in store.records():
-        status = record.status()
-        if status.get("state") != "completed" or not has_finished_checkpoint(record):
-            continue
-        config = record.config_dict() or {}
-        out.append({"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
-                    "test_acc": status.get("test_acc")})
-    return sorted(out, key=lambda c: c["run_id"], reverse=True)
+    return [{"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
+             "test_acc": status.get("test_acc")} for record, status, config in weights_sources(store)]
 
 
 def check_teacher_run(store: RunStore, run_id: str, student_run_id: str | None = None) -> RunRecord:

@@ -38,8 +38,8 @@ from ..config import INIT_MODES, MODEL_PARAM_SECTIONS, RunConfig
 from ..models import MODELS, classifier_head
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
-from .checkpoints import (FINISHED_ORDER, Checkpoint, CheckpointError, finished_source, has_finished_checkpoint,
-                          read_checkpoint)
+from .checkpoints import (FINISHED_ORDER, Checkpoint, CheckpointError, finished_source, read_checkpoint,
+                          weights_sources)
 
 __all__ = ["INIT_MODES", "InitSource", "check_init_run", "load_init_source", "init_candidates",
            "freeze_all_but_head", "keep_in_eval", "architecture_params", "crt_config", "crt_epochs"]
@@ -89,11 +89,7 @@ def init_candidates(store: RunStore, model: str | None = None, model_params: dic
     """Completed runs with a checkpoint, newest first: [{run_id, name, model, test_acc, fits}]; `fits`:
     whether its weights fit `model` with `model_params` (None without a model, or when they are invalid)."""
     out = []
-    for record in store.records():
-        status = record.status()
-        if status.get("state") != "completed" or not has_finished_checkpoint(record):
-            continue
-        config = record.config_dict() or {}
+    for record, status, config in weights_sources(store):
         fits = None
         if model is not None:
             try:
@@ -109,7 +105,7 @@ def init_candidates(store: RunStore, model: str | None = None, model_params: dic
                     fits = False
         out.append({"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
                     "test_acc": status.get("test_acc"), "fits": fits})
-    return sorted(out, key=lambda c: c["run_id"], reverse=True)
+    return out
 
 
 # ---- freezing -----------------------------------------------------------------------------------
