@@ -23,6 +23,8 @@ from ui.forms import param_widget, registry_chooser, registry_params_form
 
 RUNS_URL = "Runs"
 STUDY = "samplers"
+# the study's parameters that only one training-set profile reads: hidden with the other one
+PROFILE_ONLY = {"low": "report", "high": "report", "imbalance_ratio": "long_tail"}
 MAX_SIDE_BY_SIDE = 4
 
 st.set_page_config(page_title="Imbalance · CIFAR-10 Lab", page_icon="🧪", layout="wide")
@@ -104,8 +106,12 @@ with tab_compare:
                                     key=f"imb.compare.{scale}.{param.name}",
                                     default=studies.name_list_default(STUDY, param), help=param.help)
             values[param.name] = ",".join(picked)
-    for col, param in zip(itertools.cycle(st.columns(3)), [p for p in params if p.name not in values]):
-        with col:
+    cells = itertools.cycle(st.columns(3))
+    for param in [p for p in params if p.name not in values]:
+        wanted = PROFILE_ONLY.get(param.name)
+        if wanted and wanted != values["profile"]:  # the study declares "profile" before these
+            continue  # no effect with this profile: not shown, the study's default used
+        with next(cells):
             values[param.name] = param_widget(param, f"imb.compare.{scale}.{param.name}")
     seeds = param_widget(studies.seeds_param(scale), f"imb.compare.{scale}.seeds", label="Seeds")
     with friendly_errors("Planning the comparison"):

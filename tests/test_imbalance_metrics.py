@@ -11,6 +11,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 from cifar_core.imbalance.metrics import (class_groups, expected_calibration_error, group_accuracies,
                                           imbalance_report, reliability_bins)
+from cifar_core.data.split import long_tail_counts, step_counts
 from cifar_core.params import ConfigError
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -64,9 +65,22 @@ def test_groups_rank_by_training_count_top_and_bottom_30_percent():
     shuffled = [500, 1000, 700, 800, 600, 900, 550, 650, 750, 950]  # the report's 500..1000 set
     assert class_groups(shuffled) == {"many": [1, 5, 9], "medium": [2, 3, 7, 8], "few": [0, 4, 6]}
     assert class_groups([5000] * 10) is None  # balanced: no head or tail
-    # equal counts across a boundary: the lower class index ranks first
-    step = [100, 100, 100, 100, 100, 10, 10, 10, 10, 10]
-    assert class_groups(step) == {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}
+
+
+def test_classes_with_equal_counts_share_a_group():
+    step = step_counts(5000, 10, 5)  # 5 classes at 5,000, 5 at 500
+    assert class_groups(step) == {"many": [0, 1, 2, 3, 4], "medium": [], "few": [5, 6, 7, 8, 9]}
+    lt = long_tail_counts(5000, 100)  # CIFAR-10-LT ρ=100: no ties, 3 / 4 / 3 as before
+    assert class_groups(lt) == {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}
+    small = long_tail_counts(20, 10)  # ..., 3, 2, 2: a tie inside the few-shot group
+    assert class_groups(small) == {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}
+    # a tie goes where most of its positions are: 3 of 4 positions (4..7) medium, 1 many
+    assert class_groups([9, 8, 7, 7, 7, 7, 3, 2, 1, 0])["many"] == [0, 1]
+    # evenly split across a cut-off (positions 2..5: 2 many, 2 medium): medium
+    assert class_groups([9, 7, 7, 7, 7, 5, 4, 3, 2, 1])["medium"] == [1, 2, 3, 4, 5, 6]
+    shuffled = [50, 500, 500, 5000, 50, 500, 50, 5000, 500, 500]
+    groups = class_groups(shuffled)
+    assert groups == {"many": [3, 7], "medium": [1, 2, 5, 8, 9], "few": [0, 4, 6]}
 
 
 def test_group_accuracy_is_the_mean_recall_of_its_classes():

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifar_core.config import RunConfig
 from cifar_core.data import CLASSES
-from cifar_core.experiments import ensembles, imbalance_lab
+from cifar_core.experiments import ensembles, imbalance_lab, studies
 from cifar_core.imbalance import imbalance_report
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore, atomic_write_json
@@ -157,3 +157,33 @@ def test_page_launches_an_ensemble_and_offers_crt_only_from_runs_with_weights(en
     (manifest,) = ensembles.list_ensembles(store)
     assert manifest["members"] == 3 and len(manifest["runs"]) == 3
     assert record.run_id not in [r["run_id"] for r in manifest["runs"]]
+
+
+def test_compare_shows_only_the_inputs_of_the_chosen_profile(env):
+    store = env
+    at = _app().run()
+    assert not at.exception, at.exception
+    prefix = f"imb.compare.{at.selectbox(key='imb.compare.scale').value}."
+
+    def shown() -> set[str]:
+        widgets = [*at.number_input, *at.select_slider, *at.selectbox, *at.slider]
+        return {w.key[len(prefix):] for w in widgets if w.key and w.key.startswith(prefix)}
+
+    assert at.selectbox(key=prefix + "profile").value == "report"
+    assert {"low", "high"} <= shown() and "imbalance_ratio" not in shown()  # ρ has no effect on the report's set
+    at.number_input(key=prefix + "low").set_value(600).run()
+    at.button(key="imb.compare.launch").click().run()
+    assert not at.exception, at.exception
+    at.selectbox(key=prefix + "profile").set_value("long_tail").run()
+    assert not at.exception, at.exception
+    assert "imbalance_ratio" in shown() and not {"low", "high"} & shown()
+    at.select_slider(key=prefix + "imbalance_ratio").set_value(50.0).run()
+    at.button(key="imb.compare.launch").click().run()
+    assert not at.exception, at.exception
+    launched = {m["params"]["profile"]: m for m in studies.list_studies(store)}
+    assert launched["report"]["params"]["low"] == 600
+    assert launched["long_tail"]["params"]["imbalance_ratio"] == 50.0
+    report = store.config_dict_of(launched["report"]["runs"][0]["run_id"])
+    assert (report["imbalance"], report["imbalance_params"]) == ("report_random", {"low": 600, "high": 1000})
+    long_tail = store.config_dict_of(launched["long_tail"]["runs"][0]["run_id"])
+    assert (long_tail["imbalance"], long_tail["imbalance_params"]["imbalance_ratio"]) == ("long_tail", 50.0)

@@ -5,9 +5,12 @@ run's saved logits.
 
 Class groups. The usual many (> 100 images) / medium / few (< 20) cut-offs of ImageNet-LT mean
 nothing on CIFAR-10 (CIFAR-10-LT ρ=100 has 5,000..50 images per class, the report's set 500..1,000),
-so the groups here are by rank: the classes sorted by training count (largest first, equal counts by
-class index), the top 30% are "many", the bottom 30% "few", the rest "medium" (3 / 4 / 3 of the ten
-CIFAR-10 classes). On a balanced training set (all counts equal) there are no groups: None.
+so the groups here are by rank: with the classes sorted by training count (largest first), the top
+30% of the rank positions are "many", the bottom 30% "few", the rest "medium" (3 / 4 / 3 of the ten
+CIFAR-10 classes). Classes with equal counts always share a group: they share one rank, the mean of
+the positions they span, so a tie goes to the group that holds most of its positions, and to "medium"
+when it straddles a cut-off evenly (a step profile of 5 classes at 5,000 and 5 at 500 is 5 many and
+5 few). On a balanced training set (all counts equal) there are no groups: None.
 """
 from __future__ import annotations
 
@@ -65,10 +68,14 @@ def class_groups(train_counts, share: float = GROUP_SHARE) -> dict[str, list[int
     counts = np.asarray(train_counts, dtype=np.int64)
     if counts.size == 0 or np.all(counts == counts[0]):
         return None
-    order = sorted(range(counts.size), key=lambda c: (-counts[c], c))
+    larger = (counts[None, :] > counts[:, None]).sum(axis=1)
+    equal = (counts[None, :] == counts[:, None]).sum(axis=1)
+    rank = larger + (equal + 1) / 2  # 1 = the largest count; equal counts share the mean of their positions
     edge = max(1, int(round(share * counts.size)))
-    return {"many": sorted(order[:edge]), "medium": sorted(order[edge:counts.size - edge]),
-            "few": sorted(order[counts.size - edge:])}
+    # the half-way points between the last position of a group and the first of the next
+    many, few = rank < edge + 0.5, rank > counts.size - edge + 0.5
+    return {"many": np.flatnonzero(many).tolist(), "medium": np.flatnonzero(~many & ~few).tolist(),
+            "few": np.flatnonzero(few).tolist()}
 
 
 def group_accuracies(recall: np.ndarray, groups: dict[str, list[int]] | None,
