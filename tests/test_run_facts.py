@@ -30,7 +30,18 @@ def test_best_val_accuracy_prefers_the_status():
     assert best_val_accuracy({}, [math.nan]) is None
 
 
-def test_cli_runs_uses_the_same_rule(tmp_path, capsys):
+@pytest.fixture(autouse=True)
+def no_supervisor(monkeypatch):
+    """`runs` refreshes the records, which starts a detached supervisor for a queued run: with a hand-made
+    "running" record that has no pid it would wait for the CPU slot forever and outlive the tests."""
+    from cifar_core import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "ensure_worker", lambda store=None: started.append(store.root) or False)
+    return started
+
+
+def test_cli_runs_uses_the_same_rule(tmp_path, capsys, no_supervisor):
     store = RunStore(tmp_path)
     cfg = RunConfig(epochs=1).validated()
     store.create(cfg, run_id="done", state="completed").update_status(test_acc=0.9, best_val_acc=0.8)
@@ -39,6 +50,7 @@ def test_cli_runs_uses_the_same_rule(tmp_path, capsys):
     assert main(["--runs-root", str(tmp_path), "runs", "--json"]) == 0
     rows = {r["run_id"]: r["accuracy"] for r in json.loads(capsys.readouterr().out)}
     assert rows == {"done": "90.00%", "going": "25.00%", "fresh": ""}
+    assert no_supervisor == [tmp_path]  # the queued run asked for one
 
 
 def test_run_duration():
