@@ -9,6 +9,10 @@ How it works
   a kill on cancelled runs that outlive their grace period, and marks runs whose process vanished
   as failed ("process lost") with the tail of their log. It exits after some idle time with
   nothing queued or running; the next submit starts a new one.
+- A run may have an owner: a process on this machine that waits for it (a search worker waiting on
+  its trial). `submit(..., owner=owner_of_this_process())` records it; when the owner dies (killed,
+  machine restart) its unfinished runs are cancelled (`cancel_orphans`), so nobody trains for a
+  waiter that is gone.
 - Each run is its own OS process (`python -m cifar_core train --resume RUN_ID`), in its own
   session so the Streamlit server, the supervisor and the runs can each be restarted independently:
   a restarted app or supervisor re-attaches to running jobs by the pid and start time in status.json.
@@ -23,6 +27,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -69,16 +74,23 @@ def file_lock(path: Path, blocking: bool = True):
 
 
 # ---- public API --------------------------------------------------------------------------------
+def owner_of_this_process() -> dict:
+    """This process as a run's owner (see `submit`): pid, start time and host."""
+    return {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
+
+
 def submit(cfg, store: RunStore | None = None, data_source: str | None = None,
-           start_worker: bool = True, meta: dict | None = None) -> RunRecord:
+           start_worker: bool = True, meta: dict | None = None, owner: dict | None = None) -> RunRecord:
     """Queue a validated config as a new run; the supervisor starts it when a slot is free.
 
     `meta` is stored in status.json as is (for example {"study": id, "study_kind": ..., "cell": ...}).
+    `owner` (`owner_of_this_process()`): the run is cancelled when that process ends before it.
     """
     store = store or RunStore()
     cfg = cfg.validated()
     record = store.create(cfg, state="queued")
-    record.update_status(device_kind=job_device(cfg.to_dict()), data_source=data_source, **(meta or {}))
+    record.update_status(device_kind=job_device(cfg.to_dict()), data_source=data_source,
+                         **({"owner": owner} if owner else {}), **(meta or {}))
     if start_worker:
         ensure_worker(store)
     return record
@@ -91,7 +103,7 @@ def existing_record(store: RunStore, run_id: str) -> RunRecord:
     return record
 
 
-def cancel(run_id: str, store: RunStore | None = None) -> str:
+def cancel(run_id: str, store: RunStore | None = None, start_worker: bool = True) -> str:
     """Cancel a queued run at once, or ask a running one to stop (SIGTERM, then a forced kill)."""
     store = store or RunStore()
     record = existing_record(store, run_id)
@@ -108,7 +120,8 @@ def cancel(run_id: str, store: RunStore | None = None) -> str:
     pid = status.get("pid")
     if process_alive(pid, status.get("pid_start")):
         signal_run(pid, signal.SIGTERM)
-    ensure_worker(store)
+    if start_worker:
+        ensure_worker(store)
     return "cancelling"
 
 
@@ -235,12 +248,36 @@ def reconcile(store: RunStore) -> list[str]:
     return lost
 
 
+def owner_gone(status: dict) -> bool:
+    """Whether an unfinished run's owner (a process on this machine) has ended. An owner on another
+    host cannot be checked from here: never gone."""
+    owner = status.get("owner")
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False
+    return not process_alive(owner.get("pid"), owner.get("start"))
+
+
+def cancel_orphans(store: RunStore) -> list[str]:
+    """Cancel the unfinished runs whose owner has ended (the running ones through the normal cancel
+    path: SIGTERM, then a kill after the grace period). Returns their ids."""
+    orphans = []
+    for record in store.records():
+        status = record.status()
+        if status.get("state") in FINAL_STATES or status.get("cancel_requested") or not owner_gone(status):
+            continue
+        record.update_status(orphaned=f"its owner (pid {status['owner'].get('pid')}) ended before it")
+        cancel(record.run_id, store, start_worker=False)
+        orphans.append(record.run_id)
+    return orphans
+
+
 def refresh(store: RunStore) -> list[str]:
     """What every reader of the records calls (the app's pages, `runs`): mark runs whose process
     vanished as failed, and restart the supervisor when queued work has none (it died, or a machine
     restarted). Returns the run ids marked lost."""
     reap_workers()
     lost = reconcile(store)
+    cancel_orphans(store)
     if any(record.status().get("state") == "queued" for record in store.records()) and not worker_alive(store):
         ensure_worker(store)
     return lost
@@ -290,6 +327,7 @@ class Supervisor:
             if proc.poll() is not None:
                 del self.children[run_id]
         reconcile(self.store)
+        cancel_orphans(self.store)
         self._enforce_cancel_grace()
         busy = self._start_queued()
         return busy

@@ -279,3 +279,28 @@ def test_a_cancelled_run_resumed_through_the_queue_continues_from_its_checkpoint
     assert store.record(run_id).status().get("cancel_requested") is None
     jobs.cancel(run_id, store)
     assert wait_for(lambda: state(store, run_id) == "cancelled")
+
+
+def test_runs_of_a_dead_owner_are_cancelled_queued_and_running(store):
+    """A search worker owns its trial's run; when it dies, the run must not train on for nobody."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    me = {"pid": owner.pid, "start": jobs.process_start_time(owner.pid), "host": jobs.owner_of_this_process()["host"]}
+    running = jobs.submit(long_cfg(), store, owner=me).run_id
+    assert wait_for(lambda: store.record(running).metrics_path.exists())
+    queued = jobs.submit(long_cfg(), store, owner=me).run_id  # waits behind the single CPU slot
+    mine = jobs.submit(long_cfg(epochs=1), store, start_worker=False).run_id  # no owner: untouched
+    assert jobs.cancel_orphans(store) == []  # owner alive
+    owner.kill()
+    owner.wait()
+    assert sorted(jobs.cancel_orphans(store)) == sorted([running, queued])
+    assert state(store, queued) == "cancelled"
+    assert wait_for(lambda: state(store, running) == "cancelled", timeout=60)
+    assert "owner" in store.record(running).status()["orphaned"]
+    assert state(store, mine) in ("queued", "starting", "running", "completed")
+
+
+def test_an_owner_on_another_host_is_never_judged_from_here(store):
+    record = jobs.submit(long_cfg(), store, start_worker=False,
+                         owner={"pid": 999999, "start": 1.0, "host": "some-other-machine"})
+    assert not jobs.owner_gone(record.status())
+    assert jobs.cancel_orphans(store) == []
