@@ -1,5 +1,5 @@
-"""Command line: `python -m cifar_core train|submit|split|crt|ensemble|ensemble-result|cancel|runs|tensorboard|
-export|predict|data|describe`.
+"""Command line: `python -m cifar_core train|submit|split|crt|ensemble|ensemble-result|search|search-worker|
+search-report|cancel|runs|tensorboard|export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -127,7 +127,7 @@ def report_trained(record) -> int:
 
 def cmd_runs(args) -> int:
     from .jobs import refresh
-    from .runs import RunStore, best_accuracy
+    from .runs import RunStore, best_accuracy, shown_state
     store = RunStore(args.runs_root)
     refresh(store)  # vanished runs become failed, a stalled queue gets its supervisor back
     rows, problems = [], {}
@@ -138,7 +138,7 @@ def cmd_runs(args) -> int:
             problems[record.run_id] = problem
         best = best_accuracy(status)
         created = status.get("created")
-        rows.append((record.run_id, "unreadable" if problem else status.get("state", "?"), cfg.get("model", "?"),
+        rows.append((record.run_id, "unreadable" if problem else shown_state(status), cfg.get("model", "?"),
                      "" if best is None else f"{100 * best:.2f}%",
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
                      if isinstance(created, (int, float)) else "?"))
@@ -269,6 +269,82 @@ def cmd_split(args) -> int:
     return 0
 
 
+def search_storage(args, store) -> str:
+    """--storage, else the study's manifest in this runs folder, else its default SQLite file."""
+    from .experiments.search import default_storage, read_manifest
+    if args.storage:
+        return args.storage
+    try:
+        return read_manifest(store, args.study)["storage"]
+    except ConfigError:
+        return default_storage(store, args.study)
+
+
+def cmd_search(args) -> int:
+    from .data import load_cifar10
+    from .experiments.search import SearchSpec, launch_worker, load_space_file, start_search
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    study = args.study or time.strftime("search-%Y%m%d-%H%M%S")
+    validate_id(study, "study name")
+    spec = SearchSpec(base=config_from_args(args).to_dict(), space=load_space_file(args.space), trials=args.trials,
+                      time_budget_min=args.time_budget_min, sampler=args.sampler,
+                      sampler_params=parse_kv(args.sampler_params or ""), pruner=args.pruner,
+                      pruner_params=parse_kv(args.pruner_params or "")).validated()
+    load_cifar10(args.data)  # no data: say so now, not when the first trial fails
+    storage = start_search(study, spec, store, args.storage, data_source=args.data)
+    print(f"study {study} in {storage_text(storage)}", flush=True)
+    if args.detach:
+        pid = launch_worker(store, study)
+        print(f"worker pid {pid}" if pid else "a worker already runs this study")
+        return 0
+    return run_search_worker(store, study, storage, args.data)
+
+
+def storage_text(url: str) -> str:
+    from .experiments.search import masked
+    return masked(url)
+
+
+def run_search_worker(store, study: str, storage: str, data_source: str | None) -> int:
+    from .experiments.search import SearchWorker, load_search, summary
+    why = SearchWorker(store, study, storage, data_source, log=lambda text: print(text, flush=True)).run()
+    loaded, spec = load_search(study, storage)
+    print(f"search worker done: {why}")
+    print(json.dumps(summary(loaded, spec), indent=2, default=str))
+    return 0
+
+
+def cmd_search_worker(args) -> int:
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    validate_id(args.study, "study name")
+    return run_search_worker(store, args.study, search_storage(args, store), args.data)
+
+
+def cmd_search_report(args) -> int:
+    from .experiments.search import best_config, importances, load_search, summary, trials_csv
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    validate_id(args.study, "study name")
+    loaded, spec = load_search(args.study, search_storage(args, store))
+    report = summary(loaded, spec)
+    try:
+        report["importances"] = importances(loaded)
+    except ConfigError as exc:
+        report["importances"] = str(exc)
+    print(json.dumps(report, indent=2, default=str))
+    if args.csv:
+        with open(args.csv, "wb") as fh:
+            fh.write(trials_csv(loaded))
+    if args.train_best:
+        from .jobs import submit
+        cfg = best_config(loaded, epochs=args.epochs, train_on_validation=args.train_on_validation)
+        record = submit(cfg, store, data_source=args.data, meta={"search": args.study, "best_of_search": True})
+        print(f"best config queued as run {record.run_id}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import load_cifar10
     started = time.time()
@@ -280,6 +356,7 @@ def cmd_data(args) -> int:
 
 def cmd_describe(args) -> int:
     from .augment import AUGMENTATIONS
+    from .experiments.search import PRUNERS, SAMPLERS
     from .imbalance import BALANCING
     from .data import IMBALANCE
     from .models import MODELS
@@ -287,7 +364,8 @@ def cmd_describe(args) -> int:
     out = {"config": {name: p.to_dict() for name, p in RunConfig.scalar_params().items()},
            "models": MODELS.describe(), "augmentations": AUGMENTATIONS.describe(),
            "schedules": SCHEDULES.describe(), "imbalance": IMBALANCE.describe(),
-           "balance": BALANCING.describe()}
+           "balance": BALANCING.describe(), "search_samplers": SAMPLERS.describe(),
+           "search_pruners": PRUNERS.describe()}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -434,6 +512,53 @@ def build_parser() -> argparse.ArgumentParser:
     tensorboard.add_argument("--all", action="store_true", help="every run in the runs root (runs that "
                              "train now are skipped: their events are written live)")
     tensorboard.set_defaults(func=cmd_tensorboard)
+
+    search = sub.add_parser(
+        "search", help="search over the config with Optuna: every trial a background run (train flags set "
+                       "the fixed part)",
+        description="Creates (or continues) an Optuna study whose trials are ordinary runs of the job queue, "
+                    "scored by their final validation accuracy (val_size must be > 0), then works on it "
+                    "here until the budget is spent (--detach: in a background worker). Other machines "
+                    "join with `search-worker --storage URL --study NAME`.")
+    search.add_argument("--space", required=True,
+                        help="a JSON file mapping field names (lr, model_params.dropout, augment.rotation, "
+                             "augment.rotation.degrees ...) to {low, high, log} or {choices}; {} or true: "
+                             "the declared range")
+    search.add_argument("--trials", type=int, default=20, help="trials in all, over every worker (default 20)")
+    search.add_argument("--time-budget-min", type=float, default=0.0,
+                        help="start no trial after this many minutes from the study's first start (0: none)")
+    search.add_argument("--study", default=None, help="study name (default: search-<date>-<time>)")
+    search.add_argument("--storage", default=None,
+                        help="SQLAlchemy URL (default: sqlite file <runs>/.searches/<study>.db; PostgreSQL "
+                             "for several machines: postgresql+psycopg2://user:pass@host/db)")
+    search.add_argument("--sampler", default="tpe", help="tpe (default), random or gp")
+    search.add_argument("--sampler-params", default=None, help="the sampler's options: 'k=v,k=v' or JSON")
+    search.add_argument("--pruner", default="median", help="median (default), successive_halving, hyperband or none")
+    search.add_argument("--pruner-params", default=None, help="the pruner's options: 'k=v,k=v' or JSON")
+    search.add_argument("--detach", action="store_true", help="work in a background worker; print and return")
+    add_config_source_flags(search)
+    add_config_flags(search)
+    search.set_defaults(func=cmd_search)
+
+    search_worker = sub.add_parser("search-worker", help="work on an existing study until its budget is spent "
+                                                         "(run it on as many machines as you like)")
+    search_worker.add_argument("--study", required=True)
+    search_worker.add_argument("--storage", default=None,
+                               help="the study's SQLAlchemy URL (default: from this runs folder)")
+    search_worker.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    search_worker.set_defaults(func=cmd_search_worker)
+
+    search_report = sub.add_parser("search-report", help="a study's trials by state, best trial, fANOVA "
+                                                         "importances (JSON); optionally CSV and train the best")
+    search_report.add_argument("--study", required=True)
+    search_report.add_argument("--storage", default=None, help="default: from this runs folder")
+    search_report.add_argument("--csv", default=None, help="write the trials table to this CSV file")
+    search_report.add_argument("--train-best", action="store_true", help="queue the best trial's config as a run")
+    search_report.add_argument("--epochs", type=int, default=None, help="with --train-best: train this many epochs")
+    search_report.add_argument("--train-on-validation", action="store_true",
+                               help="with --train-best: give the validation images back to training")
+    search_report.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    search_report.set_defaults(func=cmd_search_report)
 
     worker = sub.add_parser("worker", help="the job supervisor (started automatically)")
     worker.add_argument("--idle-exit", type=float, default=None,

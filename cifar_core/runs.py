@@ -65,6 +65,12 @@ def best_accuracy(status: dict, val_accs: Iterable = ()) -> float | None:
     return test if test is not None else best_val_accuracy(status, val_accs)
 
 
+def shown_state(status: dict) -> str:
+    """The state for run tables: a search's pruned trial reads "pruned", not "cancelled"."""
+    state = status.get("state", "?")
+    return "pruned" if state == "cancelled" and status.get("pruned") else state
+
+
 def run_duration(status: dict, now: float | None = None) -> float | None:
     """Seconds from start to finish, or to `now` while it runs; None before it started."""
     started, finished = _number(status.get("started")), _number(status.get("finished"))

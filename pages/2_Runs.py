@@ -60,7 +60,7 @@ def history_table(store, summaries: list[dict]) -> None:
             continue
         acc = runs.best_accuracy(s["status"])
         rows.append({
-            "state": s["state"], "name": s["name"] or "—", "model": s["model"],
+            "state": runs.shown_state(s["status"]) if s["status"] else s["state"], "name": s["name"] or "—", "model": s["model"],
             "key tricks": s["tricks"], "best acc %": None if acc is None else round(100 * acc, 2),
             "duration": charts.fmt_duration(runs.run_duration(s["status"], now)),
             "created": _fmt_time(s["created"]), "run id": s["run_id"]})
@@ -395,8 +395,8 @@ def final_numbers(results: dict, status: dict) -> None:
             col.metric(f"{name}-shot accuracy", _pct(accs.get(name)),
                        help=f"Mean recall of {', '.join(members) or 'no class'}: the classes with the "
                             + {"many": "most", "medium": "middle", "few": "fewest"}[name] + " training images.")
-        st.caption("Groups by training count: the top 30% of the classes are many-shot, the bottom 30% few-shot, "
-                   "the rest medium.")
+        st.caption("Groups by training count: about the top 30% of the classes are many-shot, the bottom 30% "
+                   "few-shot, the rest medium; classes with the same count always share a group.")
     elif "group_acc" in results:
         st.caption("Balanced training set: every class had as many images, so there are no many / medium / "
                    "few-shot groups.")
