@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum
 HOST   ?= 127.0.0.1
 PORT   ?= 8501
 
-.PHONY: install run test lint browser bench clean
+.PHONY: install run test lint browser postgres bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
+# PostgreSQL for the search storage test (tests/postgres_server.py starts a throwaway server from these
+# binaries), from Debian's packages. Needs root or sudo once.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q postgresql; }
+
 # No file watcher: watching .venv and runs/ overflowed inotify (MBs of warnings) and cost the
 # server a third of a core while a run streams; restart the app after editing its code.
 run: install
@@ -34,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-test: install browser lint
+test: install browser postgres lint
 	$(PY) -m pytest -q
 
 bench: install
