@@ -1,5 +1,11 @@
 """The trick search: its space from the declarations, its checks, and real trials as queued runs."""
 import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -10,6 +16,7 @@ from cifar_core.experiments import search
 from cifar_core.experiments.presets import preset
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
+from tests.streamlit_server import free_port
 from tests.test_jobs import stop_worker
 
 TINY = "tiny (smoke test)"
@@ -81,6 +88,8 @@ def test_sampled_values_become_a_validated_config():
     names = [step["name"] for step in cfg.augment]
     assert "hflip" not in names and names[-1] == "rotation"
     assert cfg.augment[-1]["params"]["degrees"] == 12.0 and cfg.augment[-1]["p"] == 0.25
+    switched = search.apply_values(base(), {"schedule": "cosine"})  # the tiny preset's is onecycle
+    assert switched.schedule == "cosine" and switched.schedule_params == {"warmup_epochs": 0.0, "final_factor": 0.0}
     with pytest.raises(ConfigError):  # a combination the config refuses stays a ConfigError (a failed trial)
         search.apply_values(base(), {"precision": "fp16", "device": "cpu"})
 
@@ -181,3 +190,26 @@ def test_cli_messages_for_bad_input(tmp_path, capsys, cifar_npz):
     assert main(["describe"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert {e["name"] for e in described["search_pruners"]} >= {"median", "successive_halving"}
+
+
+def test_the_storage_opens_in_optuna_dashboard_as_it_is(tmp_path):
+    """README: `optuna-dashboard sqlite:///runs/.searches/STUDY.db` shows the study, with no export step."""
+    storage = f"sqlite:///{tmp_path / 'd.db'}"
+    search.create_search("dash", search.SearchSpec(base=base().to_dict(), space={"lr": {}}), storage)
+    port = free_port()
+    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent))
+    proc = subprocess.Popen([exe, storage, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = None, time.time() + 60
+        while body is None and time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "optuna-dashboard did not answer within 60 s"
+        names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
+        assert names == ["dash"]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -263,6 +263,8 @@ def apply_values(base: RunConfig, values: dict) -> RunConfig:
             owner, option = name.split(".", 1)
             data[owner] = {**data[owner], option: value}
         elif parts[0] != "augment":
+            if name in RunConfig.registries() and value != data[name]:
+                data[f"{name}_params"] = {}  # another entry: its own options, at their defaults
             data[name] = value
     data["augment"] = chain
     return RunConfig.from_dict(data)
