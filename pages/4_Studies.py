@@ -2,6 +2,7 @@
 chart fill in as the runs finish."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -126,9 +127,11 @@ def launch_tab(kind: str) -> None:
         st.caption(f"**{scale}:** {meta.note(scale)}")
     params = {"scale": scale}
     declared = studies.study_params(kind, scale)[1:]
-    cols = st.columns(3)
-    for i, param in enumerate(declared):
-        with cols[i % 3]:
+    cols = itertools.cycle(st.columns(3))
+    for param in declared:
+        if not studies.param_applies(kind, param.name, params):
+            continue  # no effect with the values chosen above: hidden, the study's default used
+        with next(cols):
             key = f"{prefix}.{scale}.{param.name}"  # keyed by scale: switching it shows that scale's defaults
             if studies.name_list_choices(kind, param.name) is not None:
                 params[param.name] = strategies_widget(kind, param, key)

@@ -23,8 +23,6 @@ from ui.forms import param_widget, registry_chooser, registry_params_form
 
 RUNS_URL = "Runs"
 STUDY = "samplers"
-# the study's parameters that only one training-set profile reads: hidden with the other one
-PROFILE_ONLY = {"low": "report", "high": "report", "imbalance_ratio": "long_tail"}
 MAX_SIDE_BY_SIDE = 4
 
 st.set_page_config(page_title="Imbalance · CIFAR-10 Lab", page_icon="🧪", layout="wide")
@@ -108,8 +106,7 @@ with tab_compare:
             values[param.name] = ",".join(picked)
     cells = itertools.cycle(st.columns(3))
     for param in [p for p in params if p.name not in values]:
-        wanted = PROFILE_ONLY.get(param.name)
-        if wanted and wanted != values["profile"]:  # the study declares "profile" before these
+        if not studies.param_applies(STUDY, param.name, values):  # the study declares "profile" first
             continue  # no effect with this profile: not shown, the study's default used
         with next(cells):
             values[param.name] = param_widget(param, f"imb.compare.{scale}.{param.name}")

@@ -158,3 +158,24 @@ def test_verdict_not_held_and_not_yet(page_env):
     assert not at.exception, at.exception
     (box,) = [i.value for i in at.tabs[0].info if "No verdict yet" in i.value]
     assert "needs 8 more finished runs" in box and "launch it with 3 or more" in box
+
+
+def test_samplers_form_shows_only_the_inputs_of_the_chosen_profile(page_env):
+    scale = studies.default_scale()
+    at = _app().run()
+    assert not at.exception, at.exception
+    keys = lambda: {w.key for kind in ("number_input", "slider", "select_slider", "selectbox")  # noqa: E731
+                    for w in getattr(at, kind)}
+    report = keys()
+    assert f"studies.samplers.{scale}.low" in report and f"studies.samplers.{scale}.imbalance_ratio" not in report
+    at.selectbox(key=f"studies.samplers.{scale}.profile").set_value("long_tail").run()
+    assert not at.exception, at.exception
+    long_tail = keys()
+    assert f"studies.samplers.{scale}.imbalance_ratio" in long_tail and f"studies.samplers.{scale}.low" not in long_tail
+
+
+def test_param_applies_follows_the_declared_controller():
+    assert studies.param_applies("samplers", "low", {"profile": "report"})
+    assert not studies.param_applies("samplers", "low", {"profile": "long_tail"})
+    assert studies.param_applies("samplers", "imbalance_ratio", {})  # controller not chosen yet
+    assert studies.param_applies("ablation", "lr", {"profile": "long_tail"})  # no rule: always

@@ -441,6 +441,20 @@ def _auto_epochs(study: dict) -> int:
 NAME_LISTS: dict[str, dict[str, Callable[[], list[str]]]] = {"samplers": {"strategies": _balancing_names}}
 
 
+# Study parameters that only some values of another parameter read: {study: {parameter: (that parameter,
+# its values)}}. Forms hide them otherwise (the study's default is then used; it has no effect anyway).
+PARAM_APPLIES_WHEN: dict[str, dict[str, tuple[str, tuple]]] = {
+    "samplers": {"low": ("profile", ("report",)), "high": ("profile", ("report",)),
+                 "imbalance_ratio": ("profile", ("long_tail",))}}
+
+
+def param_applies(kind: str, param_name: str, values: dict) -> bool:
+    """Whether parameter `param_name` of study `kind` has an effect given the other values chosen so far
+    (a parameter whose controller is not chosen yet counts as applying)."""
+    rule = PARAM_APPLIES_WHEN.get(kind, {}).get(param_name)
+    return rule is None or rule[0] not in values or values[rule[0]] in rule[1]
+
+
 def name_list_choices(kind: str, param_name: str) -> list[str] | None:
     """The allowed names when `param_name` of study `kind` is a list of registry names, else None."""
     choices = NAME_LISTS.get(kind, {}).get(param_name)
