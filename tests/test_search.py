@@ -213,3 +213,20 @@ def test_the_storage_opens_in_optuna_dashboard_as_it_is(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_restarted_worker_retries_the_trials_of_a_dead_one(runs, monkeypatch):
+    """A worker died with the whole budget RUNNING: a new worker must fail and retry those trials (once
+    their heartbeat is stale), not exit at once with 'trials reached' and leave them running forever."""
+    monkeypatch.setattr(search, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(search, "HEARTBEAT_GRACE", 2)
+    spec = search.SearchSpec(base=base().to_dict(), space={"lr": {"low": 0.05, "high": 0.5}}, trials=2, pruner="none")
+    storage = search.start_search("dead", spec, runs)
+    study = optuna.load_study(study_name="dead", storage=search.open_storage(storage))
+    for _ in range(2):  # the dead worker's two trials, with one heartbeat each
+        trial = study.ask()
+        study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(3)
+    assert search.SearchWorker(runs, "dead", storage, log=lambda _: None).run() == "2 trials reached"
+    states = [t.state.name for t in optuna.load_study(study_name="dead", storage=storage).trials]
+    assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]

@@ -22,8 +22,9 @@ normal cancel path when the pruner says so (the run is marked ``pruned``), and r
 validation accuracy. The test set is never looked at: a search needs ``val_size`` > 0.
 
 Workers send Optuna heartbeats: a trial whose worker was killed is marked failed once its heartbeat is
-`HEARTBEAT_GRACE` seconds old (by whichever worker starts a trial next) and queued once more with the
-same parameters.
+`HEARTBEAT_GRACE` seconds old (by any worker, before it looks at the budget) and queued once more with
+the same parameters. A worker stays while the rest of the budget is in flight on other workers, so
+such a retry always finds someone to run it.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ SEARCH_DIR = ".searches"
 HEARTBEAT_INTERVAL = int(os.environ.get("CIFAR_LAB_SEARCH_HEARTBEAT", "10"))
 HEARTBEAT_GRACE = int(os.environ.get("CIFAR_LAB_SEARCH_GRACE", str(4 * HEARTBEAT_INTERVAL)))
 POLL_SECONDS = 1.0
+TRIALS_REACHED = "trials reached"
 SPEC_KEYS = ("base", "space")  # what makes two studies "the same search"
 OBJECTIVE = "final validation accuracy (the run's last evaluation, on its val_size held-out images)"
 
@@ -499,7 +501,7 @@ def budget_left(study, spec: SearchSpec) -> str | None:
     trials = study.get_trials(deepcopy=False)
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
     if len(counted) >= spec.trials:
-        return f"{spec.trials} trials reached"
+        return f"{spec.trials} {TRIALS_REACHED}"
     failed = sum(t.state == TrialState.FAIL for t in trials)
     if failed >= max(3, spec.trials):
         return f"{failed} trials failed: look at their runs' errors"
@@ -507,6 +509,11 @@ def budget_left(study, spec: SearchSpec) -> str | None:
     if spec.time_budget_min and started and time.time() - started >= 60 * spec.time_budget_min:
         return f"time budget of {spec.time_budget_min:g} min spent"
     return None
+
+
+def _running(study) -> int:
+    from optuna.trial import TrialState
+    return sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
 def _report_evaluations(trial, rows: list[dict], reported: set) -> None:
@@ -554,7 +561,12 @@ class SearchWorker:
                 study = optuna.load_study(study_name=self.study_name, storage=study._storage, sampler=sampler,
                                           pruner=pruner)  # fresh user attrs (stop, budget)
                 spec = SearchSpec.from_attrs(study.user_attrs)
+                with _quiet_optuna():
+                    optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, queued again
                 why = budget_left(study, spec)
+                if why and why.endswith(TRIALS_REACHED) and _running(study):
+                    time.sleep(HEARTBEAT_INTERVAL)  # the rest of the budget is in flight: stay until it
+                    continue  # lands, so a trial whose worker dies is still retried by someone
                 if why:
                     return why
                 with _quiet_optuna():
