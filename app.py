@@ -20,6 +20,9 @@ PAGES = (
      "overlay runs, diff their configs, compare final metrics"),
     ("pages/4_Studies.py", "Studies", "Studies", ":material/science:",
      "one-click studies: BN vs GN, samplers on imbalanced data, trick ablation"),
+    ("pages/8_Search.py", "Search", "Search", ":material/travel_explore:",
+     "AutoML over the tricks: an Optuna search whose trials are background runs, followed live, with "
+     "pruning, parameter importances and the best config trained fully"),
     ("pages/7_Imbalance.py", "Imbalance", "Imbalance", ":material/balance:",
      "the class-imbalance lab: imbalanced training sets, balancing strategies side by side, threshold "
      "moving on any finished run, cRT and EasyEnsemble"),

@@ -53,10 +53,14 @@ def test_navigation_keeps_the_page_urls_and_opens_the_pages(runs):
     assert not at.exception
     assert [t.value for t in at.title] == ["CIFAR-10 Lab"]  # Home is the default page
     links = [el.proto.page for el in at.get("page_link")]
-    assert links == ["Train", "Runs", "Compare", "Studies", "Imbalance", "Preview", "Classify"]  # the browser's URLs
+    assert links == ["Train", "Runs", "Compare", "Studies", "Search", "Imbalance", "Preview",
+                     "Classify"]  # the browser's URLs
     at.switch_page("pages/3_Compare.py").run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Compare runs"]
     at.switch_page("pages/7_Imbalance.py").run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Imbalance"]
+    at.switch_page("pages/8_Search.py").run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Search"]

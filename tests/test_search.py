@@ -73,6 +73,7 @@ def test_every_problem_of_a_space_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         search.parse_space({"val_size": {}, "weight_decay": {"low": 0, "high": 0.1, "log": True}}, base())
     assert "val_size cannot be searched" in str(err.value) and "log range needs low > 0" in str(err.value)
+    assert len(err.value.problems) == 2  # one message each, for the page
 
 
 def test_a_contradiction_is_lifted_when_its_controller_is_searched_too():
@@ -172,6 +173,11 @@ def test_real_trials_are_queued_runs_pruned_through_the_cancel_path(runs, monkey
     assert b"param lr" in search.trials_csv(study)
     report = search.summary(study, spec)
     assert report["trials"] == {"complete": 2, "pruned": 1} and report["best"]["trial"] == study.best_trial.number
+    assert report["budget"]["finished"]  # the elapsed time stops at the end
+    created = search.read_manifest(runs, "real")["created"]
+    search.start_search("real", search.SearchSpec(**{**spec.to_dict(), "trials": 4}), runs)  # continue it
+    assert search.read_manifest(runs, "real")["created"] == created  # same place in the newest-first list
+    assert search.summary(*search.load_search("real", storage))["budget"]["finished"] is None
 
 
 def test_cli_messages_for_bad_input(tmp_path, capsys, cifar_npz):
@@ -230,3 +236,18 @@ def test_a_restarted_worker_retries_the_trials_of_a_dead_one(runs, monkeypatch):
     assert search.SearchWorker(runs, "dead", storage, log=lambda _: None).run() == "2 trials reached"
     states = [t.state.name for t in optuna.load_study(study_name="dead", storage=storage).trials]
     assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_stop_now_cancels_the_running_trials_runs_of_this_folder(runs):
+    from cifar_core import jobs
+    storage = search.start_search("halt", search.SearchSpec(base=base().to_dict(), space={"lr": {}}), runs)
+    study = optuna.load_study(study_name="halt", storage=storage)
+    trial = study.ask()
+    record = jobs.submit(base(epochs=500), runs, start_worker=False, meta={"search": "halt", "trial": 0})
+    trial.set_user_attr("run_id", record.run_id)
+    other = jobs.submit(base(), runs, start_worker=False)  # not the search's: untouched
+    assert search.stop_search("halt", storage) == []  # a plain stop lets running trials finish
+    assert record.state() == "queued"
+    assert search.stop_search("halt", storage, cancel_running_in=runs) == [record.run_id]
+    assert record.state() == "cancelled" and other.state() == "queued"
+    assert search.budget_left(*search.load_search("halt", storage)) == "stopped from the page"

@@ -69,6 +69,14 @@ NOT_SEARCHABLE = {
 SEARCHABLE_KINDS = ("int", "float", "bool", "choice")
 
 
+class SpaceError(ConfigError):
+    """Every problem of a space at once: `problems` lists them, the message joins them."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
 # ---- the space -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -203,7 +211,7 @@ def parse_space(space: Any, base: RunConfig) -> list[Dimension]:
     if not problems:
         problems += _contradictions(dims, base)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise SpaceError(problems)
     return dims
 
 
@@ -474,6 +482,7 @@ def create_search(study: str, spec: SearchSpec, storage: str) -> None:
                               f"another study name, or repeat the same {what} to continue it")
     existing.set_user_attr("spec", spec.to_dict())  # a new budget, sampler or pruner for the same search
     existing.set_user_attr("stopped", False)
+    existing.set_user_attr("finished", None)
 
 
 def load_search(study: str, storage: str):
@@ -568,6 +577,8 @@ class SearchWorker:
                     time.sleep(HEARTBEAT_INTERVAL)  # the rest of the budget is in flight: stay until it
                     continue  # lands, so a trial whose worker dies is still retried by someone
                 if why:
+                    if why.endswith(TRIALS_REACHED) or "time budget" in why:
+                        study.set_user_attr("finished", study.user_attrs.get("finished") or time.time())
                     return why
                 with _quiet_optuna():
                     study.optimize(lambda trial: self._objective(trial, base, dims), n_trials=1,
@@ -642,8 +653,10 @@ def start_search(study: str, spec: SearchSpec, store: RunStore, storage: str | N
     """Create (or continue) a study and remember it in this runs folder; returns its storage URL."""
     storage = storage or default_storage(store, study)
     create_search(study, spec, storage)
-    atomic_write_json(manifest_path(store, study), {"study": study, "storage": storage,
-                                                    "data_source": data_source, "created": time.time()})
+    earlier = read_json(manifest_path(store, study), None)
+    created = earlier.get("created") if isinstance(earlier, dict) else None
+    atomic_write_json(manifest_path(store, study), {"study": study, "storage": storage, "data_source": data_source,
+                                                    "created": created or time.time()})
     return storage
 
 
@@ -695,10 +708,20 @@ def launch_worker(store: RunStore, study: str) -> int:
     return proc.pid
 
 
-def stop_search(study: str, storage: str) -> None:
-    """Ask every worker of a study to start no new trial (the running ones finish)."""
+def stop_search(study: str, storage: str, cancel_running_in: RunStore | None = None) -> list[str]:
+    """Ask every worker of a study to start no new trial. The running trials finish, unless
+    `cancel_running_in`: then their runs in that runs folder are cancelled (those trials end failed).
+    Returns the ids of the runs cancelled."""
+    from optuna.trial import TrialState
     loaded, _ = load_search(study, storage)
     loaded.set_user_attr("stopped", True)
+    cancelled = []
+    for trial in loaded.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if cancel_running_in else ():
+        record = cancel_running_in.record(trial.user_attrs.get("run_id") or "missing")
+        if record.exists() and record.status().get("search") == study and record.state() not in FINAL_STATES:
+            cancel(record.run_id, cancel_running_in)
+            cancelled.append(record.run_id)
+    return cancelled
 
 
 def resume_search(study: str, storage: str) -> None:
@@ -781,10 +804,11 @@ def summary(study, spec: SearchSpec) -> dict:
     frame = trials_frame(study)
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
     best = best_trial(study)
-    started = study.user_attrs.get("started")
+    started, finished = study.user_attrs.get("started"), study.user_attrs.get("finished")
+    elapsed = ((finished or time.time()) - started) / 60 if started else 0.0
     return {"study": study.study_name, "trials": {k: int(v) for k, v in counts.items()},
             "budget": {"trials": spec.trials, "time_budget_min": spec.time_budget_min,
-                       "elapsed_min": round((time.time() - started) / 60, 2) if started else 0.0},
+                       "elapsed_min": round(elapsed, 2), "finished": finished},
             "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
                                                "run_id": best.user_attrs.get("run_id")},
             "stopped": bool(study.user_attrs.get("stopped")), "objective": OBJECTIVE,
