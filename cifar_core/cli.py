@@ -80,8 +80,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def cmd_train(args) -> int:
     from .runs import RunStore
     from .engine import train_run
+    from .engine.distributed import in_torchrun, is_other_rank, launched_here, rank_exit_code
     store = RunStore(args.runs_root)
-    if args.resume:
+    if args.resume and is_other_rank():  # rank 0 sends the run's config: this machine need not hold the record
+        cfg, run_id = RunConfig(), args.resume
+    elif args.resume:
         record = store.record(args.resume)
         if not record.exists():
             raise ConfigError(f"run {args.resume} not found in {store.root}")
@@ -101,7 +104,11 @@ def cmd_train(args) -> int:
         check_init_source(cfg, store, run_id)
     record = train_run(cfg, store=store, run_id=run_id, data_source=args.data, resume=bool(args.resume),
                        progress=not args.no_progress, meta=None if args.resume else {"command": args.command_line})
-    return report_trained(record)
+    if not in_torchrun():
+        return report_trained(record)
+    if not (is_other_rank() or launched_here()):  # the launcher reports a run it started
+        report_trained(record)
+    return rank_exit_code(record.state())
 
 
 def check_init_source(cfg: RunConfig, store, run_id: str | None = None) -> None:

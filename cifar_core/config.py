@@ -15,6 +15,7 @@ from typing import Any
 from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
 INIT_MODES = ("finetune", "linear_probe", "crt")  # how init_run's weights are used (engine/init_from.py)
+MAX_NPROC = 64  # processes of one run on one machine (`nproc`)
 SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "distill", "speed")
 # Where the form shows them: architecture in "model", what fights overfitting (weight decay, smoothing,
 # clipping, EMA, and the models' own dropout / stochastic depth, see MODEL_PARAM_SECTIONS) in
@@ -168,6 +169,23 @@ class RunConfig:
                                             "twice as fast as fp32 on CPUs with AVX-512 BF16); fp16 needs CUDA "
                                             "(with device auto on a CPU it runs in fp32)."), "Precision")
     channels_last: bool = _p("speed", Param("channels_last", "bool", False), "Channels-last memory layout")
+    # several processes (DistributedDataParallel under torchrun: engine/distributed.py)
+    nproc: int = _p("speed", Param(
+        "nproc", "int", 1, 1, MAX_NPROC,
+        help="Processes on this machine, one per GPU (or CPU processes with the gloo backend), trained with "
+             "DistributedDataParallel under torchrun. batch_size stays the global batch: each process takes "
+             "batch_size / nproc images of every step's batch. A queued run takes nproc slots of its device."),
+        "Processes (GPUs)")
+    sync_bn: bool = _p("speed", Param(
+        "sync_bn", "bool", False,
+        help="With several processes: SyncBatchNorm, batch statistics over the whole global batch as one "
+             "process would compute them, instead of each process's share (CUDA only)."),
+        "Synchronized BatchNorm")
+    max_restarts: int = _p("speed", Param(
+        "max_restarts", "int", 0, 0, 100,
+        help="With several processes: how often torchrun restarts all of them after one fails (a crash, a "
+             "killed process); each restart resumes from the last checkpoint. 0: the first failure fails "
+             "the run."), "Restarts after a failure")
 
     # --- declarations -------------------------------------------------------------------------
     @classmethod
@@ -286,6 +304,7 @@ class RunConfig:
             raise ConfigError(f"init_mode={v['init_mode']} needs an init_run: the id of a completed run in the same "
                               "runs folder whose weights to start from (choose one in the 'Initialise from a "
                               "finished run' list, or pass --init-run RUN_ID)")
+        check_processes(v)
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
                               "same runs folder (choose one in the 'Teacher run' list, or pass "
@@ -406,6 +425,8 @@ class RunConfig:
             tricks.append(f"distill-{self.distill}")
         if self.init_run:
             tricks.append(f"init-{self.init_mode}")
+        if self.sync_bn and self.nproc > 1:
+            tricks.append("sync-bn")
         norm = self.model_params.get("norm")
         if norm and norm != "batch":
             tricks.append(f"norm={norm}")
@@ -424,6 +445,25 @@ APPLIES_WHEN = {
     "nesterov": ("optimizer", ("sgd",)),
 }
 ALWAYS_FLAGGED = ("model", "schedule")
+
+
+def check_processes(v: dict) -> None:
+    """The rules of a run in several processes: the global batch splits evenly over them; SyncBatchNorm
+    needs CUDA."""
+    nproc, batch = v["nproc"], v["batch_size"]
+    if nproc == 1:
+        return
+    if batch < nproc:
+        raise ConfigError(f"batch_size {batch} leaves some of the {nproc} processes without images: batch_size is "
+                          f"the global batch, split over the processes (use at least {nproc})")
+    if batch % nproc:
+        lower, upper = batch - batch % nproc, batch - batch % nproc + nproc
+        raise ConfigError(f"batch_size {batch} does not split evenly over {nproc} processes: batch_size is the "
+                          f"global batch and each process takes batch_size / nproc images (use a multiple of "
+                          f"{nproc}, such as {lower} or {upper})")
+    if v["sync_bn"] and v["device"] == "cpu":
+        raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm synchronizes GPU tensors only (on the CPU, "
+                          "turn it off: each process then normalizes with its own share of the batch)")
 
 
 def flag_name(field_name: str) -> str:

@@ -6,7 +6,7 @@ import os
 
 from .params import ConfigError
 
-__all__ = ["cuda_available", "default_device_kind", "resolve_device", "device_description", "device_info"]
+__all__ = ["cuda_available", "cuda_device_count", "default_device_kind", "resolve_device", "device_description", "device_info"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -17,6 +17,14 @@ def cuda_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
+
+
+def cuda_device_count() -> int:
+    """How many CUDA GPUs torch sees (0 without CUDA)."""
+    if not cuda_available():
+        return 0
+    import torch
+    return torch.cuda.device_count()
 
 
 def default_device_kind() -> str:

@@ -5,7 +5,8 @@ How it works
 - The supervisor (`python -m cifar_core worker`) is a small process of its own, started detached by
   whoever submits or cancels (the app, the CLI). A lock file (`<runs>/.worker.lock`, flock) makes
   sure at most one runs per runs root; a second one exits at once. It loops every ~0.5 s: it starts
-  queued runs oldest first while the device has a free slot (default 1 CPU job, 1 GPU job), forces
+  queued runs oldest first while the device has free slots (default 1 CPU job, 1 GPU job; a run with
+  nproc N takes N slots, and one asking for more slots than there are starts alone), forces
   a kill on cancelled runs that outlive their grace period, and marks runs whose process vanished
   as failed ("process lost") with the tail of their log. It exits after some idle time with
   nothing queued or running; the next submit starts a new one.
@@ -48,6 +49,21 @@ ACTIVE_STATES = ("starting", "running")
 def slots() -> dict[str, int]:
     return {"cpu": int(os.environ.get("CIFAR_LAB_SLOTS_CPU", "1")),
             "cuda": int(os.environ.get("CIFAR_LAB_SLOTS_CUDA", "1"))}
+
+
+def slots_needed(cfg_dict: dict | None) -> int:
+    """The slots of its device a run occupies: one per process (nproc)."""
+    try:
+        return max(1, int((cfg_dict or {}).get("nproc", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def fits(busy: int, needed: int, limit: int) -> bool:
+    """Whether a run needing `needed` slots may start with `busy` slots of its device taken. A run that
+    needs more slots than there are starts alone (when none is taken), rather than never; a device with
+    no slots (limit 0) starts nothing."""
+    return busy + needed <= limit or (busy == 0 and limit > 0)
 
 
 def job_device(cfg_dict: dict) -> str:
@@ -302,12 +318,15 @@ def queue_wait(store: RunStore, run_id: str) -> str:
     position = queued.index(run_id)
     record = store.record(run_id)
     kind = record.status().get("device_kind") or job_device(record.config_dict() or {})
+    needed = slots_needed(record.config_dict())
     busy = [rid for rid in table.get("starting", []) + table.get("running", [])
             if (store.record(rid).status().get("device_kind") or "cpu") == kind]
+    taken = sum(slots_needed(store.record(rid).config_dict()) for rid in busy)
     where = f"position {position + 1} of {len(queued)} in the queue"
-    if len(busy) >= slots().get(kind, 1):
+    if not fits(taken, needed, slots().get(kind, 1)):
         names = ", ".join(busy[:3]) + (" …" if len(busy) > 3 else "")
-        return f"a free {kind.upper()} slot ({names} {'is' if len(busy) == 1 else 'are'} training; {where})"
+        wanted = f"{needed} free {kind.upper()} slots" if needed > 1 else f"a free {kind.upper()} slot"
+        return f"{wanted} ({names} {'is' if len(busy) == 1 else 'are'} training; {where})"
     if position:
         return f"{position} run{'s' if position != 1 else ''} queued before it ({where})"
     if not worker_alive(store):
@@ -345,21 +364,27 @@ class Supervisor:
                                      error=f"killed after a {GRACE_SECONDS:.0f} s grace period")
 
     def _start_queued(self) -> bool:
+        """Start queued runs oldest first while their device has the slots they need (nproc each). A run
+        that must wait holds back the later runs of its device, so small runs never starve a big one."""
         limits = slots()
         with file_lock(self.store.root / ".queue.lock"):
             table = job_table(self.store)
-            active = {"cpu": 0, "cuda": 0}
+            taken = {"cpu": 0, "cuda": 0}
             for run_id in table.get("starting", []) + table.get("running", []):
-                kind = self.store.record(run_id).status().get("device_kind", "cpu")
-                active[kind] = active.get(kind, 0) + 1
+                record = self.store.record(run_id)
+                kind = record.status().get("device_kind", "cpu")
+                taken[kind] = taken.get(kind, 0) + slots_needed(record.config_dict())
             queued = table.get("queued", [])
+            waiting: set[str] = set()
             for run_id in queued:
                 record = self.store.record(run_id)
-                kind = record.status().get("device_kind") or job_device(record.config_dict() or {})
-                if active.get(kind, 0) >= limits.get(kind, 1):
+                config = record.config_dict() or {}
+                kind = record.status().get("device_kind") or job_device(config)
+                if kind in waiting or not fits(taken.get(kind, 0), slots_needed(config), limits.get(kind, 1)):
+                    waiting.add(kind)
                     continue
                 if self._launch(record):
-                    active[kind] = active.get(kind, 0) + 1
+                    taken[kind] = taken.get(kind, 0) + slots_needed(config)
         return bool(queued) or bool(table.get("running")) or bool(table.get("starting")) or bool(self.children)
 
     def _launch(self, record: RunRecord) -> bool:

@@ -13,9 +13,18 @@ derived from (seed, epoch) and (seed, step) alone, and checkpoints keep the glob
 
 One process at a time trains a run: the trainer holds `<run>/.train.lock` (flock) while it runs, and a
 second one is refused before it touches the record. A completed run is never trained again.
+
+Several processes (nproc > 1, engine/distributed.py): `train_run` outside torchrun launches them (the
+launcher holds the lock); in each, the model is wrapped in DistributedDataParallel and every rank builds
+the same global batch (same epoch order, batch hooks and augmentation draws as one process) and trains
+on its share of it. The step's loss, accuracy, metrics and the stop request are summed over the ranks
+in one all_reduce before backward, so all ranks log, stop and fail at the same step. Rank 0 alone
+evaluates and writes the record; on resume it reads the checkpoint and sends it to the others.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +48,8 @@ from ..schedules import build_schedule
 from ..tensorboard_export import NoEvents, live_events
 from .checkpoints import (RESUME_ORDER, Checkpoint, CheckpointError, normalizer_states, read_checkpoint,
                           write_checkpoint)
+from .distributed import (Ranks, ReadOnlyRecord, check_world, close_distributed, in_torchrun, init_distributed_mode,
+                          launch_ranks, launched_here, restart_count, restarts_left)
 from .evaluation import evaluate, logits_report, predict_logits
 from .init_from import InitSource, load_init_source
 from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
@@ -126,21 +137,26 @@ class Trainer:
 
     # built by _build
     prep: Prepared
-    model: torch.nn.Module
+    model: torch.nn.Module        # the network (checkpoints, evaluation, tricks)
+    train_model: torch.nn.Module  # what training steps call: DDP around `model` with several ranks, else `model`
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedule: Callable[[int], float]
     tricks: Tricks
     precision: str
+    images_per_epoch: int
     steps_per_epoch: int
     total_steps: int
 
     def __init__(self, cfg: RunConfig, record: RunRecord, data_source: str | None = None,
-                 progress: bool = False, stop_at_step: int | None = None, objective: Objective | None = None):
+                 progress: bool = False, stop_at_step: int | None = None, objective: Objective | None = None,
+                 ranks: Ranks | None = None):
         self.cfg, self.record, self.data_source = cfg, record, data_source
         self.progress, self.stop_at_step = progress, stop_at_step
         self.objective = objective
+        self.ranks = ranks or Ranks()
         self.stop_requested: str | None = None
+        self.stop_agreed = False  # several ranks: some rank was asked to stop (summed with the step's numbers)
         self.step, self.best_acc, self.elapsed_before, self.t0 = 0, -1.0, 0.0, 0.0
         self.window = LogWindow()
         self.events = NoEvents()  # the TensorBoard event file, opened when training starts
@@ -160,26 +176,19 @@ class Trainer:
     # ---- main ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> str:
         """Train (resume: from the newest usable checkpoint) and return the final state. ConfigError,
-        before anything of the record changes, when another process trains the run or it is completed."""
-        try:
-            with process_lock(self.record.path / TRAIN_LOCK):
-                self._refuse_completed()
-                return self._run_locked(resume)
-        except LockHeld as held:
-            raise ConfigError(being_trained_message(self.record.run_id, held)) from None
-
-    def _refuse_completed(self) -> None:
-        if self.record.state() == "completed":
-            raise ConfigError(f"run {self.record.run_id} is completed; nothing to resume (its results stay "
-                              "as they are: train a new run to train again)")
+        before anything of the record changes, when another process trains the run or it is completed.
+        Under torchrun, train_rank (or the launcher) has taken the lock and checked the run already."""
+        if in_torchrun():
+            return self._run_locked(resume)
+        with train_lock(self.record):
+            refuse_completed(self.record)
+            return self._run_locked(resume)
 
     def _run_locked(self, resume: bool) -> str:
         self._install_signal_handlers()
-        pid = os.getpid()
-        # this process's own pid and start time, so that cancel and the supervisor never signal or judge
-        # a reused pid; and nothing left over from an earlier attempt (a cancel, an error)
-        self.record.update_status(state="running", pid=pid, pid_start=process_start_time(pid), started=time.time(),
-                                  host=os.uname().nodename, cancel_requested=None, error=None, reason=None,
+        # nothing left over from an earlier attempt (a cancel, an error)
+        self.record.update_status(state="running", **self._process_fields(), started=time.time(),
+                                  cancel_requested=None, error=None, reason=None,
                                   finished=None, resumed_from=None, resume_fallback=None)
         try:
             state, reason = self._train(resume)
@@ -192,22 +201,39 @@ class Trainer:
             traceback.print_exc()
         finally:
             self.events.close()
-        self.record.update_status(state=state, error=None if state == "completed" else reason,
-                                  reason=reason, finished=time.time())
+        self.record.update_status(**self._final_status(state, reason))
         return state
+
+    def _final_status(self, state: str, reason: str) -> dict:
+        """What status.json says at the end; a failure that torchrun answers with a restart of every rank
+        (from the last checkpoint) leaves the run "starting" instead of failed for a moment."""
+        if state == "failed" and self.ranks.distributed and restarts_left():
+            return {"state": "starting", "error": None, "reason": f"restarting after a failure: {reason}"}
+        return {"state": state, "error": None if state == "completed" else reason, "reason": reason,
+                "finished": time.time()}
+
+    def _process_fields(self) -> dict:
+        """This process's own pid and start time, so that cancel and the supervisor never signal or judge
+        a reused pid; none when a launcher of this machine started the ranks (its pid is the run's)."""
+        if launched_here():
+            return {}
+        pid = os.getpid()
+        return {"pid": pid, "pid_start": process_start_time(pid), "host": os.uname().nodename}
 
     def _train(self, resume: bool) -> tuple[str, str]:
         self._build()
         if resume:
             self._resume()
         self._record_setup(resume)
-        self.events = live_events(self.record)  # rebuilt from metrics.jsonl (as a resume left it), then live
+        if self.ranks.is_main:
+            self.events = live_events(self.record)  # rebuilt from metrics.jsonl (as a resume left it), then live
         self.t0 = time.time() - self.elapsed_before
         self.window.reset(time.time())
         with tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                   disable=not self.progress) as bar:
             self._train_epochs(bar)
-        self._final_report()
+        if self.ranks.is_main:
+            self._final_report()
         limit_note = " (time limit reached)" if self.step < self.total_steps else ""
         return "completed", f"finished {self.step} steps{limit_note}"
 
@@ -221,31 +247,40 @@ class Trainer:
         if source is not None:
             self.record.update_status(init_from=source.info)
         prep = self.prep = prepare(cfg, self.data_source, store)
+        if self.ranks.distributed:
+            check_world(cfg, prep.device, self.ranks.world)
         self.objective.attach(prep)
-        self.model = build_model(cfg, prep, source)
+        self.model = self.ranks.convert_norms(build_model(cfg, prep, source), cfg.sync_bn)
         self.optimizer = build_optimizer(cfg, self.model)
         self.precision = effective_precision(cfg, prep.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.steps_per_epoch = max(1, math.ceil(len(prep.epoch_indices) / cfg.batch_size))
+        self.images_per_epoch = self.ranks.images_per_epoch(len(prep.epoch_indices), cfg.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(self.images_per_epoch / cfg.batch_size))
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.schedule = build_schedule(cfg.schedule, cfg.schedule_params, self.total_steps, self.steps_per_epoch)
         self.tricks = build_tricks(cfg, self.model, prep.train_x.shape[0], self.total_steps, prep.device)
+        self.train_model = self.ranks.wrap(self.model, prep.device)
 
     def _resume(self) -> None:
         """Continue from the newest usable checkpoint (`last`, else `best`), or from step 0 when there is
-        none; the earlier attempt's metric lines after that step go, so every step appears once."""
-        ckpt = self._resume_checkpoint()
-        if ckpt is not None:
-            self._load_training_state(ckpt.data)
-        self._truncate_metrics_after(self.step)
+        none; the earlier attempt's metric lines after that step go, so every step appears once. Rank 0
+        reads the checkpoint and sends it to the other ranks (their machines need not see the run folder)."""
+        ckpt = self._resume_checkpoint() if self.ranks.is_main else None
+        state = self.ranks.from_main(ckpt.data if ckpt is not None else None)
+        if state is not None:
+            self._load_training_state(state)
+        if self.ranks.is_main:
+            self._truncate_metrics_after(self.step)
 
     def _resume_checkpoint(self) -> Checkpoint | None:
         """The checkpoint to resume from; None: start at step 0 (none was written yet, or none is
         readable: then status.json and the log say why)."""
         if not any(self.record.checkpoint_path(which).exists() for which in RESUME_ORDER):
             return None  # queued, or stopped before its first checkpoint
+        # several ranks: on the CPU, each rank's load_state_dict then moves it to its own device
+        where = torch.device("cpu") if self.ranks.distributed else self.prep.device
         try:
-            ckpt = read_checkpoint(self.record, RESUME_ORDER, map_location=self.prep.device)
+            ckpt = read_checkpoint(self.record, RESUME_ORDER, map_location=where)
         except CheckpointError as exc:
             self._note_resume_fallback(None, f"{exc}; training again from step 0")
             return None
@@ -277,7 +312,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
-                at_limit = self._train_epoch(epoch_order(self.prep, self.cfg.seed, epoch), epoch, bar)
+                order = epoch_order(self.prep, self.cfg.seed, epoch)[:self.images_per_epoch]
+                at_limit = self._train_epoch(order, epoch, bar)
                 self._end_epoch(at_limit)
                 if at_limit:
                     break
@@ -314,16 +350,37 @@ class Trainer:
         None, the objective's metrics)."""
         cfg, prep = self.cfg, self.prep
         self.model.train()
-        batch = self._labeled_batch(idx, epoch)
+        batch = self._rank_share(self._labeled_batch(idx, epoch))
         ctx = StepContext(prep, self.step, seeded_generator(cfg.seed, OBJECTIVE_DRAWS, self.step), self.total_steps)
         with autocast_context(cfg, prep.device):
-            result = self.objective.loss(self.model, batch, ctx)
-        loss = result.loss.item()
+            result = self.objective.loss(self.train_model, batch, ctx)
+        loss, correct, metrics = self._step_totals(result, batch.y.shape[0])
         if not math.isfinite(loss):
             raise StopTraining("failed", f"loss became {loss} at step {self.step}: training diverged "
                                          "(try a lower learning rate or gradient clipping)")
         grad_norm = self._optimizer_step(result.loss)
-        return loss, result.correct(), grad_norm, result.metric_values()
+        return loss, correct, grad_norm, metrics
+
+    def _rank_share(self, batch: LabeledBatch) -> LabeledBatch:
+        """This rank's share of the global batch (the batch itself in one process). Every rank builds the
+        whole batch first, so that each image gets the augmentation draws it gets in one process."""
+        if not self.ranks.distributed:
+            return batch
+        share = self.ranks.batch_slice(batch.y.shape[0])
+        return LabeledBatch(*(getattr(batch, f.name)[share] for f in dataclasses.fields(batch)))
+
+    def _step_totals(self, result, n: int) -> tuple[float, int, dict[str, float]]:
+        """The step's loss, correct predictions and metrics over the global batch (this rank's `n` images
+        and the others'), in one all_reduce that also tells every rank whether any was asked to stop."""
+        metrics = result.metric_values()
+        if not self.ranks.distributed:
+            return result.loss.item(), result.correct(), metrics
+        local = [result.loss.item() * n, result.correct(), n, float(self.stop_requested is not None),
+                 *(value * n for value in metrics.values())]
+        total = self.ranks.sum(torch.tensor(local, dtype=torch.float64, device=self.prep.device)).tolist()
+        loss_sum, correct, images, stops = total[:4]
+        self.stop_agreed = stops > 0
+        return loss_sum / images, int(correct), {name: s / images for name, s in zip(metrics, total[4:])}
 
     def _labeled_batch(self, idx: torch.Tensor, epoch: int) -> LabeledBatch:
         prep = self.prep
@@ -352,10 +409,15 @@ class Trainer:
 
     def _time_is_up(self) -> bool:
         limit = self.cfg.time_limit_min
-        return bool(limit) and time.time() - self.t0 > 60 * limit
+        if not limit:
+            return False
+        return self.ranks.any(time.time() - self.t0 > 60 * limit, self.prep.device)  # all ranks stop together
 
     def _check_stop(self) -> None:
-        if self.stop_requested:
+        if self.ranks.distributed and self.stop_agreed:
+            raise StopTraining("cancelled", self.stop_requested or "cancelled: another process of the run was "
+                                                                   "asked to stop (SIGTERM)")
+        if not self.ranks.distributed and self.stop_requested:
             raise StopTraining("cancelled", self.stop_requested)
         if self.stop_at_step is not None and self.step >= self.stop_at_step:
             raise StopTraining("cancelled", f"stopped at step {self.step} (test hook)")
@@ -363,7 +425,8 @@ class Trainer:
     def _end_epoch(self, at_limit: bool) -> None:
         """Evaluate when due (a new best also saves `best`), save `last`, record the progress."""
         epoch_done = self.step // self.steps_per_epoch
-        if epoch_done % self.cfg.eval_every == 0 or self.step >= self.total_steps or at_limit:
+        eval_due = epoch_done % self.cfg.eval_every == 0 or self.step >= self.total_steps or at_limit
+        if eval_due and self.ranks.is_main:  # the other ranks go on to the next step's all_reduce and wait there
             acc = self._log_eval()
             if acc > self.best_acc:
                 self.best_acc = acc
@@ -378,7 +441,17 @@ class Trainer:
             device=device_description(prep.device), precision=self.precision, data_origin=prep.data_origin,
             params=count_params(self.model), total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             train_images=len(prep.epoch_indices), eval_split=prep.eval_split, split=prep.split_summary,
-            resumed_at_step=self.step if resume else None)
+            resumed_at_step=self.step if resume else None, distributed=self._distributed_summary())
+
+    def _distributed_summary(self) -> dict | None:
+        """status.json's "distributed": the ranks, each one's batch, SyncBatchNorm, torchrun's restarts so far
+        and the images an epoch leaves out so that its last batch splits evenly; None in one process."""
+        ranks, cfg = self.ranks, self.cfg
+        if not ranks.distributed:
+            return None
+        return {"world_size": ranks.world, "per_rank_batch": cfg.batch_size // ranks.world,
+                "sync_bn": cfg.sync_bn, "restarts": restart_count(),
+                "images_left_out_per_epoch": len(self.prep.epoch_indices) - self.images_per_epoch}
 
     def _epoch_of(self, step: int) -> float:
         return round(step / self.steps_per_epoch, 4)
@@ -412,6 +485,9 @@ class Trainer:
         return result["acc"]
 
     def _save_checkpoint(self, which: str) -> None:
+        """Rank 0 writes it (the ranks hold the same weights, optimizer state and RNG states)."""
+        if not self.ranks.is_main:
+            return
         cfg = self.cfg
         write_checkpoint(self.record, which, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -473,6 +549,22 @@ class Trainer:
                                  train_counts=train_counts)
 
 
+@contextlib.contextmanager
+def train_lock(record: RunRecord):
+    """Hold the run's train lock; ConfigError naming the holder when another process trains the run."""
+    try:
+        with process_lock(record.path / TRAIN_LOCK):
+            yield
+    except LockHeld as held:
+        raise ConfigError(being_trained_message(record.run_id, held)) from None
+
+
+def refuse_completed(record: RunRecord) -> None:
+    if record.state() == "completed":
+        raise ConfigError(f"run {record.run_id} is completed; nothing to resume (its results stay "
+                          "as they are: train a new run to train again)")
+
+
 def being_trained_message(run_id: str, held: LockHeld) -> str:
     who = f"process {held.pid}" if held.pid else "another process"
     if held.since:
@@ -504,12 +596,64 @@ def train_run(cfg: RunConfig, store: RunStore | None = None, run_id: str | None 
     existing run `run_id`, in this process. ConfigError, with the record untouched, when the id is
     taken, the run to resume is missing or completed, or another process trains it."""
     store = store or RunStore()
-    if resume:
-        if not run_id or not store.record(run_id).exists():
-            raise ConfigError(f"run {run_id} not found in {store.root}: nothing to resume")
-        record = store.record(run_id)
-    else:
-        record = create_new_record(cfg, store, run_id, meta)
+    if in_torchrun():
+        return train_rank(cfg, store, run_id, data_source, resume, stop_at_step, objective, meta)
+    record = existing_record(store, run_id) if resume else create_new_record(cfg, store, run_id, meta)
+    if cfg.nproc > 1:
+        with train_lock(record):
+            refuse_completed(record)
+            launch_ranks(record, cfg, data_source)
+        return record
     Trainer(cfg, record, data_source, progress=progress, stop_at_step=stop_at_step,
             objective=objective).run(resume=resume)
     return record
+
+
+def existing_record(store: RunStore, run_id: str | None) -> RunRecord:
+    if not run_id or not store.record(run_id).exists():
+        raise ConfigError(f"run {run_id} not found in {store.root}: nothing to resume")
+    return store.record(run_id)
+
+
+def train_rank(cfg: RunConfig, store: RunStore, run_id: str | None, data_source: str | None, resume: bool,
+               stop_at_step: int | None, objective: Objective | None, meta: dict | None) -> RunRecord:
+    """This process's part of a run under torchrun. Rank 0 opens the record and sends the others the
+    run's id and config (a problem reaches every rank as the same ConfigError); the ranks train it
+    together and only rank 0 writes it. Returns the record (a ReadOnlyRecord on the other ranks, whose
+    state is this rank's outcome)."""
+    ranks = init_distributed_mode()
+    try:
+        with contextlib.ExitStack() as held:
+            opened = open_as_main(cfg, store, run_id, resume, meta, held) if ranks.is_main else None
+            opened = ranks.from_main(opened)
+            if isinstance(opened, str):
+                raise ConfigError(opened)
+            config, run_id, resume = opened
+            cfg = RunConfig.from_dict(config)
+            record = store.record(run_id) if ranks.is_main else ReadOnlyRecord(store.root, run_id)
+            Trainer(cfg, record, data_source, stop_at_step=stop_at_step, objective=objective, ranks=ranks).run(resume)
+            return record
+    finally:
+        close_distributed()
+
+
+def open_as_main(cfg: RunConfig, store: RunStore, run_id: str | None, resume: bool, meta: dict | None,
+                 held: contextlib.ExitStack) -> tuple[dict, str, bool] | str:
+    """Rank 0 of a torchrun run: (config, run id, resume) of the run it opened, its train lock held in
+    `held` unless a launcher of this machine holds it, or the ConfigError's message. A new run needs
+    --run-id (every rank must train the same one); torchrun's restart of it resumes it."""
+    try:
+        restarted = bool(run_id) and restart_count() > 0 and store.record(run_id).exists()
+        if resume or restarted:
+            record, resume = existing_record(store, run_id), True
+        elif not run_id:
+            raise ConfigError("under torchrun, name the run with --run-id (every process must train the same run), "
+                              "or continue one with --resume RUN_ID")
+        else:
+            record = create_new_record(cfg, store, run_id, meta)
+        if not launched_here():
+            held.enter_context(train_lock(record))
+        refuse_completed(record)
+        return record.config().to_dict(), record.run_id, resume
+    except ConfigError as exc:
+        return str(exc)

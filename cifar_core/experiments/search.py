@@ -65,6 +65,7 @@ NOT_SEARCHABLE = {
     "label_budget": "every trial must train on the same images",
     "init_run": "a run id, not a setting", "teacher_run": "a run id, not a setting",
     "time_limit_min": "a budget, not a setting",
+    "nproc": "how many processes train, not what they learn", "max_restarts": "recovery, not a setting",
 }
 SEARCHABLE_KINDS = ("int", "float", "bool", "choice")
 
@@ -236,7 +237,7 @@ def _contradictions(dims: list[Dimension], base: RunConfig) -> list[str]:
             reachable = searched[controller].choices if controller in searched else (fixed[controller],)
             if not set(reachable) & set(values):
                 problems.append(f"space: {dim.name} has no effect unless {controller} is "
-                                f"{' or '.join(values)} (it is fixed at {fixed[controller]!r})")
+                                f"{' or '.join(map(str, values))} (it is fixed at {fixed[controller]!r})")
         owner, _, _option = dim.name.partition("_params.")
         if _option and owner in searched:
             problems.append(f"space: {dim.name}: {owner} is searched too, and its options differ between "
