@@ -12,6 +12,7 @@ from cifar_core.cli import main as cli_main
 from cifar_core.config import RunConfig
 from cifar_core.devices import device_description
 from cifar_core.experiments import estimate as est
+from cifar_core.models import classifier_head
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
 
@@ -244,3 +245,134 @@ def test_cli_train_estimate_prints_and_does_not_train(store, capsys):
     assert store.ids() == []  # no run record
     assert cli_main(["--runs-root", str(store.root), "train", "--model", "lenet", "--epochs", "0",
                      "--estimate"]) == 2
+
+
+# ---- resampling before training (SMOTE, cluster-based oversampling) ---------------------------------
+
+def test_smote_costs_a_resampling_part_that_grows_with_the_new_images(store):
+    plain = est.estimate_run(small(), store)
+    assert plain.parts["resampling"] == 0 and "resampling" not in plain.parts_text()
+    # CIFAR-10-LT profiles of a 100-image-a-class pool: the larger the ratio, the more images SMOTE makes
+    lt = {"subset": "per_class", "per_class": 100, "imbalance": "long_tail", "balance": "smote"}
+    mild, steep = (small(**lt, imbalance_params={"imbalance_ratio": rho}) for rho in (2.0, 50.0))
+    mild_counts, steep_counts = est.run_counts(mild), est.run_counts(steep)
+    assert steep_counts.train - steep_counts.pool > mild_counts.train - mild_counts.pool > 0
+    for cfg in (mild, steep):
+        counts = est.run_counts(cfg)
+        assert est.resampling_seconds(cfg, counts) == pytest.approx(
+            est.RESAMPLE_IMPORT_S + est.SMOTE_PAIR_S * sum(n * n for n in counts.classes if n < max(counts.classes))
+            + est.SMOTE_IMAGE_S * counts.train + est.SMOTE_NEW_S * (counts.train - counts.pool))
+    first, second = est.estimate_run(mild, store), est.estimate_run(steep, store)
+    assert 0 < first.parts["resampling"] < second.parts["resampling"]
+    assert second.seconds == pytest.approx(sum(second.parts.values()))
+    assert "resampling (SMOTE on pixels) " in second.parts_text()
+    assert "resampling (SMOTE on pixels) " in second.report()
+    # the report's imbalanced set (~7,100 images, ~2,500 new ones): about 2 s on the 2-core dev box
+    report = RunConfig.from_dict({**SMALL, "subset": "full", "imbalance": "report_random", "balance": "smote"})
+    assert 0.5 < est.resampling_seconds(report, est.run_counts(report)) < 5
+    assert est.resampling_seconds(small(balance="random_oversample"), est.run_counts(small())) == 0
+    balanced = small(balance="smote")  # nothing to make: imbalanced-learn's import only
+    assert est.resampling_seconds(balanced, est.run_counts(balanced)) == est.RESAMPLE_IMPORT_S
+
+
+def test_smote_in_a_finished_runs_feature_space_adds_that_models_forward(store):
+    feature_run = store.create(RunConfig(model="lenet").validated(), run_id="features-1", state="completed")
+    lt = {"subset": "per_class", "per_class": 100, "imbalance": "long_tail", "imbalance_params": {"imbalance_ratio": 10.0}}
+    pixels = est.estimate_run(small(**lt, balance="smote"), store)
+    features = est.estimate_run(small(**lt, balance="smote",
+                                      balance_params={"space": "features", "feature_run": feature_run.run_id}), store)
+    assert features.parts["resampling"] > pixels.parts["resampling"]  # the forward pass, and the features' columns
+    assert "resampling (SMOTE on a finished run's features) " in features.parts_text()
+    cache = json.loads((store.root / est.CACHE_NAME).read_text())
+    (timing,) = cache["features"].values()
+    assert timing["dims"] == 84 and timing["per_image_s"] > 0  # lenet's penultimate layer
+    counts = est.run_counts(small(**lt, balance="smote"))
+    assert counts.pool == sum(counts.classes) < counts.train == 10 * max(counts.classes)
+    with pytest.raises(ConfigError, match="smote.feature_run 'not-there'"):
+        est.estimate_run(small(**lt, balance="smote", balance_params={"space": "features", "feature_run": "not-there"}),
+                         store)
+
+
+def test_cluster_oversampling_costs_its_k_means(store):
+    lt = {"subset": "per_class", "per_class": 100, "imbalance": "long_tail", "imbalance_params": {"imbalance_ratio": 10.0}}
+    few, many = (small(**lt, balance="cluster_oversample", balance_params={"clusters": k}) for k in (2, 16))
+    assert 0 < est.resampling_seconds(few, est.run_counts(few)) < est.resampling_seconds(many, est.run_counts(many))
+    estimate = est.estimate_run(many, store)
+    assert estimate.parts["resampling"] == pytest.approx(est.resampling_seconds(many, est.run_counts(many)))
+    assert "resampling (k-means on pixels) " in estimate.parts_text()
+    both = est.combine([estimate, est.estimate_run(small(), store)])  # one run resamples: its label stays
+    assert "resampling (k-means on pixels) " in both.parts_text()
+    mixed = est.combine([estimate, est.estimate_run(small(**lt, balance="smote"), store)])
+    assert "resampling " in mixed.parts_text() and "(k-means" not in mixed.parts_text()
+
+
+def test_the_time_to_the_first_step_of_a_run_that_resampled_is_not_taken(store):
+    _finished_run(store, small(epochs=3, balance="smote"), images_per_s=300.0, eval_seconds=0.5)
+    estimate = est.estimate_run(small(epochs=3), store)
+    assert estimate.basis == "from 1 finished run of this setting"
+    assert estimate.parts["prepare"] != pytest.approx(1.5)  # its 1.5 s held its resampling
+    _finished_run(store, small(epochs=3), images_per_s=300.0, eval_seconds=0.5)
+    assert est.estimate_run(small(epochs=3), store).parts["prepare"] == pytest.approx(1.5)
+
+
+# ---- frozen backbones (init_mode linear_probe, crt) ---------------------------------------------------
+
+def test_a_frozen_backbone_is_probed_as_the_run_freezes_it(store, monkeypatch):
+    crt = small(init_run="source-1", init_mode="crt")
+    assert est.trains_head_only(crt) and est.trains_head_only(small(init_run="source-1", init_mode="linear_probe"))
+    assert not est.trains_head_only(small(init_run="source-1")) and not est.trains_head_only(small())
+    step = est.TrainingStep(crt, torch.device("cpu"), 16)
+    head = {id(p) for p in classifier_head(step.model).parameters()}
+    assert {id(p) for p in step.model.parameters() if p.requires_grad} == head
+    assert {id(p) for group in step.optimizer.param_groups for p in group["params"]} == head
+    step(16)
+    assert all(p.grad is None for p in step.model.parameters() if id(p) not in head)  # no backward through it
+    assert not step.model.features.training  # its BatchNorms (lenet has none) would keep their statistics
+    est.estimate_run(small(init_run="source-1"), store)  # finetune: every weight trains, as from scratch
+    probed = []
+
+    def no_probe(cfg, device):
+        probed.append(cfg)
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(est, "probe_model", no_probe)
+    est.estimate_run(small(), store)  # the finetune run's probe
+    with pytest.raises(AssertionError, match="probed again"):  # a frozen backbone has a probe of its own
+        est.estimate_run(crt, store)
+    assert est.trains_head_only(probed[0])
+
+
+def test_the_probes_frozen_step_is_cheaper_than_a_full_one():
+    """Timed for real, the two alternated so that both see the same load (separate probes of a model as
+    small as lenet can differ many times over on a busy machine): a step through a frozen backbone is
+    its forward and the head's backward and update."""
+    device = torch.device("cpu")
+    full = est.TrainingStep(small(batch_size=128, init_run="source-1"), device, 128)
+    frozen = est.TrainingStep(small(batch_size=128, init_run="source-1", init_mode="linear_probe"), device, 128)
+    times = {full: [], frozen: []}
+    for step in (full, frozen, full, frozen):  # warm-up: allocations, the optimizer's state
+        step(128)
+    for _ in range(9):
+        for step in (full, frozen):
+            started = time.perf_counter()
+            step(128)
+            times[step].append(time.perf_counter() - started)
+    assert sorted(times[frozen])[4] < sorted(times[full])[4]
+
+
+def test_a_head_only_run_scales_full_training_runs_of_its_setting(store):
+    full = RunConfig.from_dict({**SMALL, "model": "fastnet", "epochs": 3})
+    _finished_run(store, full, images_per_s=300.0, eval_seconds=0.5)
+    crt = full.replace(init_run="source-1", init_mode="crt")
+    estimate = est.estimate_run(crt, store)
+    share = est.FROZEN_STEP_SHARE["fastnet"]
+    assert 0 < share < 1
+    assert estimate.parts["train"] == pytest.approx(share * est.estimate_run(full, store).parts["train"])
+    assert estimate.parts["evaluation"] == pytest.approx(3 * 0.5)
+    assert "full training" in estimate.basis
+    # a finished head-only run of the setting is taken as it is
+    _finished_run(store, crt, images_per_s=1000.0, eval_seconds=0.5)
+    again = est.estimate_run(crt, store)
+    assert again.basis == "from 1 finished run of this setting"
+    assert again.parts["train"] == pytest.approx(3 * 150 / 1000.0)
+    assert est.estimate_run(full, store).parts["train"] == pytest.approx(3 * 150 / 300.0)  # not the frozen one

@@ -7,12 +7,18 @@ Where the time of `python -m cifar_core train` goes, and where each part's numbe
   process (`measure_machine`), which also times loading CIFAR-10 onto the device.
 - prepare: that data load, building the model (fastnet's whitening init sees up to 5,000 images),
   fitting the chain's normalizers (ZCA) and the first, slow step.
+- resampling: the balancing strategies that resample the images once before training (SMOTE,
+  cluster-based oversampling), a cost model scaled by the pool's and the new images, calibrated on
+  this dev box (`resampling_seconds`); in a finished run's feature space, plus that run's model's
+  forward over the pool, probed here (`probe_features`).
 - train: epochs × steps, each step timed at its own batch size (a 200-image epoch at batch 128 is a
   step of 128 and one of 72): a part per step (the optimizer update of every weight, zero_grad, the
   loss sync), which dominates small batches and short epochs, and a part per image (forward and
   backward); plus the augmentation chain and a distillation teacher's forward, a pass over the
   weights per EMA update or lookahead sync, and the gradient norm (every step when clipping, else
-  every log_every-th step, as the loop does).
+  every log_every-th step, as the loop does). A run that trains only the classifier head of a
+  finished run's model (init_mode linear_probe or crt: the backbone frozen) has steps of its own:
+  the probe freezes its model the same way (`FROZEN_STEP_SHARE` for finished runs).
 - evaluation: after every eval_every-th epoch and the last one, the val split (or the test set)
   × the TTA views, forward only, in batches of 1,000 (a per-batch part and a per-image part).
 - checkpoints: `last` after every epoch and `best` after every evaluation (assumed to improve), each
@@ -22,9 +28,11 @@ Where the time of `python -m cifar_core train` goes, and where each part's numbe
 
 Throughput comes from this machine, in this order:
 1. finished runs in the runs root with the same model and params, batch size, precision,
-   channels_last and device: the median images/s of their train rows (only windows that do not
-   span an epoch end: those include the evaluation and the checkpoints), the duration of their
-   evaluation rows, and their time from start to the first step;
+   channels_last and device, and the same frozen backbone or not: the median images/s of their train
+   rows (only windows that do not span an epoch end: those include the evaluation and the
+   checkpoints), the duration of their evaluation rows, and their time from start to the first step
+   (of the runs that did not resample: theirs holds the resampling). A frozen run with only
+   full-training runs of its setting takes theirs, its steps scaled by FROZEN_STEP_SHARE (CPU only);
 2. else a probe (`probe_model`): real training steps (forward, backward, optimizer step) on random
    images at batch sizes growing ×4 from 2 up to the run's own batch size, or until a step takes
    STEP_TARGET_S; a step at any batch size is then read piecewise linearly off those points (beyond
@@ -32,8 +40,8 @@ Throughput comes from this machine, in this order:
    GPU, hence measuring up to the real size). Then forward-only evaluation batches, grown the same
    way, with a fitted per-batch and per-image part. About PROBE_BUDGET_S in all. It is cached in
    ``<runs>/.estimates.json`` per (model, params, precision, channels_last, optimizer, device, torch
-   threads, torch version, host); a later run with a larger batch adds its sizes to the same entry
-   (`probe_more_steps`). The augmentation chain (`probe_chain`) and a teacher's forward
+   threads, torch version, host, frozen backbone); a later run with a larger batch adds its sizes to
+   the same entry (`probe_more_steps`). The augmentation chain (`probe_chain`) and a teacher's forward
    (`probe_teacher`) are timed and cached on their own.
 
 A probe on a busy machine is unreliable: with other processes on the cores, PyTorch's threads wait for
@@ -65,12 +73,12 @@ from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json, r
 
 __all__ = ["CACHE_NAME", "PARTS", "Estimate", "estimate_run", "estimate_runs", "combine", "human_duration",
            "run_counts", "RunCounts", "measure_machine", "probe_model", "probe_more_steps", "needs_more_steps",
-           "step_seconds", "probe_chain", "probe_teacher",
-           "finished_throughput", "clear_memory"]
+           "step_seconds", "probe_chain", "probe_teacher", "probe_features", "resampling_seconds",
+           "trains_head_only", "finished_throughput", "clear_memory"]
 
 CACHE_NAME = ".estimates.json"
 CACHE_VERSION = 3
-PARTS = ("start", "prepare", "train", "evaluation", "checkpoints", "final test")
+PARTS = ("start", "prepare", "resampling", "train", "evaluation", "checkpoints", "final test")
 # Relative range around the estimate: finished runs of the same setting repeat well; a probe of a few
 # steps is more exposed to what else the machine does, so its range is wider.
 RANGE = {"finished": (0.85, 1.2), "probe": (0.8, 1.3)}
@@ -127,6 +135,7 @@ class Estimate:
     epochs: int = 0
     images_per_s: float = 0.0   # training throughput at the run's batch size (of a single run)
     notes: tuple = field(default_factory=tuple)
+    labels: dict = field(default_factory=dict)  # PARTS name -> how it is shown, where it says more
 
     @property
     def text(self) -> str:
@@ -137,7 +146,8 @@ class Estimate:
         return f"{human_duration(self.low)} – {human_duration(self.high)}"
 
     def parts_text(self) -> str:
-        return " · ".join(f"{name} {human_duration(s) if s >= 1 else '<1 s'}" for name, s in self.parts.items() if s > 0)
+        return " · ".join(f"{self.labels.get(name, name)} {human_duration(s) if s >= 1 else '<1 s'}"
+                          for name, s in self.parts.items() if s > 0)
 
     def report(self) -> str:
         """A few lines for a terminal."""
@@ -159,9 +169,14 @@ def combine(estimates: list[Estimate]) -> Estimate:
     bases = list(dict.fromkeys(e.basis for e in estimates))
     basis = "; ".join(bases[:3]) + (f"; and {len(bases) - 3} more" if len(bases) > 3 else "")
     notes = tuple(dict.fromkeys(n for e in estimates for n in e.notes))
+    labels = {}
+    for name in PARTS:  # a label that all the runs with this part share ("resampling (SMOTE on pixels)")
+        shown = {e.labels.get(name, name) for e in estimates if e.parts.get(name, 0.0) > 0}
+        if len(shown) == 1 and shown != {name}:
+            labels[name] = shown.pop()
     return Estimate(seconds=sum(e.seconds for e in estimates), low=sum(e.low for e in estimates),
                     high=sum(e.high for e in estimates), parts=parts, basis=basis,
-                    runs=sum(e.runs for e in estimates), device=estimates[0].device, notes=notes)
+                    runs=sum(e.runs for e in estimates), device=estimates[0].device, notes=notes, labels=labels)
 
 
 # ---- what a config trains on -------------------------------------------------------------------------
@@ -176,6 +191,7 @@ class RunCounts:
     views: int        # test-time views per image
     steps_per_epoch: int
     evals: int        # evaluations during training
+    classes: tuple = ()  # labeled training images per class, before balancing
 
     @property
     def final_reuses_eval(self) -> bool:
@@ -203,7 +219,8 @@ def run_counts(cfg: RunConfig) -> RunCounts:
     evals = cfg.epochs // cfg.eval_every + (1 if cfg.epochs % cfg.eval_every else 0)
     return RunCounts(train=train, pool=len(labeled), eval=n_val or test,
                      eval_split="val" if n_val else "test", test=test, views=tta_view_count(cfg),
-                     steps_per_epoch=steps, evals=evals)
+                     steps_per_epoch=steps, evals=evals,
+                     classes=tuple(int(n) for n in np.bincount(labels[labeled], minlength=NUM_CLASSES)))
 
 
 def tta_view_count(cfg: RunConfig) -> int:
@@ -396,9 +413,11 @@ def _normalizer(device):
             torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
 
 
-class _TrainingStep:
+class TrainingStep:
     """cfg's model and optimizer, built as the loop builds them, and step(b): one training step on the
-    first b of some random images, as the loop's (forward, loss, backward, optimizer step, the syncs)."""
+    first b of some random images, as the loop's (forward, loss, backward, optimizer step, the syncs).
+    A run that trains only the head (linear_probe, crt) gets its backbone frozen as init_from freezes
+    it: no backward through it, no update of its weights, its BatchNorms in eval mode."""
 
     def __init__(self, cfg: RunConfig, device, largest: int):
         import torch
@@ -411,6 +430,9 @@ class _TrainingStep:
         self.model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
         self.build_s = time.perf_counter() - started
         self.init_per_image_s = _time_init(self.model, device)
+        if trains_head_only(cfg):
+            from ..engine.init_from import freeze_all_but_head
+            freeze_all_but_head(self.model)
         self.model.to(device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -441,7 +463,7 @@ def probe_model(cfg: RunConfig, device) -> dict:
     """Time real training steps and evaluation batches of `cfg`'s model on random images (see the module
     docstring): steps at sizes ×4 from 2 up to cfg's batch size (or until one takes STEP_TARGET_S)."""
     started, busy = time.perf_counter(), _load_per_cpu()
-    step = _TrainingStep(cfg, device, cfg.batch_size)
+    step = TrainingStep(cfg, device, cfg.batch_size)
     clock = _Clock(device, 0.6 * PROBE_BUDGET_S)
     cold = clock.time(step, min(SMALL_BATCH, cfg.batch_size))  # allocations, the optimizer's state, kernels
     points = _ramp(clock, step, SMALL_BATCH, cfg.batch_size, STEP_TARGET_S)
@@ -459,7 +481,7 @@ def probe_model(cfg: RunConfig, device) -> dict:
 def probe_more_steps(cfg: RunConfig, device, points: list) -> list:
     """`points` extended with steps at larger sizes up to cfg's batch size (a run with a larger batch than
     the probe that measured this model)."""
-    step = _TrainingStep(cfg, device, cfg.batch_size)
+    step = TrainingStep(cfg, device, cfg.batch_size)
     clock = _Clock(device, 0.6 * PROBE_BUDGET_S)
     largest = max(size for size, _ in points)
     clock.time(step, largest)  # allocations and the optimizer's state
@@ -639,7 +661,7 @@ def model_timing(cache: TimingCache, cfg: RunConfig, device) -> tuple[dict, bool
     else a probe; steps at a larger batch size than measured so far are added to the entry."""
     from ..engine import effective_precision
     key = _key("model", cfg.model, cfg.model_params, effective_precision(cfg, device), cfg.channels_last,
-               cfg.optimizer, _host_fields(device))
+               cfg.optimizer, _host_fields(device), *(["head only"] if trains_head_only(cfg) else []))
     entry, remembered = cache.get("models", key)
     if entry is None:
         entry = probe_model(cfg, device)
@@ -728,7 +750,9 @@ def _read_run_timing(record: RunRecord) -> dict | None:
         else None
     size = record.checkpoint_path("last").stat().st_size if record.checkpoint_path("last").exists() else 0
     return {"images_per_s": statistics.median(clean_ips), "forward_per_image_s": statistics.median(forward),
-            "prepare_s": prepare_s, "checkpoint_bytes": size}
+            "prepare_s": prepare_s, "checkpoint_bytes": size,
+            "head_only": bool(config.get("init_run")) and config.get("init_mode") in HEAD_ONLY_MODES,
+            "resampled": config.get("balance") in RESAMPLING}
 
 
 def _is_number(value) -> bool:
@@ -750,7 +774,9 @@ def _eval_images_of(config: dict) -> tuple[int, int]:
 
 def finished_throughput(store: RunStore, cfg: RunConfig, device) -> dict | None:
     """Medians over the completed runs of the same setting in the runs root (see run_timing), with
-    "runs": how many; None when there are none."""
+    "runs": how many, and "frozen_share": the factor their training time was scaled by (1 when they
+    trained as this run does; FROZEN_STEP_SHARE for a head-only run on full-training runs); None when
+    there are none. Their time to the first step counts only from the runs that did not resample."""
     from ..devices import device_description
     from ..engine import effective_precision
 
@@ -765,14 +791,160 @@ def finished_throughput(store: RunStore, cfg: RunConfig, device) -> dict | None:
         timing = run_timing(record)
         if timing is not None:
             found.append(timing)
+    head_only, share = trains_head_only(cfg), 1.0
+    same = [t for t in found if t["head_only"] == head_only]
+    if not same and head_only and device.type == "cpu" and cfg.model in FROZEN_STEP_SHARE:
+        same, share = found, FROZEN_STEP_SHARE[cfg.model]
+    found = same
     if not found:
         return None
-    prepares = [t["prepare_s"] for t in found if t["prepare_s"] is not None and t["prepare_s"] >= 0]
-    return {"runs": len(found),
-            "images_per_s": statistics.median(t["images_per_s"] for t in found),
+    prepares = [t["prepare_s"] for t in found
+                if t["prepare_s"] is not None and t["prepare_s"] >= 0 and not t["resampled"]]
+    return {"runs": len(found), "frozen_share": share,
+            "images_per_s": statistics.median(t["images_per_s"] for t in found) / share,
             "forward_per_image_s": statistics.median(t["forward_per_image_s"] for t in found),
             "prepare_s": statistics.median(prepares) if prepares else None,
             "checkpoint_bytes": statistics.median(t["checkpoint_bytes"] for t in found)}
+
+
+# ---- resampling before training, and frozen backbones ----------------------------------------------------
+
+RESAMPLING = {"smote": "SMOTE", "cluster_oversample": "k-means"}  # strategies that resample the images once
+HEAD_ONLY_MODES = ("linear_probe", "crt")  # init_modes that train the classifier head alone (engine.init_from)
+PIXEL_VALUES = 32 * 32 * 3                 # a CIFAR image's numbers: the columns SMOTE on pixels works on
+POOLED_VALUES = 8 * 8 * 3                  # an image 4×4-pooled (imbalance.strategies.pooled_pixels)
+
+# The resampling cost models, calibrated on the 2-core AMD EPYC dev box (scikit-learn 1.9.1,
+# imbalanced-learn 0.14.2) by the wall time the resampling adds to engine.prepare (prepare with the
+# strategy minus prepare without, numpy/scikit-learn threads at their defaults, imports warmed, best of
+# 2, on real CIFAR-10 pools, the machine shared with other work at load 2.5-3.5). N pool images, S new
+# ones, P the pairs of same-class images among the classes SMOTE grows (the sum of their squared
+# counts); "model": the constants below on these counts, the import aside:
+#   pool (fastnet defaults)      N       S       P      SMOTE   model   k-means k=4  model   k=16   model
+#   report_random                7,108   2,452   4.3e6  1.97 s  1.31 s  0.56 s       0.71 s  2.95 s 1.77 s
+#   long_tail ρ=100              12,406  37,594  1.4e7  7.32 s  6.21 s  2.67 s       1.24 s  2.18 s 3.10 s
+#   long_tail ρ=10               20,431  29,569  3.7e7  10.35 s 10.88 s 1.67 s       2.04 s  4.26 s 5.10 s
+#   step ρ=10, 5 minority        27,500  22,500  1.3e6  2.69 s  2.65 s  3.46 s       2.74 s  8.52 s 6.86 s
+#   long_tail ρ=100, n_max 1,000 2,478   7,522   5.6e5  0.54 s  0.75 s  0.19 s       0.25 s  0.61 s 0.62 s
+# SMOTE, profiled (cProfile on one thread's process_time, long_tail ρ=100, 7.0 s): the same-class
+# neighbour search 2.2 s (P), making the new images and rounding them back to uint8 3.4 s (S), stacking
+# and copying the balanced set 1.4 s (N + S); its one-thread CPU time was within 30 % of the wall times
+# above. With features (space=features) its rows carry them before the pixels: 512 random features
+# took 7-15 % longer, their share of the columns. k-means on one thread took 5-15× less than the wall
+# times above (0.2-1.4 s): its OpenMP threads wait on each other on a busy machine, so an idle one may
+# do it in less. Its model is fitted on pooled pixels (192 dimensions) and scaled by the dimensions
+# for features (one thread's CPU time per image and dimension was the same on 512 features). Importing
+# imbalanced-learn after scikit-learn: 0.6 s wall (0.25 s CPU). A feature-space strategy first runs the
+# feature run's model over the pool, which `probe_features` times here (the report's set, 7,108
+# images in batches of 500, at load 4-8: fastnet 23 s, 3.2 ms an image; resnet18 117 s, 16.5 ms an
+# image; resnet18 again at load 1.5: 7.3 ms an image, where the probe read 6.8 ms).
+RESAMPLE_IMPORT_S = 0.6
+SMOTE_PAIR_S = 2.2e-7        # per pair of same-class images of a grown class (3,072 columns)
+SMOTE_IMAGE_S = 2.5e-5       # per image of the balanced set (N + S)
+SMOTE_NEW_S = 5e-5           # per new image (S)
+KMEANS_VALUE_S = 1.4e-7      # per image and dimension
+KMEANS_CLUSTER_VALUE_S = 6.5e-8  # per image, dimension and cluster
+KMEANS_POOL_S = 2.3e-5       # per image: the 4×4 pooling of its pixels (space=pixels)
+
+# A training step with the backbone frozen (linear_probe, crt), as a share of a full step of the same
+# model and batch on a CPU: the forward through the backbone stays, its backward and its weights'
+# update go. Used where a head-only run has only full-training finished runs of its setting to go by
+# (the probe times frozen steps itself, on any model and device). Measured on the 2-core dev box with
+# the probe's own TrainingStep, one full and one frozen (engine.init_from.freeze_all_but_head, the
+# optimizer rebuilt on what trains), steps alternated, median of 5-7 after 2 warm-up steps, in three
+# sittings at load 4-9 (the absolute times swung with the load; the shares held):
+#   fastnet  batch 16: 0.18, 0.38 · batch 128: 0.38, 0.37, 0.31 · batch 512: 0.36, 0.41, 0.36
+#   resnet18 batch 16: 0.34, 0.27 · batch 32: 0.35 · batch 128: 0.33, 0.37, 0.27
+# (small batches, where the per-step update of every weight weighs most, gain more: the shares below
+# are the larger batches' medians, on the safe side there). The probe, freezing its model, read a crt
+# run's training at 0.43 (fastnet) and 0.37 (resnet18) of the same finetune run's, at batch 128 with
+# the default augmentation (which a frozen backbone does not make cheaper).
+FROZEN_STEP_SHARE = {"fastnet": 0.37, "resnet18": 0.33}
+
+
+def trains_head_only(cfg: RunConfig) -> bool:
+    """Whether `cfg` trains only the classifier head on a finished run's frozen backbone."""
+    return bool(cfg.init_run) and cfg.init_mode in HEAD_ONLY_MODES
+
+
+def _feature_model_of(cfg: RunConfig, store: RunStore) -> dict | None:
+    """The model of the finished run whose features the balancing strategy measures distances in."""
+    from ..imbalance.strategies import feature_run_of
+    run_id = feature_run_of(cfg.balance, cfg.balance_params)
+    if run_id is None:
+        return None
+    config = store.record(run_id).config_dict()
+    if not isinstance(config, dict) or "model" not in config:
+        raise ConfigError(f"{cfg.balance}.feature_run {run_id!r}: no readable config.json in {store.root}")
+    return {"model": config["model"], "model_params": config.get("model_params") or {}}
+
+
+def probe_features(feature: dict, device) -> dict:
+    """What engine.features costs with this model here: building it, then seconds per batch and per
+    image of its forward (fp32, channels_last, evaluation mode), and how many features it gives."""
+    import torch
+
+    from ..engine.evaluation import EVAL_BATCH
+    from ..models import classifier_head, create_model
+    started = time.perf_counter()
+    net = create_model(feature["model"], feature.get("model_params"), NUM_CLASSES)
+    build = time.perf_counter() - started
+    net = net.to(device).to(memory_format=torch.channels_last)
+    images, _ = _random_batch(device, EVAL_BATCH)
+    timed = _time_forward(_Clock(device, 0.35 * PROBE_BUDGET_S),
+                          _forward_fn(net, RunConfig(precision="fp32"), device, images, True))
+    return {"fixed_s": timed["fixed_s"], "per_image_s": timed["per_image_s"], "build_s": build,
+            "dims": classifier_head(net).in_features, "probe_s": time.perf_counter() - started,
+            "measured": time.time()}
+
+
+def feature_timing(cache: TimingCache, device, feature: dict | None) -> dict | None:
+    if feature is None:
+        return None
+    key = _key("features", feature["model"], feature["model_params"], _host_fields(device))
+    entry, _ = cache.get("features", key)
+    if entry is None:
+        entry = probe_features(feature, device)
+        cache.put("features", key, entry)
+    return entry
+
+
+def resampling_seconds(cfg: RunConfig, counts: RunCounts, features: dict | None = None) -> float:
+    """Seconds of cfg's resampling before training (0 for strategies that do not resample the images):
+    the cost models above on the pool's class counts; `features`: the feature model's timing
+    (`feature_timing`) when the strategy works in a finished run's feature space (then also that
+    model's forward over the pool)."""
+    if cfg.balance not in RESAMPLING:
+        return 0.0
+    from ..engine.features import FEATURE_BATCH
+    from ..imbalance.strategies import BALANCING
+    params = BALANCING.validate(cfg.balance, cfg.balance_params)
+    seconds = RESAMPLE_IMPORT_S
+    if features is not None:
+        seconds += (features["build_s"] + math.ceil(counts.pool / FEATURE_BATCH) * features["fixed_s"]
+                    + counts.pool * features["per_image_s"])
+    classes = [n for n in counts.classes if n > 0]
+    if cfg.balance == "smote":
+        largest = max(classes, default=0)
+        short = [n for n in classes if n < largest]
+        if not short:
+            return seconds  # already balanced: SMOTE has nothing to make (the features were computed)
+        balanced = len(classes) * largest
+        # features: SMOTE's rows hold the features, then the pixels (imbalance.strategies._smote_table)
+        columns = PIXEL_VALUES + (features["dims"] if features is not None else 0)
+        return seconds + columns / PIXEL_VALUES * (SMOTE_PAIR_S * sum(n * n for n in short) + SMOTE_IMAGE_S * balanced
+                                                   + SMOTE_NEW_S * (balanced - counts.pool))
+    dims = features["dims"] if features is not None else POOLED_VALUES
+    k = params["clusters"]
+    fits = [n for n in classes if min(k, n) > 1]  # a class of one image, or clusters=1, is no k-means
+    seconds += KMEANS_POOL_S * counts.pool if features is None else 0.0
+    return seconds + sum(n * dims * (KMEANS_VALUE_S + KMEANS_CLUSTER_VALUE_S * min(k, n)) for n in fits)
+
+
+def _resampling_label(cfg: RunConfig) -> str:
+    from ..imbalance.strategies import feature_run_of
+    space = "pixels" if feature_run_of(cfg.balance, cfg.balance_params) is None else "a finished run's features"
+    return f"resampling ({RESAMPLING[cfg.balance]} on {space})"
 
 
 # ---- the estimate ---------------------------------------------------------------------------------------
@@ -854,9 +1026,11 @@ class _Speed:
 def _speed_from_finished(cfg: RunConfig, counts: RunCounts, machine: dict, finished: dict) -> _Speed:
     ips, n = finished["images_per_s"], finished["runs"]
     prepare = finished["prepare_s"] if finished["prepare_s"] is not None else (machine.get("data_s") or 0.0)
+    scaled = "" if finished["frozen_share"] == 1 else (
+        f" (full training; a frozen-backbone step taken as {finished['frozen_share']:.0%} of theirs)")
     return _Speed(cfg.epochs * counts.train / ips, ips, finished["forward_per_image_s"], 0.0, prepare,
                   finished["checkpoint_bytes"], "finished",
-                  f"from {n} finished run{'s' if n != 1 else ''} of this setting")
+                  f"from {n} finished run{'s' if n != 1 else ''} of this setting{scaled}")
 
 
 def _speed_from_probes(cfg: RunConfig, counts: RunCounts, machine: dict, cache: TimingCache, device,
@@ -892,8 +1066,9 @@ def estimate_run(cfg: RunConfig, store: RunStore | None = None, data_source: str
     finished = finished_throughput(store, cfg, device)
     speed = (_speed_from_finished(cfg, counts, machine, finished) if finished is not None
              else _speed_from_probes(cfg, counts, machine, cache, device, store))
+    resampling = resampling_seconds(cfg, counts, feature_timing(cache, device, _feature_model_of(cfg, store)))
     parts = {"start": machine["imports_s"] + machine["sklearn_s"], "prepare": speed.prepare_s,
-             **_loop_parts(cfg, counts, machine, speed)}
+             "resampling": resampling, **_loop_parts(cfg, counts, machine, speed)}
     parts = {name: float(parts[name]) for name in PARTS}
     total = sum(parts.values())
     low, high = RANGE[speed.kind]
@@ -901,7 +1076,8 @@ def estimate_run(cfg: RunConfig, store: RunStore | None = None, data_source: str
         "the data could not be loaded while measuring, so its loading time is not counted",))
     return Estimate(seconds=total, low=total * low, high=total * high, parts=parts, basis=speed.basis,
                     device=device.type, train_images=counts.train, epochs=cfg.epochs,
-                    images_per_s=speed.images_per_s, notes=notes)
+                    images_per_s=speed.images_per_s, notes=notes,
+                    labels={"resampling": _resampling_label(cfg)} if resampling else {})
 
 
 def estimate_runs(cfgs, store: RunStore | None = None, data_source: str | None = None) -> Estimate:
