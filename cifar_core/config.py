@@ -103,12 +103,28 @@ class RunConfig:
              "flip state in the first epoch and the opposite state every odd epoch, so over any two "
              "epochs every image is seen once each way."), "Alternating flips")
     # optimization
-    optimizer: str = _p("optim", Param("optimizer", "choice", "sgd", choices=("sgd", "adam", "adamw")),
-                        "Optimizer")
+    optimizer: str = _p("optim", Param(
+        "optimizer", "choice", "sgd", choices=("sgd", "adam", "adamw", "muon"),
+        help="sgd, adam, adamw: one rule for every weight. muon (airbench94_muon, CNNs only): Muon for the conv "
+             "filters at muon_lr with muon_momentum (each filter bank's momentum, as an out_channels × in·k·k "
+             "matrix, orthogonalized by a Newton–Schulz iteration; the bank renormalized first, which suits convs "
+             "followed by a norm layer); the head, biases and norms take SGD as with sgd."),
+        "Optimizer")
     lr: float = _p("optim", Param("lr", "float", 0.05, 1e-6, 10.0, log=True), "Learning rate")
     momentum: float = _p("optim", Param("momentum", "float", 0.9, 0.0, 0.999,
                                         help="SGD momentum (Adam: beta1)."), "Momentum")
     nesterov: bool = _p("optim", Param("nesterov", "bool", True), "Nesterov momentum")
+    muon_lr: float = _p("optim", Param("muon_lr", "float", 0.24, 1e-4, 10.0, log=True,
+                                       help="Optimizer muon: the conv filters' learning rate (the LR schedule "
+                                            "scales it as it scales lr). A Muon step's size does not depend on "
+                                            "the gradient's scale, so neither on the batch size nor on the loss's "
+                                            "sum or mean (airbench94_muon: 0.24)."),
+                        "Muon learning rate (conv filters)")
+    muon_momentum: float = _p("optim", Param("muon_momentum", "float", 0.6, 0.0, 0.999,
+                                             help="Optimizer muon: momentum of the conv filters' updates "
+                                                  "(airbench94_muon: 0.6; momentum stays the SGD momentum of "
+                                                  "the other parameters)."),
+                              "Muon momentum (conv filters)")
     batch_size: int = _p("optim", Param("batch_size", "int", 128, 1, 8192), "Batch size")
     bias_lr_scale: float = _p("optim", Param("bias_lr_scale", "float", 1.0, 0.01, 256.0,
                                              help="LR multiplier for biases and norm parameters "
@@ -305,6 +321,7 @@ class RunConfig:
                               "runs folder whose weights to start from (choose one in the 'Initialise from a "
                               "finished run' list, or pass --init-run RUN_ID)")
         check_processes(v)
+        check_muon(v)
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
                               "same runs folder (choose one in the 'Teacher run' list, or pass "
@@ -413,6 +430,8 @@ class RunConfig:
             tricks.append(f"clip-{self.grad_clip}")
         if self.ema_decay:
             tricks.append("ema")
+        if self.optimizer == "muon":
+            tricks.append("muon")
         if self.lookahead_every:
             tricks.append("lookahead")
         if self.alternating_flip:
@@ -442,7 +461,9 @@ APPLIES_WHEN = {
     "clip_max_norm": ("grad_clip", ("norm",)),
     "clip_norm_type": ("grad_clip", ("norm",)),
     "clip_value": ("grad_clip", ("value",)),
-    "nesterov": ("optimizer", ("sgd",)),
+    "nesterov": ("optimizer", ("sgd", "muon")),
+    "muon_lr": ("optimizer", ("muon",)),
+    "muon_momentum": ("optimizer", ("muon",)),
 }
 ALWAYS_FLAGGED = ("model", "schedule")
 
@@ -464,6 +485,19 @@ def check_processes(v: dict) -> None:
     if v["sync_bn"] and v["device"] == "cpu":
         raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm synchronizes GPU tensors only (on the CPU, "
                           "turn it off: each process then normalizes with its own share of the batch)")
+
+
+def check_muon(v: dict) -> None:
+    """Optimizer muon orthogonalizes conv filters only: on a transformer (a patch or tokenizer conv, and
+    every matrix of its blocks on SGD) it would not be Muon."""
+    from .models import MODELS
+
+    entry = MODELS.entries.get(v["model"])  # an unknown model is reported on its own
+    if v["optimizer"] != "muon" or entry is None or "cnn" in entry.tags:
+        return
+    raise ConfigError(f"optimizer muon orthogonalizes the updates of conv filters, and {v['model']} is not a "
+                      "convolutional network (its blocks' weights are matrices, which would all take SGD): "
+                      "choose a CNN (fastnet, resnet18, ...) or another optimizer (sgd, adamw)")
 
 
 def flag_name(field_name: str) -> str:

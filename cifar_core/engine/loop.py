@@ -52,6 +52,7 @@ from .distributed import (Ranks, ReadOnlyRecord, check_world, close_distributed,
                           launch_ranks, launched_here, restart_count, restarts_left)
 from .evaluation import evaluate, logits_report, predict_logits
 from .init_from import InitSource, load_init_source
+from .muon import MuonSGD
 from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
 from .prepare import Prepared, epoch_order, model_input, normalize, prepare
 from .rng import (AUGMENTATION, INIT_SAMPLE, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
@@ -70,16 +71,39 @@ class StopTraining(Exception):
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # Weight decay on weight matrices/kernels only: decaying norm scales and biases only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
+    """The optimizer of the model's trainable parameters. Each param group's `lr_scale` is its LR as a
+    multiple of cfg.lr: the trainer's schedule sets every group's lr to lr × schedule × lr_scale."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        return build_muon(cfg, trainable)
+    groups = decay_groups(cfg, trainable)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def decay_groups(cfg: RunConfig, params: list[torch.Tensor]) -> list[dict]:
+    # Weight decay on weight matrices/kernels only: decaying norm scales and biases only hurts.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
+
+
+def build_muon(cfg: RunConfig, params: list[torch.Tensor]) -> MuonSGD:
+    """Muon for the conv filters (4-D weights) at cfg.muon_lr with cfg.muon_momentum, no weight decay;
+    SGD for the rest (the head and other matrices with weight decay at cfg.lr, biases and norms at
+    cfg.lr × bias_lr_scale), Nesterov for both as cfg.nesterov says. The filter group comes last, so
+    groups 0 and 1 are those of optimizer sgd."""
+    filters = [p for p in params if p.ndim == 4]
+    rest = [p for p in params if p.ndim != 4]
+    sgd = [{**group, "momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}
+           for group in decay_groups(cfg, rest)]
+    muon = {"params": filters, "orthogonalize": True, "weight_decay": 0.0, "lr_scale": cfg.muon_lr / cfg.lr,
+            "momentum": cfg.muon_momentum, "nesterov": cfg.nesterov and cfg.muon_momentum > 0}
+    return MuonSGD([*sgd, muon], lr=cfg.lr)
 
 
 def build_model(cfg: RunConfig, prep: Prepared, source: InitSource | None = None) -> torch.nn.Module:
