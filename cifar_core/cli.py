@@ -362,6 +362,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_describe(args) -> int:
+    from .active import QUERY_STRATEGIES
     from .augment import AUGMENTATIONS
     from .experiments.search import PRUNERS, SAMPLERS
     from .imbalance import BALANCING
@@ -372,7 +373,7 @@ def cmd_describe(args) -> int:
            "models": MODELS.describe(), "augmentations": AUGMENTATIONS.describe(),
            "schedules": SCHEDULES.describe(), "imbalance": IMBALANCE.describe(),
            "balance": BALANCING.describe(), "search_samplers": SAMPLERS.describe(),
-           "search_pruners": PRUNERS.describe()}
+           "search_pruners": PRUNERS.describe(), "query_strategies": QUERY_STRATEGIES.describe()}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -196,6 +196,7 @@ def test_cli_messages_for_bad_input(tmp_path, capsys, cifar_npz):
     assert main(["describe"]) == 0
     described = json.loads(capsys.readouterr().out)
     assert {e["name"] for e in described["search_pruners"]} >= {"median", "successive_halving"}
+    assert {"coreset", "badge", "typiclust"} <= {e["name"] for e in described["query_strategies"]}
 
 
 def test_the_storage_opens_in_optuna_dashboard_as_it_is(tmp_path):
