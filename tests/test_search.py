@@ -252,3 +252,17 @@ def test_stop_now_cancels_the_running_trials_runs_of_this_folder(runs):
     assert search.stop_search("halt", storage, cancel_running_in=runs) == [record.run_id]
     assert record.state() == "cancelled" and other.state() == "queued"
     assert search.budget_left(*search.load_search("halt", storage)) == "stopped from the page"
+
+
+def test_trial_0_is_the_fixed_config_itself_when_it_lies_in_the_space(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'b.db'}"
+    space = {"lr": {"low": 0.05, "high": 0.5, "log": True}, "augment.hflip": {}, "augment.rotation.degrees": {},
+             "augment.rotation": {}, "model_params.dropout": {}}
+    search.create_search("base", search.SearchSpec(base=base().to_dict(), space=space), storage)
+    first = optuna.load_study(study_name="base", storage=storage).trials[0]
+    assert first.state.name == "WAITING" and first.user_attrs["baseline"]
+    assert first.system_attrs["fixed_params"] == {"lr": base().lr, "augment.hflip": True, "augment.rotation": False,
+                            "augment.rotation.degrees": 15.0, "model_params.dropout": 0.0}
+    narrowed = {"lr": {"low": 0.3, "high": 0.5}}  # the fixed lr (0.2) is outside: no baseline trial
+    search.create_search("nobase", search.SearchSpec(base=base().to_dict(), space=narrowed), storage)
+    assert optuna.load_study(study_name="nobase", storage=storage).trials == []

@@ -9,7 +9,9 @@ its type and bounds from the field's `Param`; a space file may narrow them (``lo
 or ``choices``), never widen them.
 
 A study keeps everything a worker needs in its storage (the study's user attributes): the fixed
-config, the space, the budget (trials, minutes), the sampler and the pruner. So any number of
+config, the space, the budget (trials, minutes), the sampler and the pruner. Trial 0 is the fixed
+config's own values (when they lie in the space), so every search is measured against its starting
+point. Any number of
 `python -m cifar_core search-worker --storage URL --study NAME` processes, on this machine or on
 others, work on one study; a restarted worker simply goes on. Storage: a SQLite file per study
 (``<runs>/.searches/<study>.db``) by default, any SQLAlchemy URL otherwise (PostgreSQL for several
@@ -281,6 +283,40 @@ def apply_values(base: RunConfig, values: dict) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
+def base_values(base: RunConfig, dims: list[Dimension]) -> dict | None:
+    """The values the fixed config itself has for each dimension ({name: value}), or None when one of
+    them lies outside its (narrowed) range: then it cannot be a trial of this space."""
+    from ..augment import AUGMENTATIONS
+    data = base.validated().to_dict()
+    steps = {step["name"]: step for step in data["augment"]}
+    values = {}
+    for dim in dims:
+        parts = dim.name.split(".")
+        if parts[0] == "augment":
+            op = parts[1]
+            if len(parts) == 2:
+                value = op in steps
+            elif parts[2] == "p":
+                value = steps[op]["p"] if op in steps else _step_probability(op).default
+            else:
+                value = steps[op]["params"][parts[2]] if op in steps else AUGMENTATIONS.get(op).param(parts[2]).default
+        elif "_params." in dim.name:
+            owner, option = dim.name.split(".", 1)
+            value = data[owner].get(option)
+        else:
+            value = data[dim.name]
+        if not _within(dim, value):
+            return None
+        values[dim.name] = value
+    return values
+
+
+def _within(dim: Dimension, value) -> bool:
+    if dim.kind == "choice":
+        return value in dim.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and dim.low <= value <= dim.high
+
+
 def load_space_file(path: str | Path) -> dict:
     """A space file's JSON object; ConfigError for a missing or malformed file."""
     try:
@@ -474,6 +510,9 @@ def create_search(study: str, spec: SearchSpec, storage: str) -> None:
         made.set_user_attr("spec", spec.to_dict())
         made.set_user_attr("created", time.time())
         made.set_user_attr("objective", OBJECTIVE)
+        baseline = base_values(RunConfig.from_dict(spec.base), spec.dimensions())
+        if baseline is not None:  # trial 0: the fixed config itself, so the search is measured against it
+            made.enqueue_trial(baseline, user_attrs={"baseline": True})
         return
     old = SearchSpec.from_attrs(existing.user_attrs)
     for key in SPEC_KEYS:
