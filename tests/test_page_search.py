@@ -166,10 +166,12 @@ def test_a_valid_search_is_created_with_the_narrowed_space_and_its_worker_launch
     assert spec.space == {"lr": {"low": 0.01, "high": 1.0, "log": True}, "augment.hflip": {"choices": [False, True]}}
     assert (spec.trials, spec.pruner, spec.sampler) == (7, "none", "tpe")
     assert (spec.base["subset_size"], spec.base["val_size"], spec.base["eval_every"]) == (10000, 1000, 1)
-    # the live view selects it: no trial yet, and no worker alive (it was not really launched)
+    # the live view selects it: only trial 0 (the fixed config's own values) waits, and no worker is
+    # alive (it was not really launched)
     assert at.selectbox(key="search.selected").value == "form-made"
     assert at.session_state["search.tab"] == "Live view"
-    assert "No trial yet" in _texts(at, "info")
+    assert [(t.number, t.state.name) for t in study.trials] == [(0, "WAITING")]
+    assert "No completed trial yet" in _texts(at, "info")
     assert "No worker is running" in _texts(at, "warning")
 
 
