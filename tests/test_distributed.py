@@ -21,6 +21,7 @@ from cifar_core.engine.loop import open_as_main
 from cifar_core.params import ConfigError
 from cifar_core.processes import process_alive
 from cifar_core.runs import RunStore
+from tests.test_jobs import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--model", "lenet", "--subset", "per_class", "--per-class", "100", "--val-size", "0", "--test-size", "1000",
@@ -44,15 +45,6 @@ def start(root: Path, data: Path, *args: str) -> subprocess.Popen:
     log = open(root / "launcher.log", "ab")
     return subprocess.Popen(cli(root, data, "train", "--no-progress", *args), cwd=REPO, env=environment(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for(predicate, timeout=120.0, every=0.2) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 def children(pid: int) -> list[int]:
@@ -138,7 +130,7 @@ def test_killing_a_rank_fails_the_run_with_a_clear_reason_and_leaves_no_process(
     launcher = start(root, cifar_npz, "--run-id", "killed", "--nproc", "2", "--time-limit-min", "2", *LONG)
     record = RunStore(root).record("killed")
     try:
-        assert wait_for(lambda: record.checkpoint_path("last").exists()), (root / "launcher.log").read_text()
+        assert wait_for(lambda: record.checkpoint_path("last").exists(), timeout=120), (root / "launcher.log").read_text()
         ranks = rank_pids(launcher.pid)
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGKILL)
@@ -167,7 +159,7 @@ def test_with_max_restarts_a_killed_rank_restarts_from_the_checkpoint(tmp_path, 
                     batch_size=50, log_every=1, eval_every=1000, time_limit_min=0.15, nproc=2, max_restarts=1)
     record = jobs.submit(cfg.validated(), store)
     try:
-        assert wait_for(lambda: record.checkpoint_path("last").exists()), record.log_tail()
+        assert wait_for(lambda: record.checkpoint_path("last").exists(), timeout=120), record.log_tail()
         launcher = record.status()["pid"]
         ranks = rank_pids(launcher)
         os.kill(ranks[1], signal.SIGKILL)
@@ -193,7 +185,8 @@ def test_cancel_stops_every_rank_at_a_checkpoint_and_resume_finishes_the_run(tmp
     launcher = start(root, cifar_npz, "--run-id", "stopped", "--nproc", "2", "--time-limit-min", "0.15", *LONG)
     record = store.record("stopped")
     try:
-        assert wait_for(lambda: len(steps_of(record, "train")) >= 3 if record.metrics_path.exists() else False)
+        assert wait_for(lambda: len(steps_of(record, "train")) >= 3 if record.metrics_path.exists() else False,
+                        timeout=120)
         ranks = rank_pids(launcher.pid)
         assert jobs.cancel("stopped", store, start_worker=False) == "cancelling"
         assert launcher.wait(timeout=60) == 1

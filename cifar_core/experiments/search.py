@@ -525,14 +525,16 @@ def create_search(study: str, spec: SearchSpec, storage: str) -> None:
     existing.set_user_attr("finished", None)
 
 
-def load_search(study: str, storage: str):
-    """(optuna Study, SearchSpec); ConfigError when the study does not exist there."""
+def load_search(study: str, storage, sampler=None, pruner=None):
+    """(optuna Study, SearchSpec); ConfigError when the study does not exist there. `storage`: a URL, or
+    a storage `open_storage` already opened (a worker reloads through one connection pool)."""
     import optuna
-    storage_obj = open_storage(storage)
+    storage_obj = open_storage(storage) if isinstance(storage, str) else storage
     try:
-        loaded = optuna.load_study(study_name=study, storage=storage_obj)
+        loaded = optuna.load_study(study_name=study, storage=storage_obj, sampler=sampler, pruner=pruner)
     except KeyError:
-        raise ConfigError(f"no study {study!r} in {masked(storage)}") from None
+        where = masked(storage if isinstance(storage, str) else storage_obj.url)
+        raise ConfigError(f"no study {study!r} in {where}") from None
     return loaded, SearchSpec.from_attrs(loaded.user_attrs)
 
 
@@ -597,19 +599,18 @@ class SearchWorker:
         """Work until the budget is spent or a stop; returns why it stopped."""
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study, spec = load_search(self.study_name, self.storage)
+        storage = open_storage(self.storage)
+        study, spec = load_search(self.study_name, storage)
         if not study.user_attrs.get("started"):
             study.set_user_attr("started", time.time())
         sampler, pruner = SAMPLERS.build(spec.sampler, spec.sampler_params), PRUNERS.build(spec.pruner, spec.pruner_params)
-        study = optuna.load_study(study_name=self.study_name, storage=study._storage, sampler=sampler, pruner=pruner)
         dims = spec.dimensions()
         base = RunConfig.from_dict(spec.base)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while not self.stop_signal:
-                study = optuna.load_study(study_name=self.study_name, storage=study._storage, sampler=sampler,
-                                          pruner=pruner)  # fresh user attrs (stop, budget)
-                spec = SearchSpec.from_attrs(study.user_attrs)
+                # reloaded each round: fresh user attrs (stop, budget)
+                study, spec = load_search(self.study_name, storage, sampler, pruner)
                 with _quiet_optuna():
                     optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, queued again
                 why = budget_left(study, spec)
