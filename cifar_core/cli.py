@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -616,6 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    if "RANK" in os.environ:
+        from .engine.distributed import in_torchrun, leave_rank
+        if in_torchrun():
+            leave_rank(code)
+    return code
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = "python -m cifar_core " + shlex.join(sys.argv[1:] if argv is None else argv)
