@@ -48,14 +48,16 @@ def hand_made(epochs: int) -> RunConfig:
                                 "epochs": epochs, "eval_every": epochs})
 
 
-def final_runs(cfg: RunConfig, seeds: int, store: RunStore, data: str) -> list[float]:
-    accs = []
+def final_runs(cfg: RunConfig, seeds: int, store: RunStore, data: str) -> tuple[list[float], list[float]]:
+    """Test accuracies and training seconds of `seeds` runs of cfg."""
+    accs, seconds = [], []
     for seed in range(seeds):
         record = train_run(cfg.replace(seed=seed, eval_every=cfg.epochs), store=store, data_source=data,
                            progress=False)
         accs.append(record.results()["test_acc"])
-        print(f"  {cfg.name} seed {seed}: {100 * accs[-1]:.2f}%", flush=True)
-    return accs
+        seconds.append(record.results()["train_seconds"])
+        print(f"  {cfg.name} seed {seed}: {100 * accs[-1]:.2f}% in {seconds[-1]:.0f} s", flush=True)
+    return accs, seconds
 
 
 def mean_std(values: list[float]) -> str:
@@ -69,14 +71,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--val-size", type=int, default=1000, help="held-out images that score the trials")
+    parser.add_argument("--tpe-startup", type=int, default=10, help="random trials before TPE models the results")
+    parser.add_argument("--prune-after", type=int, default=3,
+                        help="epochs a trial trains before the median pruner may stop it")
     parser.add_argument("--study", default=None, help="continue this study instead of starting one")
     parser.add_argument("--out", default=None, help="write the result JSON here")
     args = parser.parse_args()
     store = RunStore(args.runs_root)
-    base = hand_made(args.epochs).replace(val_size=1000, eval_every=1, name="search trial")
+    base = hand_made(args.epochs).replace(val_size=args.val_size, eval_every=1, name="search trial")
     study = args.study or time.strftime("bench-%Y%m%d-%H%M%S")
     spec = search.SearchSpec(base=base.to_dict(), space=SPACE, trials=1000, time_budget_min=args.minutes,
-                             sampler="tpe", pruner="median")
+                             sampler="tpe", sampler_params={"n_startup_trials": args.tpe_startup},
+                             pruner="median", pruner_params={"n_startup_trials": 5, "n_warmup_steps": args.prune_after})
     storage = search.start_search(study, spec, store, data_source=args.data)
     started = time.time()
     why = search.SearchWorker(store, study, storage, args.data, log=lambda text: print(text, flush=True)).run()
@@ -93,12 +100,13 @@ def main() -> None:
     best = search.best_config(loaded, train_on_validation=True).replace(name="best of search", eval_every=args.epochs)
     hand = hand_made(args.epochs)
     final_started = time.time()
-    hand_accs = final_runs(hand, args.seeds, store, args.data)
-    best_accs = final_runs(best, args.seeds, store, args.data)
+    hand_accs, hand_s = final_runs(hand, args.seeds, store, args.data)
+    best_accs, best_s = final_runs(best, args.seeds, store, args.data)
     diffs = [b - h for b, h in zip(best_accs, hand_accs)]
     report["final"] = {"epochs": args.epochs, "seeds": args.seeds, "hand_made": mean_std(hand_accs),
                        "best_of_search": mean_std(best_accs), "difference_points": mean_std(diffs),
                        "hand_made_accs": hand_accs, "best_accs": best_accs,
+                       "hand_made_train_s": hand_s, "best_train_s": best_s,
                        "wall_s": round(time.time() - final_started)}
     print(json.dumps(report["final"], indent=2), flush=True)
     if args.out:
