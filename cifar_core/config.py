@@ -16,14 +16,19 @@ from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
 INIT_MODES = ("finetune", "linear_probe", "crt")  # how init_run's weights are used (engine/init_from.py)
 MAX_NPROC = 64  # processes of one run on one machine (`nproc`)
-SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "distill", "speed")
+# What a training step's loss is made of: each name is an entry of engine.objectives.OBJECTIVES (a test
+# checks both lists agree). Semi-supervised objectives also learn from the unlabeled pool that
+# label_budget leaves; a pretext (self-supervised) objective learns from unlabeled images only.
+OBJECTIVE_NAMES = ("supervised", "pseudo_label", "mixmatch", "fixmatch", "flexmatch", "rotation")
+SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "semi", "distill",
+            "speed")
 # Where the form shows them: architecture in "model", what fights overfitting (weight decay, smoothing,
 # clipping, EMA, and the models' own dropout / stochastic depth, see MODEL_PARAM_SECTIONS) in
 # "regularization", how the optimizer moves the weights (lookahead included) in "optim", and how the
 # model is evaluated (how often, test-time augmentation) in "evaluation".
 SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
                   "optim": "Optimizer", "regularization": "Regularization", "evaluation": "Evaluation",
-                  "distill": "Distillation", "speed": "Speed"}
+                  "semi": "Few labels", "distill": "Distillation", "speed": "Speed"}
 # Model parameters (model_params) that belong to another section than the model's architecture.
 MODEL_PARAM_SECTIONS = {"dropout": "regularization", "drop_path": "regularization"}
 
@@ -164,6 +169,13 @@ class RunConfig:
                                                  help="Also average views shifted by one pixel "
                                                       "(with tta_flip: airbench's TTA level 2)."),
                              "Test-time 1-pixel shifts")
+    # learning from few labels (engine/objectives.py)
+    objective: str = _p("semi", Param("objective", "choice", "supervised", choices=OBJECTIVE_NAMES,
+                                      help="What each step learns from: supervised = the labeled images only; "
+                                           "pseudo_label, mixmatch, fixmatch, flexmatch = also the unlabeled "
+                                           "pool label_budget leaves (semi-supervised); rotation = a "
+                                           "self-supervised pretext on unlabeled images, whose encoder "
+                                           "another run starts from (init_run)."), "Objective")
     # knowledge distillation from a finished run (DeiT-style)
     distill: str = _p("distill", Param("distill", "choice", "none", choices=("none", "hard", "soft"),
                                        help="Learn from a finished run's predictions too: hard = cross-entropy "
@@ -322,6 +334,9 @@ class RunConfig:
                               "finished run' list, or pass --init-run RUN_ID)")
         check_processes(v)
         check_muon(v)
+        if v["distill"] != "none" and v["objective"] != "supervised":
+            raise ConfigError(f"distill={v['distill']} trains with the supervised objective; objective "
+                              f"{v['objective']} cannot be combined with distillation")
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
                               "same runs folder (choose one in the 'Teacher run' list, or pass "

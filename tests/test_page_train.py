@@ -412,7 +412,7 @@ def test_form_groups_dropout_tta_and_lookahead(runs_root):
     at = page(preset="fast")
     assert_clean(at)
     tabs = {t.label: t for t in at.tabs}
-    assert list(tabs) == ["Run", "Model", "Data", "Augmentation", "Optimizer", "Regularization", "Evaluation",
+    assert list(tabs) == ["Run", "Model", "Data", "Augmentation", "Optimizer", "Regularization", "Evaluation", "Few labels",
                           "Distillation", "Speed"]
 
     def keys(tab: str) -> set[str]:

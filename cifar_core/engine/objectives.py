@@ -203,7 +203,7 @@ class Distill(Objective):
 
 
 def objective_name(cfg: RunConfig) -> str:
-    return "distill" if cfg.distill != "none" else "supervised"
+    return "distill" if cfg.distill != "none" else cfg.objective
 
 
 def objective_for(cfg: RunConfig) -> Objective:
