@@ -308,6 +308,16 @@ def job_table(store: RunStore) -> dict[str, list[str]]:
     return {state: [rid for _, rid in sorted(items)] for state, items in table.items()}
 
 
+def unfinished_source(config: dict, table: dict[str, list[str]]) -> str | None:
+    """The run a queued run starts from (init_run) or learns from (teacher_run) while that run is still
+    queued or training: the queued run must wait for it to complete."""
+    unfinished = {rid for state in ("queued", "starting", "running") for rid in table.get(state, [])}
+    for key in ("init_run", "teacher_run"):
+        if config.get(key) and config[key] in unfinished:
+            return config[key]
+    return None
+
+
 def queue_wait(store: RunStore, run_id: str) -> str:
     """What a queued run waits for, in words: "a free CPU slot (r-1 is training)", "2 runs queued
     before it", "the job supervisor to start it"…"""
@@ -323,6 +333,9 @@ def queue_wait(store: RunStore, run_id: str) -> str:
             if (store.record(rid).status().get("device_kind") or "cpu") == kind]
     taken = sum(slots_needed(store.record(rid).config_dict()) for rid in busy)
     where = f"position {position + 1} of {len(queued)} in the queue"
+    source = unfinished_source(record.config_dict() or {}, table)
+    if source:
+        return f"run {source}, which it starts from, to complete ({where})"
     if not fits(taken, needed, slots().get(kind, 1)):
         names = ", ".join(busy[:3]) + (" …" if len(busy) > 3 else "")
         wanted = f"{needed} free {kind.upper()} slots" if needed > 1 else f"a free {kind.upper()} slot"
@@ -380,6 +393,8 @@ class Supervisor:
                 record = self.store.record(run_id)
                 config = record.config_dict() or {}
                 kind = record.status().get("device_kind") or job_device(config)
+                if unfinished_source(config, table):
+                    continue  # waits for its source run without holding back the others
                 if kind in waiting or not fits(taken.get(kind, 0), slots_needed(config), limits.get(kind, 1)):
                     waiting.add(kind)
                     continue

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -304,3 +305,34 @@ def test_an_owner_on_another_host_is_never_judged_from_here(store):
                          owner={"pid": 999999, "start": 1.0, "host": "some-other-machine"})
     assert not jobs.owner_gone(record.status())
     assert jobs.cancel_orphans(store) == []
+
+
+def test_a_run_that_starts_from_an_unfinished_run_waits_for_it_without_holding_back_others(tmp_path, monkeypatch):
+    """The supervisor's pass with the start of each process replaced by a stand-in: a fine-tune queued
+    with 2 free slots must not start while the run it initialises from is still training."""
+    monkeypatch.setenv("CIFAR_LAB_SLOTS_CPU", "2")
+    store = RunStore(tmp_path)
+    launched = []
+
+    def popen(cmd, **kwargs):
+        launched.append(store.record(cmd[cmd.index("--resume") + 1]).config_dict()["name"])
+        return SimpleNamespace(pid=os.getpid(), poll=lambda: None)
+
+    monkeypatch.setattr(jobs, "subprocess", SimpleNamespace(Popen=popen, STDOUT=subprocess.STDOUT,
+                                                            DEVNULL=subprocess.DEVNULL))
+
+    def queued(name: str, **changes):
+        record = store.create(RunConfig(model="lenet", name=name, **changes).validated())
+        record.update_status(device_kind="cpu")
+        return record
+
+    pretext = queued("pretext")
+    finetune = queued("finetune", init_run=pretext.run_id)
+    queued("other")
+    supervisor = jobs.Supervisor(store)
+    supervisor.tick()
+    assert launched == ["pretext", "other"]  # the fine-tune waits; the later run takes the free slot
+    assert jobs.queue_wait(store, finetune.run_id).startswith(f"run {pretext.run_id}, which it starts from, to complete")
+    pretext.update_status(state="completed")
+    supervisor.tick()
+    assert launched == ["pretext", "other", "finetune"]
