@@ -145,7 +145,8 @@ def test_real_trials_are_queued_runs_pruned_through_the_cancel_path(runs, monkey
     """Three tiny trials on one worker: each an ordinary run tagged with its trial; the pruner's verdict
     (forced for trial 2 here, the sampled values decide otherwise) cancels the run and marks it pruned."""
     monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: trial.number == 2)
-    spec = search.SearchSpec(base=base(epochs=3).to_dict(), space={"lr": {"low": 0.05, "high": 0.5, "log": True},
+    monkeypatch.setattr(search, "POLL_SECONDS", 0.1)  # the cancel reaches the run long before its 3rd epoch
+    spec = search.SearchSpec(base=base(epochs=3, per_class=60).to_dict(), space={"lr": {"low": 0.05, "high": 0.5, "log": True},
                                                                    "augment.hflip": {}},
                              trials=3, pruner="median")
     storage = search.start_search("real", spec, runs)
@@ -266,3 +267,19 @@ def test_trial_0_is_the_fixed_config_itself_when_it_lies_in_the_space(tmp_path):
     narrowed = {"lr": {"low": 0.3, "high": 0.5}}  # the fixed lr (0.2) is outside: no baseline trial
     search.create_search("nobase", search.SearchSpec(base=base().to_dict(), space=narrowed), storage)
     assert optuna.load_study(study_name="nobase", storage=storage).trials == []
+
+
+def test_a_trial_whose_run_finishes_before_the_pruners_cancel_counts_as_complete(runs, monkeypatch):
+    """The pruner stops trial 1, but its run completes before the cancel reaches it (here the cancel is
+    lost on purpose): the trial is complete with its final value, and its run is not marked pruned."""
+    monkeypatch.setattr(optuna.pruners.MedianPruner, "prune", lambda self, study, trial: trial.number == 1)
+    monkeypatch.setattr(search, "cancel", lambda run_id, store: "cancelling")
+    monkeypatch.setattr(search, "POLL_SECONDS", 0.1)
+    spec = search.SearchSpec(base=base(epochs=2).to_dict(), space={"lr": {"low": 0.05, "high": 0.5, "log": True}},
+                             trials=2, pruner="median")
+    storage = search.start_search("late", spec, runs)
+    assert search.SearchWorker(runs, "late", storage, log=lambda _: None).run() == "2 trials reached"
+    study, _ = search.load_search("late", storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    status = runs.record(study.trials[1].user_attrs["run_id"]).status()
+    assert status["state"] == "completed" and not status.get("pruned")

@@ -673,7 +673,12 @@ class SearchWorker:
                 epoch = max(reported)
                 record.update_status(pruned={"study": self.study_name, "trial": trial.number, "epoch": epoch})
                 cancel(record.run_id, self.store)
-                if _wait_final(record, timeout=60).get("state") == "cancelled":
+                final = _wait_final(record, timeout=60).get("state")
+                if final == "completed":  # it finished before the cancel reached it: its full result counts
+                    record.update_status(pruned=None)
+                    self.log(f"trial {trial.number}: finished before the pruner's cancel reached it")
+                    continue
+                if final == "cancelled":
                     record.update_status(error=f"pruned by search {self.study_name} (trial {trial.number}) after "
                                                f"epoch {epoch}: its validation accuracy trailed the other trials'")
                 self.log(f"trial {trial.number}: pruned after epoch {epoch}")
