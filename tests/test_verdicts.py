@@ -193,3 +193,33 @@ def test_samplers_too_few_and_untestable():
     assert "needs the strategy 'none'" in verdicts.verdict(only_none).summary
     with pytest.raises(ConfigError, match="no verdict"):
         verdicts.verdict(frame([], "nope", []))
+
+
+# ---- few_labels -------------------------------------------------------------------------------------
+def few_labels_frame(accs: dict[str, list[float]], states=None) -> pd.DataFrame:
+    rows = [run({"method": method}, seed, acc, (states or {}).get((method, seed), "completed"))
+            for method, by_seed in accs.items() for seed, acc in enumerate(by_seed)]
+    return frame(rows, "few_labels", ["method"])
+
+
+def test_few_labels_held_when_every_method_beats_supervised_and_the_pretext_run_is_left_out():
+    v = verdicts.verdict(few_labels_frame({"supervised": [0.40, 0.42, 0.41], "fixmatch": [0.50, 0.53, 0.51],
+                                           "rotation pretext": [0.10, 0.10, 0.10],
+                                           "fine-tune from rotation": [0.45, 0.46, 0.46]}))
+    assert v.outcome == HELD and [r["comparison"] for r in v.rows] == ["fixmatch − supervised",
+                                                                      "fine-tune from rotation − supervised"]
+    assert "fixmatch: +10.3" in v.summary
+
+
+def test_few_labels_not_held_names_the_methods_that_did_not_beat_supervised():
+    v = verdicts.verdict(few_labels_frame({"supervised": [0.40, 0.42, 0.41], "fixmatch": [0.50, 0.53, 0.51],
+                                           "mixmatch": [0.41, 0.40, 0.42]}))
+    assert v.outcome == NOT_HELD and "1 of 2 methods" in v.summary and "only fixmatch did" in v.summary
+    assert v.rows[1]["effect"] == "within the seed noise"
+
+
+def test_few_labels_too_few_and_untestable():
+    v = verdicts.verdict(few_labels_frame({"supervised": [0.4, 0.4, 0.4], "fixmatch": [0.5, 0.5, None]},
+                                          states={("fixmatch", 2): "running"}))
+    assert v.outcome == TOO_FEW and v.runs_needed == 1 and "still queued or running" in v.summary
+    assert verdicts.verdict(few_labels_frame({"fixmatch": [0.5, 0.5, 0.5]})).outcome == TOO_FEW

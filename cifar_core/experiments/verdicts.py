@@ -20,6 +20,9 @@ differences does, so a small real effect can read as "did not hold": the numbers
 - samplers: each strategy against ``none``: balanced accuracy, and the recall moved to the small
   classes (per seed: the mean recall change of the 5 classes with the fewest training images minus
   that of the other 5). Held when every strategy moved recall to the small classes.
+- few_labels: each method's test accuracy minus supervised-only's (the rotation pretext's own run is
+  not a classifier and is left out; the fine-tune from it is compared). Held when every method is
+  above supervised.
 """
 from __future__ import annotations
 
@@ -321,4 +324,42 @@ def _text_of(row: dict) -> str:
             f"{row['95 % CI high']:+.1f})")
 
 
-VERDICTS = {"bn_vs_gn": bn_vs_gn, "samplers": samplers, "ablation": ablation}
+# ---- few_labels ----------------------------------------------------------------------------------
+
+FEW_LABELS_CLAIM = ("With the same few labels and labeled steps, learning from the unlabeled images too "
+                    "beats supervised-only training (every semi-supervised method, and the fine-tune "
+                    "from the rotation pretext, above supervised).")
+FEW_LABELS_BASELINE = "supervised"
+FEW_LABELS_PRETEXT = "rotation pretext"  # its test accuracy is not a classifier's: never compared
+
+
+def few_labels(df) -> Verdict:
+    metric = "test_acc"
+    methods = [m for m in dict.fromkeys(df["method"]) if m != FEW_LABELS_PRETEXT] if "method" in df else []
+    others = [m for m in methods if m != FEW_LABELS_BASELINE]
+    if FEW_LABELS_BASELINE not in methods or not others:
+        return Verdict("few_labels", TOO_FEW, FEW_LABELS_CLAIM,
+                       "This study cannot test the claim: it needs the supervised method and at least one "
+                       "method that also learns from unlabeled images.")
+    done = _finished(df, metric)
+    cells = [{"method": m} for m in methods]
+    seeds, needed, pending = _paired_seeds(df, done, cells, metric)
+    if needed:
+        return _too_few("few_labels", FEW_LABELS_CLAIM, "every method with supervised", needed, pending,
+                        _planned_seeds(df))
+    gains = {m: _paired_difference(done, {"method": m}, {"method": FEW_LABELS_BASELINE}, metric, seeds)
+             for m in others}
+    ahead = [m for m in others if gains[m].above_zero]
+    lines = "; ".join(f"{m}: {gains[m].text()}" for m in others)
+    held = len(ahead) == len(others)
+    if held:
+        summary = f"Every method beat supervised-only training (test accuracy − supervised's): {lines}."
+    else:
+        which = f"only {', '.join(ahead)} did" if ahead else "none of them did"
+        summary = (f"{len(ahead)} of {len(others)} methods beat supervised-only training beyond the seed noise "
+                   f"({which}); test accuracy − supervised's: {lines}.")
+    rows = tuple(_row(f"{m} − supervised", gains[m], effect=_effect(gains[m])) for m in others)
+    return Verdict("few_labels", HELD if held else NOT_HELD, FEW_LABELS_CLAIM, summary, rows)
+
+
+VERDICTS = {"bn_vs_gn": bn_vs_gn, "samplers": samplers, "ablation": ablation, "few_labels": few_labels}
