@@ -23,6 +23,9 @@ PAGES = (
     ("pages/8_Search.py", "Search", "Search", ":material/travel_explore:",
      "AutoML over the tricks: an Optuna search whose trials are background runs, followed live, with "
      "pruning, parameter importances and the best config trained fully"),
+    ("pages/9_Active_learning.py", "Active learning", "Active_learning", ":material/touch_app:",
+     "which images are worth labelling: query strategies in rounds of training, learning curves per "
+     "strategy, and labelling the picked images yourself"),
     ("pages/7_Imbalance.py", "Imbalance", "Imbalance", ":material/balance:",
      "the class-imbalance lab: imbalanced training sets, balancing strategies side by side, threshold "
      "moving on any finished run, cRT and EasyEnsemble"),

@@ -1,5 +1,5 @@
 """Command line: `python -m cifar_core train|submit|split|crt|ensemble|ensemble-result|search|search-worker|
-search-report|cancel|runs|tensorboard|export|predict|data|describe`.
+search-report|active|active-worker|active-report|cancel|runs|tensorboard|export|predict|data|describe`.
 
 The train flags are generated from RunConfig's declarations, one flag per field, so the CLI, the
 app's form and config.json can never drift apart.
@@ -43,8 +43,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"parameters of the chosen {f.metadata['registry']}: 'k=v,k=v' or JSON")
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    data = {}
+def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> RunConfig:
+    """The config of the train flags: `defaults` (RunConfig's when None), else the --preset, then --config,
+    then each flag given."""
+    data = dict(defaults or {})
     if getattr(args, "preset", None):
         from .experiments.presets import preset
         data = preset(args.preset)
@@ -69,6 +71,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, f.name, None)
         if value is None:
             continue
+        if (f.name in RunConfig.registries() and value != data.get(f.name)
+                and getattr(args, f"{f.name}_params", None) is None):
+            data.pop(f"{f.name}_params", None)  # another entry than the defaults' or preset's: its own options
         if f.name == "augment":
             value = parse_augment(value)
         elif "registry" in f.metadata:
@@ -271,9 +276,10 @@ def cmd_cancel(args) -> int:
 def cmd_split(args) -> int:
     from .data import load_cifar10
     from .engine.prepare import run_split, split_counts
+    from .runs import RunStore
     cfg = config_from_args(args)
     arrays = load_cifar10(args.data)
-    print(json.dumps(split_counts(run_split(cfg, arrays.y_train)), indent=2))
+    print(json.dumps(split_counts(run_split(cfg, arrays.y_train, RunStore(args.runs_root))), indent=2))
     return 0
 
 
@@ -353,6 +359,52 @@ def cmd_search_report(args) -> int:
     return 0
 
 
+def cmd_active(args) -> int:
+    from .experiments.active_loop import ROUND_DEFAULTS, LoopSpec, launch_worker, start_loop
+    from .runs import RunStore
+    store = RunStore(args.runs_root)
+    loop_id = args.loop or time.strftime("active-%Y%m%d-%H%M%S")
+    validate_id(loop_id, "active-learning loop id")
+    cfg = config_from_args(args, defaults=ROUND_DEFAULTS)
+    spec = LoopSpec(base=cfg.to_dict(), strategy=args.strategy, strategy_params=parse_kv(args.strategy_params or ""),
+                    initial=args.initial, per_round=args.per_round, rounds=args.rounds, seed=cfg.seed,
+                    labeller=args.labeller)
+    loop = start_loop(loop_id, spec, store, data_source=args.data)  # checks the definition against the data
+    print(f"active-learning loop {loop_id}: {loop.spec.strategy}, {loop.spec.initial:,} + {loop.spec.rounds - 1} × "
+          f"{loop.spec.per_round:,} labels, {loop.spec.labeller} labeller", flush=True)
+    if args.detach:
+        pid = launch_worker(store, loop_id)
+        print(f"worker pid {pid}" if pid else "a worker already runs this loop")
+        return 0
+    return run_active_worker(store, loop_id, args.data)
+
+
+def run_active_worker(store, loop_id: str, data_source: str | None) -> int:
+    from .experiments.active_loop import AWAITING, FAILED, curve_text, loop_report, run_worker
+    state = run_worker(store, loop_id, data_source, log=lambda text: print(text, flush=True))
+    print(f"active worker done: {state}")
+    if state == AWAITING:
+        print("label the picked images on the Active learning page (it starts a worker again when they are "
+              f"submitted), or run `python -m cifar_core active-worker --loop {loop_id}` after submitting them")
+    print(curve_text(loop_report(store, loop_id)))
+    return 1 if state == FAILED else 0
+
+
+def cmd_active_worker(args) -> int:
+    from .runs import RunStore
+    validate_id(args.loop, "active-learning loop id")
+    return run_active_worker(RunStore(args.runs_root), args.loop, args.data)
+
+
+def cmd_active_report(args) -> int:
+    from .experiments.active_loop import curve_text, loop_report
+    from .runs import RunStore
+    validate_id(args.loop, "active-learning loop id")
+    report = loop_report(RunStore(args.runs_root), args.loop)
+    print(json.dumps(report, indent=2) if args.json else curve_text(report))
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import load_cifar10
     started = time.time()
@@ -368,13 +420,15 @@ def cmd_describe(args) -> int:
     from .experiments.search import PRUNERS, SAMPLERS
     from .imbalance import BALANCING
     from .data import IMBALANCE
+    from .engine import OBJECTIVES
     from .models import MODELS
     from .schedules import SCHEDULES
     out = {"config": {name: p.to_dict() for name, p in RunConfig.scalar_params().items()},
            "models": MODELS.describe(), "augmentations": AUGMENTATIONS.describe(),
            "schedules": SCHEDULES.describe(), "imbalance": IMBALANCE.describe(),
            "balance": BALANCING.describe(), "search_samplers": SAMPLERS.describe(),
-           "search_pruners": PRUNERS.describe(), "query_strategies": QUERY_STRATEGIES.describe()}
+           "search_pruners": PRUNERS.describe(), "query_strategies": QUERY_STRATEGIES.describe(),
+           "objectives": OBJECTIVES.describe()}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -568,6 +622,41 @@ def build_parser() -> argparse.ArgumentParser:
                                help="with --train-best: give the validation images back to training")
     search_report.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
     search_report.set_defaults(func=cmd_search_report)
+
+    active = sub.add_parser(
+        "active", help="an active-learning loop: rounds of background runs, each on more labels picked by a query "
+                       "strategy (train flags set the per-round training config)",
+        description="Round 0 trains on --initial labels (the same number per class); after each round its model "
+                    "scores the unlabeled pool, the strategy picks --per-round images, their labels are revealed "
+                    "(--labeller oracle) or given by a person on the Active learning page (human), and the next "
+                    "round trains on them too. Without train flags a round trains the half-width fast net for 8 "
+                    "epochs on the full training pool. Runs here until done (--detach: in a background worker).")
+    active.add_argument("--strategy", default="margin",
+                        help="query strategy: random, least_confidence, margin (default), entropy, coreset, badge, "
+                             "typiclust (python -m cifar_core describe: query_strategies)")
+    active.add_argument("--strategy-params", default=None, help="the strategy's options: 'k=v,k=v' or JSON")
+    active.add_argument("--initial", type=int, default=1000, help="labels of round 0, a multiple of 10 (default 1000)")
+    active.add_argument("--per-round", type=int, default=1000, help="labels each later round adds (default 1000)")
+    active.add_argument("--rounds", type=int, default=10, help="training rounds, round 0 included (default 10)")
+    active.add_argument("--labeller", default="oracle", help="oracle (CIFAR-10's labels, default) or human")
+    active.add_argument("--loop", default=None, help="loop id (default: active-<date>-<time>); the same id and "
+                                                      "definition continues a loop")
+    active.add_argument("--detach", action="store_true", help="work in a background worker; print and return")
+    add_config_source_flags(active)
+    add_config_flags(active)
+    active.set_defaults(func=cmd_active)
+
+    active_worker = sub.add_parser("active-worker", help="run an active-learning loop until it completes, fails "
+                                                         "or waits for a person's labels")
+    active_worker.add_argument("--loop", required=True)
+    active_worker.add_argument("--data", default=None, help="CIFAR-10 .npz or offline folder")
+    active_worker.set_defaults(func=cmd_active_worker)
+
+    active_report = sub.add_parser("active-report", help="an active-learning loop's learning curve: test accuracy "
+                                                         "against the number of labels")
+    active_report.add_argument("--loop", required=True)
+    active_report.add_argument("--json", action="store_true", help="print the report as JSON")
+    active_report.set_defaults(func=cmd_active_report)
 
     worker = sub.add_parser("worker", help="the job supervisor (started automatically)")
     worker.add_argument("--idle-exit", type=float, default=None,

@@ -20,6 +20,11 @@ MAX_NPROC = 64  # processes of one run on one machine (`nproc`)
 # checks both lists agree). Semi-supervised objectives also learn from the unlabeled pool that
 # label_budget leaves; a pretext (self-supervised) objective learns from unlabeled images only.
 OBJECTIVE_NAMES = ("supervised", "pseudo_label", "mixmatch", "fixmatch", "flexmatch", "rotation")
+SEMI_SUPERVISED_OBJECTIVES = ("pseudo_label", "mixmatch", "fixmatch", "flexmatch")  # engine/semisup.py
+THRESHOLD_OBJECTIVES = ("pseudo_label", "fixmatch", "flexmatch")  # train on confident pseudo-labels only
+# Self-supervised pretexts (engine/pretext.py): they learn from images alone, their head learns the pretext
+# (a run initialised from one re-initialises its head), so their 10-class test accuracy means nothing.
+PRETEXT_OBJECTIVES = ("rotation",)
 SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evaluation", "semi", "distill",
             "speed")
 # Where the form shows them: architecture in "model", what fights overfitting (weight decay, smoothing,
@@ -97,6 +102,12 @@ class RunConfig:
     label_budget: int = _p("data", Param("label_budget", "int", 0, 0, 50000,
                                          help="Keep only this many labels (0 = all labeled)."),
                            "Labeled images")
+    label_set: str = _p("data", Param("label_set", "str", "",
+                                      help="LOOP/ROUND: train on exactly the labeled images of round ROUND of the "
+                                           "active-learning loop LOOP (the label set it wrote in "
+                                           "<runs>/.active/LOOP/round-ROUND.json, with their labels, a person's "
+                                           "included); the rest of the training pool is unlabeled. Empty: "
+                                           "label_budget decides."), "Active-learning label set (loop/round)")
     balance: str = _p("data", Param("balance", "str", "none"), "Balancing")
     balance_params: dict = _reg("data", "balance", "Balancing options", owner="balance")
     # augmentation chain: [{"name": ..., "params": {...}, "p": 0.5}, ...]
@@ -176,6 +187,40 @@ class RunConfig:
                                            "pool label_budget leaves (semi-supervised); rotation = a "
                                            "self-supervised pretext on unlabeled images, whose encoder "
                                            "another run starts from (init_run)."), "Objective")
+    ssl_threshold: float = _p("semi", Param(
+        "ssl_threshold", "float", 0.95, 0.0, 1.0,
+        help="pseudo_label, fixmatch, flexmatch: an unlabeled image is trained on only when the model's top "
+             "probability on its weak view reaches this confidence τ (FixMatch: 0.95; flexmatch lowers it "
+             "per class by how well the class is learned)."), "Confidence threshold (τ)")
+    ssl_unlabeled_ratio: int = _p("semi", Param(
+        "ssl_unlabeled_ratio", "int", 7, 1, 64,
+        help="Unlabeled images drawn per step, as a multiple μ of the labeled batch (FixMatch: 7; the "
+             "MixMatch paper: 1, and each of them is seen mixmatch_k times)."), "Unlabeled per labeled (μ)")
+    ssl_weight: float = _p("semi", Param(
+        "ssl_weight", "float", 1.0, 0.0, 100.0,
+        help="pseudo_label, fixmatch, flexmatch: weight λ_u of the unlabeled loss (FixMatch: 1)."),
+        "Unlabeled loss weight (λᵤ)")
+    ssl_rampup: float = _p("semi", Param(
+        "ssl_rampup", "float", 0.0, 0.0, 1.0,
+        help="Share of training over which the unlabeled loss weight grows linearly from 0 to its value "
+             "(0 = full weight from the first step; MixMatch ramps it up)."), "Unlabeled weight ramp-up")
+    mixmatch_k: int = _p("semi", Param(
+        "mixmatch_k", "int", 2, 1, 8,
+        help="mixmatch: augmentations K of each unlabeled image whose predictions are averaged into its "
+             "guessed label (MixMatch: 2)."), "Augmentations per unlabeled image (K)")
+    mixmatch_temperature: float = _p("semi", Param(
+        "mixmatch_temperature", "float", 0.5, 0.01, 1.0,
+        help="mixmatch: sharpening temperature T of the guessed labels, p^(1/T) renormalized (1 = none)."),
+        "Sharpening temperature (T)")
+    mixmatch_alpha: float = _p("semi", Param(
+        "mixmatch_alpha", "float", 0.75, 0.0, 4.0,
+        help="mixmatch: MixUp weight λ ~ Beta(α, α), kept as max(λ, 1 − λ) so each mix stays closer to its "
+             "own image (0 = no MixUp)."), "MixUp alpha (α)")
+    mixmatch_weight: float = _p("semi", Param(
+        "mixmatch_weight", "float", 75.0, 0.0, 1000.0,
+        help="mixmatch: weight λ_u of the L2 loss between the predictions and the mixed guessed labels "
+             "of the unlabeled part (a mean over images and classes, so it is small: the paper uses 75 "
+             "on CIFAR-10)."), "MixMatch unlabeled weight (λᵤ)")
     # knowledge distillation from a finished run (DeiT-style)
     distill: str = _p("distill", Param("distill", "choice", "none", choices=("none", "hard", "soft"),
                                        help="Learn from a finished run's predictions too: hard = cross-entropy "
@@ -305,6 +350,10 @@ class RunConfig:
             raise ConfigError("label_budget must be a multiple of 10 (the same number per class)")
         if v["test_size"] % 10:
             raise ConfigError("test_size must be a multiple of 10 (the same number per class)")
+        if v["label_set"]:
+            parse_label_set(v["label_set"])
+            if v["label_budget"]:
+                raise ConfigError("label_set names the labeled images itself: set label_budget to 0")
         if v["subset"] == "random" and v["val_size"] >= v["subset_size"]:
             raise ConfigError(f"val_size {v['val_size']} leaves no training images out of "
                               f"subset_size {v['subset_size']}")
@@ -334,6 +383,8 @@ class RunConfig:
                               "finished run' list, or pass --init-run RUN_ID)")
         check_processes(v)
         check_muon(v)
+        check_label_budget(v)
+        check_pretext(v)
         if v["distill"] != "none" and v["objective"] != "supervised":
             raise ConfigError(f"distill={v['distill']} trains with the supervised objective; objective "
                               f"{v['objective']} cannot be combined with distillation")
@@ -479,8 +530,30 @@ APPLIES_WHEN = {
     "nesterov": ("optimizer", ("sgd", "muon")),
     "muon_lr": ("optimizer", ("muon",)),
     "muon_momentum": ("optimizer", ("muon",)),
+    "ssl_threshold": ("objective", THRESHOLD_OBJECTIVES),
+    "ssl_unlabeled_ratio": ("objective", SEMI_SUPERVISED_OBJECTIVES),
+    "ssl_weight": ("objective", THRESHOLD_OBJECTIVES),
+    "ssl_rampup": ("objective", SEMI_SUPERVISED_OBJECTIVES),
+    "mixmatch_k": ("objective", ("mixmatch",)),
+    "mixmatch_temperature": ("objective", ("mixmatch",)),
+    "mixmatch_alpha": ("objective", ("mixmatch",)),
+    "mixmatch_weight": ("objective", ("mixmatch",)),
 }
 ALWAYS_FLAGGED = ("model", "schedule")
+
+
+def parse_label_set(text: str) -> tuple[str, int]:
+    """(loop id, round) of a label_set value "LOOP/ROUND"; ConfigError otherwise (the id becomes a folder
+    name, the round a file name: nothing else gets in)."""
+    loop_id, slash, round_text = text.partition("/")
+    if not slash or not (round_text.isascii() and round_text.isdigit()) or len(round_text) > 6:
+        raise ConfigError(f"label_set: expected LOOP/ROUND, an active-learning loop id and a round number "
+                          f"(e.g. al-margin/3), got {text!r}")
+    try:
+        validate_id(loop_id, "active-learning loop id")
+    except ConfigError as exc:
+        raise ConfigError(f"label_set: {exc}") from None
+    return loop_id, int(round_text)
 
 
 def check_processes(v: dict) -> None:
@@ -500,6 +573,60 @@ def check_processes(v: dict) -> None:
     if v["sync_bn"] and v["device"] == "cpu":
         raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm synchronizes GPU tensors only (on the CPU, "
                           "turn it off: each process then normalizes with its own share of the batch)")
+
+
+def training_pool_size(v: dict) -> int:
+    """Training images the split leaves before imbalance and the label budget (pool minus validation)."""
+    pool = {"full": 50000, "random": v["subset_size"], "per_class": 10 * v["per_class"]}[v["subset"]]
+    return pool - v["val_size"]
+
+
+def check_label_budget(v: dict) -> None:
+    """A semi-supervised objective learns from the images label_budget leaves unlabeled: it needs some."""
+    if v["objective"] in SEMI_SUPERVISED_OBJECTIVES and v["nproc"] > 1:
+        # every rank would draw the same unlabeled images, and a rank whose batch has no confident image
+        # has no pseudo-label accuracy to add to the others' sum
+        raise ConfigError(f"objective {v['objective']} trains in one process for now: set nproc to 1")
+    if v["objective"] not in SEMI_SUPERVISED_OBJECTIVES or v.get("label_set"):
+        return  # an active-learning label set labels some of the pool, the rest stays unlabeled
+    pool = training_pool_size(v)
+    if not v["label_budget"]:
+        raise ConfigError(f"objective {v['objective']} learns from unlabeled images too, and label_budget 0 labels "
+                          "every training image: set --label-budget to the number of labeled images to keep "
+                          "(e.g. 250 or 4000; the rest become the unlabeled pool)")
+    if v["label_budget"] >= pool:
+        raise ConfigError(f"objective {v['objective']} needs unlabeled images, but label_budget "
+                          f"{v['label_budget']} labels all {pool} training images: set --label-budget below "
+                          f"{pool} (e.g. 250 or 4000 of the full training set)")
+
+
+def check_pretext(v: dict) -> None:
+    """A pretext objective ignores labels and its head does not classify: options that use labels or test
+    the classifier are refused, and so are augmentations that make a rotation ambiguous (a flip upside down
+    is a 180° turn of the mirror image; a random rotation of 45° or more reaches the next quarter turn; a
+    blend of two images has two orientations)."""
+    objective = v["objective"]
+    if objective not in PRETEXT_OBJECTIVES:
+        return
+    if v["tta_flip"] or v["tta_translate"]:
+        raise ConfigError(f"objective {objective} is a self-supervised pretext: its 10-class test predictions "
+                          "mean nothing, so test-time augmentation only costs time: turn tta_flip and "
+                          "tta_translate off")
+    if v["balance"] != "none":
+        raise ConfigError(f"objective {objective} ignores the labels, so balancing the classes "
+                          f"(balance={v['balance']}) has nothing to balance: set balance to none")
+    from .augment import AUGMENTATIONS
+
+    for step in v["augment"]:
+        name = step.get("name")
+        entry = AUGMENTATIONS.entries.get(name)
+        ambiguous = (name == "vflip" or (entry is not None and "mix" in entry.tags)
+                     or (name == "rotation" and (step.get("params") or {}).get("degrees", 0) >= 45))
+        if ambiguous:
+            raise ConfigError(f"objective {objective} learns which way up an image is, and the augmentation "
+                              f"step {name} makes that ambiguous (an upside-down flip is a 180° turn of the "
+                              "mirror image, a random rotation of 45° or more reaches the next quarter turn, "
+                              "a mix of two images has two orientations): remove it from the chain")
 
 
 def check_muon(v: dict) -> None:

@@ -6,7 +6,6 @@ search itself is cifar_core.experiments.search; the charts and range widgets are
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import traceback
 
@@ -19,7 +18,7 @@ from cifar_core.experiments.presets import QUICK_PRESET, presets
 from cifar_core.params import ConfigError, Param, validate_id
 from ui import search_views as views
 from ui.common import data_source, data_status, friendly_errors, get_store
-from ui.forms import fingerprint, param_widget, registry_chooser, registry_params_form
+from ui.forms import config_json_editor, param_widget, registry_chooser, registry_params_form
 
 RUNS_PAGE = "pages/2_Runs.py"
 RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)
@@ -95,27 +94,10 @@ def fixed_config() -> RunConfig | None:
                                 chosen.get("val_size") or SEARCH_VAL, label="Validation images")
     seed = {**chosen, "subset": "random", "subset_size": subset_size, "val_size": val_size, "epochs": epochs,
             "eval_every": 1}
-    key, sig_key = f"{NEW}.json", f"{NEW}.json_sig"
-    if st.session_state.get(sig_key) != fingerprint(seed) or key not in st.session_state:
-        checked, _errors = RunConfig.checked(seed)  # shown below, when the text is read back
-        st.session_state[key] = json.dumps(checked.to_dict() if checked is not None else seed, indent=2)
-        st.session_state[sig_key] = fingerprint(seed)
-    with st.expander("The fixed config as JSON (edit any field)"):
-        st.caption("Every trial starts from this config and changes only the searched fields. It is evaluated "
-                   "every epoch so that the pruner can stop a trial early. Changing the preset or the numbers "
-                   "above starts this text over.")
-        text = st.text_area("Fixed config (JSON)", key=key, height=360, label_visibility="collapsed")
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        st.error(f"The fixed config is not valid JSON: {exc}")
-        return None
-    if not isinstance(values, dict):
-        st.error("The fixed config must be a JSON object of RunConfig fields.")
-        return None
-    cfg, errors = RunConfig.checked(values)
-    for message in errors:
-        st.error(f"Fixed config: {message}")
+    cfg, _ = config_json_editor(seed, NEW, "The fixed config",
+                                "Every trial starts from this config and changes only the searched fields. It is "
+                                "evaluated every epoch so that the pruner can stop a trial early. Changing the "
+                                "preset or the numbers above starts this text over.")
     if cfg is not None:
         st.caption(f"Fixed: **{cfg.model}**, {training_text(cfg.to_dict())}, {cfg.val_size:,} validation images, "
                    f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}; tricks: "

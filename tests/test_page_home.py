@@ -53,7 +53,7 @@ def test_navigation_keeps_the_page_urls_and_opens_the_pages(runs):
     assert not at.exception
     assert [t.value for t in at.title] == ["CIFAR-10 Lab"]  # Home is the default page
     links = [el.proto.page for el in at.get("page_link")]
-    assert links == ["Train", "Runs", "Compare", "Studies", "Search", "Imbalance", "Preview",
+    assert links == ["Train", "Runs", "Compare", "Studies", "Search", "Active_learning", "Imbalance", "Preview",
                      "Classify"]  # the browser's URLs
     at.switch_page("pages/3_Compare.py").run()
     assert not at.exception

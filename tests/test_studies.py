@@ -49,7 +49,7 @@ def measured_studies(cifar_npz, tmp_path_factory) -> RunStore:
 # ---- builders -------------------------------------------------------------------------------------
 
 def test_registry_declares_scale_and_params():
-    assert set(studies.STUDIES.names()) == {"bn_vs_gn", "samplers", "ablation"}
+    assert set(studies.STUDIES.names()) == {"bn_vs_gn", "samplers", "ablation", "few_labels"}
     for kind in studies.STUDIES.names():
         for scale in studies.SCALES:
             params = studies.study_params(kind, scale)
@@ -465,3 +465,82 @@ def test_training_counts_text_reads_the_first_finished_split(tmp_path):
     assert text.startswith("The training set keeps 500–1000 images per class")
     assert text.endswith("Seed 1: airplane 700, automobile 600 (1,300 images).")
     assert "Seed" not in studies.training_counts_text(store, df.iloc[:1], {})
+
+
+# ---- few labels ---------------------------------------------------------------------------------------
+
+def test_few_labels_cells_share_the_labels_and_steps():
+    built = studies.build_study("few_labels", {"scale": "cpu-quick"}, seeds=1)
+    methods = [cell["method"] for cell, _ in built]
+    assert methods == ["supervised", "pseudo_label", "mixmatch", "fixmatch", "rotation pretext",
+                       "fine-tune from rotation"]
+    by_method = {cell["method"]: cfg for cell, cfg in built}
+    few = [cfg for method, cfg in by_method.items() if method != "rotation pretext"]
+    assert {(c.label_budget, c.epochs, c.batch_size, c.lr, c.subset_size, c.test_size) for c in few} == {
+        (250, 3, 32, 0.05, 1000, 1000)}  # the same labels, labeled steps and test images for every method
+    assert [c.objective for c in few] == ["supervised", "pseudo_label", "mixmatch", "fixmatch", "supervised"]
+    pretext, finetune = by_method["rotation pretext"], by_method["fine-tune from rotation"]
+    assert (pretext.objective, pretext.label_budget, pretext.subset_size) == ("rotation", 0, 1000)  # the same pool
+    assert finetune.init_run == studies.cell_ref(studies.PRETEXT_CELL) == "cell-rotation-pretext"
+    assert finetune.init_mode == "finetune"
+    # from scratch is the supervised cell: the fine-tune differs only in where it starts
+    scratch = by_method["supervised"].to_dict()
+    assert {k: v for k, v in finetune.to_dict().items() if scratch[k] != v}.keys() == {"name", "init_run"}
+    cpu = studies.build_study("few_labels", {"scale": "cpu"})
+    assert len(cpu) == 3 * 6 and {cfg.model_params["width"] for _, cfg in cpu} == {0.5}
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"methods": "supervised,nope"}, "'nope' is not one of"),
+    ({"label_budget": 255}, "multiple of 10"),
+    ({"label_budget": 1000, "pool_size": 1000}, "leave unlabeled images"),
+])
+def test_few_labels_rejects_bad_input(params, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        studies.build_study("few_labels", {"scale": "cpu-quick", **params})
+
+
+def test_a_cell_reference_must_name_an_earlier_cell_of_the_same_seed():
+    built = studies.build_study("few_labels", {"scale": "cpu-quick", "methods": "rotation"}, seeds=2)
+    studies.check_cell_refs(built)
+    with pytest.raises(ConfigError, match="starts from cell-rotation-pretext, which is no cell built before"):
+        studies.check_cell_refs(built[1:])  # seed 0's fine-tune without its pretext
+
+
+def test_launching_gives_each_fine_tune_its_own_seeds_pretext(store, no_worker):
+    sid = studies.launch_study("few_labels", {"scale": "cpu-quick", "methods": "supervised,rotation"}, store,
+                               seeds=2)
+    runs = studies.read_manifest(store, sid)["runs"]
+    assert [r["cell"]["method"] for r in runs] == ["supervised", "rotation pretext", "fine-tune from rotation"] * 2
+    pretexts = {r["seed"]: r["run_id"] for r in runs if r["cell"]["method"] == "rotation pretext"}
+    for entry in runs:
+        cfg = store.record(entry["run_id"]).config()
+        if entry["cell"]["method"] == "fine-tune from rotation":
+            assert cfg.init_run == pretexts[entry["seed"]] and cfg.seed == entry["seed"]
+            created = store.record(entry["run_id"]).status()["created"]
+            assert created > store.record(cfg.init_run).status()["created"]  # queued after its source
+        else:
+            assert cfg.init_run == ""
+
+
+def test_few_labels_at_cpu_quick_trains_and_scores_the_pretext_by_its_probe(store, no_worker, cifar_npz):
+    """The study's runs as the job queue runs them (oldest first), in this process: supervised, the rotation
+    pretext and the fine-tune that starts from it (the semi-supervised objectives' runs are tested with them)."""
+    from cifar_core.engine import train_run
+
+    sid = studies.launch_study("few_labels", {"scale": "cpu-quick", "methods": "supervised,rotation",
+                                              "pool_size": 400, "test_size": 200}, store, data_source=str(cifar_npz))
+    for entry in studies.read_manifest(store, sid)["runs"]:
+        record = store.record(entry["run_id"])
+        train_run(record.config(), store, record.run_id, data_source=str(cifar_npz), resume=True)
+        assert record.state() == "completed", record.status()
+    df = studies.study_results(store, sid).set_index("method")
+    assert math.isnan(df.loc["rotation pretext", "test_acc"])  # its head learned rotations, not classes
+    assert 0.0 <= df.loc["rotation pretext", "linear_probe_acc"] <= 1.0
+    assert not [c for c in df.columns if c.startswith("recall_") and df.loc["rotation pretext", c] == df.loc[
+        "rotation pretext", c]]  # no per-class recall either
+    assert df.loc[["supervised", "fine-tune from rotation"], "test_acc"].notna().all()
+    summary = studies.summarize(studies.study_results(store, sid)).set_index("method")
+    assert summary.loc["rotation pretext", "linear_probe_acc_mean"] == df.loc["rotation pretext", "linear_probe_acc"]
+    finetune = store.record(df.loc["fine-tune from rotation", "run_id"]).status()["init_from"]
+    assert finetune["run_id"] == df.loc["rotation pretext", "run_id"] and finetune["pretext"] == "rotation"

@@ -532,3 +532,29 @@ def config_form(initial: RunConfig | dict | None, key: str, columns: int = 3) ->
                     registry, choice, f"{key}.{owner}_params.{choice}", start, columns=columns)
     # keep RunConfig's field order
     return {name: values[name] for name in init if name in values}
+
+
+def config_json_editor(seed: dict, key: str, what: str, caption: str) -> tuple[RunConfig | None, bool]:
+    """A run config as editable JSON in an expander, started over from `seed` whenever `seed` changes;
+    `what` names it in the messages ("The fixed config"). Returns (the validated config or None, whether
+    the text was readable); each problem is shown as its own error."""
+    text_key, sig_key = f"{key}.json", f"{key}.json_sig"
+    if st.session_state.get(sig_key) != fingerprint(seed) or text_key not in st.session_state:
+        checked, _errors = RunConfig.checked(seed)  # shown below, when the text is read back
+        st.session_state[text_key] = json.dumps(checked.to_dict() if checked is not None else seed, indent=2)
+        st.session_state[sig_key] = fingerprint(seed)
+    with st.expander(f"{what} as JSON (edit any field)"):
+        st.caption(caption)
+        text = st.text_area(f"{what} (JSON)", key=text_key, height=360, label_visibility="collapsed")
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        st.error(f"{what} is not valid JSON: {exc}")
+        return None, False
+    if not isinstance(values, dict):
+        st.error(f"{what} must be a JSON object of RunConfig fields.")
+        return None, False
+    cfg, errors = RunConfig.checked(values)
+    for message in errors:
+        st.error(f"{what}: {message}")
+    return cfg, True

@@ -2,7 +2,7 @@
 and the validation split."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -250,6 +250,23 @@ def label_budget(y, indices, k: int, seed: int, num_classes: int | None = None) 
     for g in groups:
         mask[rng.choice(g, size=per, replace=False)] = True
     return mask
+
+
+def with_label_set(split: "Split", y_train, indices) -> "Split":
+    """`split` with exactly `indices` (positions in the training set, e.g. an active-learning round's
+    label set) labeled in place of a label budget; the rest of its training pool unlabeled.
+    ConfigError when one of them is not in the split's training pool."""
+    y = _labels(y_train)
+    indices = np.asarray(indices, dtype=np.int64)
+    outside = indices[~np.isin(indices, split.train_idx)]
+    if len(outside):
+        raise ConfigError(f"label set: {len(outside)} of its {len(indices)} images are not in this run's training "
+                          f"pool (the first: training image {int(outside[0])}); the label set was drawn from "
+                          "another subset, validation hold-out or imbalance profile")
+    mask = np.isin(split.train_idx, indices)
+    return replace(split, labeled_mask=mask,
+                   labeled_counts=np.bincount(y[split.train_idx[mask]], minlength=len(split.train_counts)),
+                   notes=[*split.notes, f"labeled: the {int(mask.sum())} images of an active-learning label set"])
 
 
 # --------------------------------------------------------------------------------------------

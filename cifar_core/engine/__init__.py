@@ -4,7 +4,7 @@ lookahead; precision, clipping) · evaluation (TTA views, predict, report) · di
 from .evaluation import classification_report, evaluate, predict_logits, tta_views
 from .loop import StopTraining, Trainer, build_model, build_optimizer, train_run
 from .objectives import (OBJECTIVES, LabeledBatch, Objective, RunContext, StepContext, StepResult, draw_unlabeled,
-                         objective_for, objective_name, supervised_loss)
+                         objective_class, objective_for, objective_name, supervised_loss)
 from .prepare import Prepared, epoch_order, eval_transform, model_input, normalize, prepare
 from .rng import seeded_generator
 from .tricks import (EMA, AlternatingFlips, Lookahead, Trick, Tricks, alternating_flips, autocast_context,
@@ -13,7 +13,7 @@ from .tricks import (EMA, AlternatingFlips, Lookahead, Trick, Tricks, alternatin
 __all__ = ["classification_report", "evaluate", "predict_logits", "tta_views", "StopTraining", "Trainer",
            "build_model", "build_optimizer", "train_run",
            "OBJECTIVES", "LabeledBatch", "Objective", "RunContext", "StepContext", "StepResult", "draw_unlabeled",
-           "objective_for", "objective_name", "supervised_loss",
+           "objective_class", "objective_for", "objective_name", "supervised_loss",
            "Prepared", "epoch_order", "eval_transform", "model_input", "normalize", "prepare",
            "seeded_generator", "EMA", "AlternatingFlips", "Lookahead", "Trick", "Tricks", "alternating_flips",
            "autocast_context", "build_tricks", "clip_gradients", "effective_precision"]

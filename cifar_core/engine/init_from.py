@@ -13,6 +13,11 @@ depth, may differ: they change no weight). `init_mode` says what trains:
   Long-Tailed Recognition"): load, re-initialise the head, train only it. Kang et al. pair it with
   class-balanced sampling and a few epochs; `crt_config` builds that recipe from a finished run.
 
+A source that learned a self-supervised pretext (config.PRETEXT_OBJECTIVES: its objective, e.g. rotation)
+has a head that predicts the pretext's targets, not the classes: its head is not loaded but re-initialised,
+in every mode (finetune trains it with the rest, linear_probe trains only it), unless this run continues
+the same pretext. status.json's `init_from` says which (`pretext`, `head`).
+
 In the two frozen modes the feature extractor (everything outside the head) is frozen as a whole:
 its parameters get requires_grad False, so the optimizer never sees them (`build_optimizer` takes
 trainable parameters only) and weight decay cannot shrink them, and its modules stay in eval mode
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..config import INIT_MODES, MODEL_PARAM_SECTIONS, RunConfig
+from ..config import INIT_MODES, MODEL_PARAM_SECTIONS, PRETEXT_OBJECTIVES, RunConfig
 from ..models import MODELS, classifier_head
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore
@@ -42,7 +47,8 @@ from .checkpoints import (FINISHED_ORDER, Checkpoint, CheckpointError, finished_
                           weights_sources)
 
 __all__ = ["INIT_MODES", "InitSource", "check_init_run", "load_init_source", "init_candidates",
-           "freeze_all_but_head", "keep_in_eval", "architecture_params", "crt_config", "crt_epochs"]
+           "freeze_all_but_head", "keep_in_eval", "architecture_params", "crt_config", "crt_epochs",
+           "pretext_of"]
 
 CRT_BALANCE = "class_balanced_sampling"  # Kang et al.'s sampler for the classifier stage
 
@@ -72,6 +78,12 @@ def check_same_model(run_id: str, source_model: str, source_params: dict | None,
                           "options (set model and model options to the source's, or pick another run)")
 
 
+def pretext_of(config: dict | None) -> str | None:
+    """The self-supervised pretext a run's config dict trained (its objective), or None."""
+    objective = config.get("objective") if isinstance(config, dict) else None
+    return objective if objective in PRETEXT_OBJECTIVES else None
+
+
 def check_init_run(store: RunStore, cfg: RunConfig, run_id: str | None = None) -> RunRecord:
     """The source run's record, or ConfigError saying why this run cannot start from it (itself,
     missing, unfinished, no checkpoint, another model). Cheap: reads config.json and status.json only
@@ -86,8 +98,9 @@ def check_init_run(store: RunStore, cfg: RunConfig, run_id: str | None = None) -
 
 
 def init_candidates(store: RunStore, model: str | None = None, model_params: dict | None = None) -> list[dict]:
-    """Completed runs with a checkpoint, newest first: [{run_id, name, model, test_acc, fits}]; `fits`:
-    whether its weights fit `model` with `model_params` (None without a model, or when they are invalid)."""
+    """Completed runs with a checkpoint, newest first: [{run_id, name, model, test_acc, fits, pretext}];
+    `fits`: whether its weights fit `model` with `model_params` (None without a model, or when they are
+    invalid); `pretext`: the self-supervised pretext it learned (its test_acc then means nothing), or None."""
     out = []
     for record, status, config in weights_sources(store):
         fits = None
@@ -104,7 +117,7 @@ def init_candidates(store: RunStore, model: str | None = None, model_params: dic
                 except ConfigError:
                     fits = False
         out.append({"run_id": record.run_id, "name": config.get("name", ""), "model": config.get("model", "?"),
-                    "test_acc": status.get("test_acc"), "fits": fits})
+                    "test_acc": status.get("test_acc"), "fits": fits, "pretext": pretext_of(config)})
     return out
 
 
@@ -151,19 +164,36 @@ class InitSource:
     run_id: str
     mode: str
     checkpoint: Checkpoint
-    test_acc: float | None = None
+    test_acc: float | None = None     # the source's (None for a pretext source: its head did not classify)
+    pretext: str | None = None        # the pretext the source learned, when its head is not loaded for it
+    linear_probe_acc: float | None = None  # a pretext source's linear-probe accuracy
+
+    @property
+    def reinitialises_head(self) -> bool:
+        return self.mode == "crt" or self.pretext is not None
+
+    @property
+    def head(self) -> str:
+        """Where the head's initial weights come from, in words."""
+        if self.pretext is not None:
+            return f"re-initialised (the source learned the {self.pretext} pretext, not the classes)"
+        return "re-initialised (cRT)" if self.mode == "crt" else "loaded from the source"
 
     @property
     def info(self) -> dict:
         """What status.json records under `init_from`."""
         ckpt = self.checkpoint
-        return {"run_id": self.run_id, "mode": self.mode, "checkpoint": ckpt.path.name,
+        info = {"run_id": self.run_id, "mode": self.mode, "checkpoint": ckpt.path.name,
                 "weights": ckpt.evaluation_weights()[1], "step": ckpt.step, "fallback": ckpt.fallback,
-                "test_acc": self.test_acc}
+                "test_acc": self.test_acc, "head": self.head}
+        if self.pretext is not None:
+            info.update(pretext=self.pretext, linear_probe_acc=self.linear_probe_acc)
+        return info
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Load the source's weights into `model` (on the CPU, before it moves to the device) and freeze
-        it as the mode says; crt gives the head back the values it was built with (this run's seed)."""
+        it as the mode says; crt, and any mode from a pretext source, give the head back the values it was
+        built with (this run's seed)."""
         head = classifier_head(model)
         fresh_head = {k: v.clone() for k, v in head.state_dict().items()}
         state, _ = self.checkpoint.evaluation_weights()
@@ -172,7 +202,7 @@ class InitSource:
         except RuntimeError as exc:
             raise CheckpointError(f"init_run {self.run_id}: {self.checkpoint.path.name} does not fit this "
                                   f"model: {exc}") from None
-        if self.mode == "crt":
+        if self.reinitialises_head:
             head.load_state_dict(fresh_head)
         if self.mode in ("linear_probe", "crt"):
             freeze_all_but_head(model)
@@ -194,7 +224,11 @@ def load_init_source(store: RunStore, cfg: RunConfig, run_id: str | None = None)
         raise CheckpointError(f"init_run {cfg.init_run}: its checkpoint has no {exc} entry") from None
     except CheckpointError as exc:
         raise CheckpointError(f"init_run {cfg.init_run} cannot be loaded: {exc}") from None
-    return InitSource(cfg.init_run, cfg.init_mode, ckpt, record.status().get("test_acc"))
+    status = record.status()
+    pretext = pretext_of(record.config_dict())
+    if pretext is None or pretext == cfg.objective:  # continuing the same pretext keeps its head
+        return InitSource(cfg.init_run, cfg.init_mode, ckpt, status.get("test_acc"))
+    return InitSource(cfg.init_run, cfg.init_mode, ckpt, None, pretext, status.get("linear_probe_acc"))
 
 
 
@@ -210,12 +244,13 @@ def crt_config(store: RunStore, run_id: str, epochs: int | None = None) -> RunCo
     """The classifier re-training run of finished run `run_id`: its data, split, seed, model,
     augmentation and optimizer, with init_run = it, init_mode crt, class-balanced sampling (in place
     of its balancing) and a short cosine schedule without warm-up, EMA or lookahead (their averages
-    would lag behind so few steps) or distillation. ConfigError when the run cannot be a source."""
+    would lag behind so few steps) or distillation, with the supervised objective (the head learns the
+    labeled images' classes, whatever the source learned from). ConfigError when the run cannot be a source."""
     source = RunConfig.from_dict(store.config_dict_of(run_id))
     n_epochs = crt_epochs(source.epochs) if epochs is None else epochs
     cfg = source.replace(name=f"crt {source.name or run_id}"[:80], init_run=run_id, init_mode="crt",
                          balance=CRT_BALANCE, balance_params={}, epochs=n_epochs, time_limit_min=0.0,
                          schedule="cosine", schedule_params={}, ema_decay=0.0, lookahead_every=0,
-                         distill="none", teacher_run="")
+                         distill="none", teacher_run="", objective="supervised")
     check_init_run(store, cfg)
     return cfg

@@ -53,6 +53,8 @@ from .distributed import (Ranks, ReadOnlyRecord, check_world, close_distributed,
 from .evaluation import evaluate, logits_report, predict_logits
 from .init_from import InitSource, load_init_source
 from .muon import MuonSGD
+from . import semisup  # noqa: F401  (registers pseudo_label, fixmatch, flexmatch, mixmatch in OBJECTIVES)
+from . import pretext  # noqa: F401  (registers the rotation pretext in OBJECTIVES)
 from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
 from .prepare import Prepared, epoch_order, model_input, normalize, prepare
 from .rng import (AUGMENTATION, INIT_SAMPLE, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,

@@ -86,6 +86,12 @@ class Objective:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
+    @classmethod
+    def images_per_labeled(cls, cfg: RunConfig) -> float:
+        """Images a step trains on per labeled image of its batch, forward-only passes counted as a
+        third (the run's duration estimate scales the supervised step by it)."""
+        return 1.0
+
     def setup(self, run: RunContext) -> None:
         """Once per run, before the data is loaded."""
 
@@ -204,6 +210,10 @@ class Distill(Objective):
 
 def objective_name(cfg: RunConfig) -> str:
     return "distill" if cfg.distill != "none" else cfg.objective
+
+
+def objective_class(cfg: RunConfig) -> type[Objective]:
+    return OBJECTIVES.get(objective_name(cfg)).fn
 
 
 def objective_for(cfg: RunConfig) -> Objective:

@@ -5,22 +5,28 @@ A balancing strategy that synthesises images (SMOTE) returns them with the plan;
 to the training images after the labeled pool (training images only: never evaluated), and the split
 summary says how many. Strategies that measure distances in a finished run's feature space get the
 features computed here (engine.features), from the run named by their `feature_run` parameter.
+
+A run with a `label_set` (an active-learning round) trains on exactly that label set's images with
+its labels (a person's may differ from CIFAR-10's); the file is <runs>/.active/<loop>/round-<k>.json.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..augment import AugmentChain
-from ..config import RunConfig
+from ..config import RunConfig, parse_label_set
 from ..data import (CIFAR_MEAN, CIFAR_STD, NUM_CLASSES, Split, build_split, load_cifar10, per_class_subset,
                     to_device_tensors)
+from ..data.split import with_label_set
 from ..devices import resolve_device
 from ..imbalance import BalancePlan, build_balance_plan
 from ..imbalance.strategies import feature_run_of
-from ..runs import RunStore
+from ..params import ConfigError
+from ..runs import RunStore, read_json_object
 from .features import run_features
 from .rng import EPOCH_ORDER, seeded_generator
 
@@ -34,6 +40,7 @@ class Prepared:
     train_x: torch.Tensor        # uint8 (N,3,32,32) on device: the labeled pool, then `synthetic` new images
     train_y: torch.Tensor        # int64 (N,) on device
     unlabeled_x: torch.Tensor    # uint8 (M,3,32,32) on device: the split's unlabeled images (M=0: no label budget)
+    unlabeled_y: torch.Tensor    # int64 (M,) on device: their true labels, for monitoring pseudo-labels only
     eval_x: torch.Tensor
     eval_y: torch.Tensor
     eval_split: str              # "val" or "test"
@@ -62,13 +69,72 @@ class Prepared:
         return torch.bincount(real, minlength=NUM_CLASSES).cpu().numpy()
 
 
-def run_split(cfg: RunConfig, y_train) -> Split:
-    """The training split a run of `cfg` uses (pool, validation hold-out, imbalance, label budget):
-    what `prepare` trains on and what `python -m cifar_core split` prints."""
-    return build_split(y_train, {
+def run_split(cfg: RunConfig, y_train, store: RunStore | None = None) -> Split:
+    """The training split a run of `cfg` uses (pool, validation hold-out, imbalance, label budget or
+    label set): what `prepare` trains on and what `python -m cifar_core split` prints. `store`: the runs
+    root a label set is read from (default: the default runs root)."""
+    split = build_split(y_train, {
         "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
         "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
         "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
+    if not cfg.label_set:
+        return split
+    return with_label_set(split, y_train, read_label_set(store or RunStore(), cfg.label_set, len(y_train))[0])
+
+
+ACTIVE_DIR = ".active"  # <runs>/.active/<loop id>/: an active-learning loop's manifest and label sets
+
+
+def label_set_path(store: RunStore, label_set: str) -> Path:
+    """The file of a label_set "LOOP/ROUND" in a runs root: <runs>/.active/LOOP/round-ROUND.json."""
+    loop_id, round_number = parse_label_set(label_set)
+    return store.root / ACTIVE_DIR / loop_id / f"round-{round_number}.json"
+
+
+def read_label_set(store: RunStore, label_set: str, n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in the training set, their labels) of a label set; ConfigError when its file is missing
+    or damaged (not JSON, no index and label lists of equal length, an index out of range or repeated, a
+    label that is not a class)."""
+    path = label_set_path(store, label_set)
+    data, why = read_json_object(path)
+    if data is None:
+        raise ConfigError(f"label_set {label_set}: " + (why or f"no label set file {path} (the active-learning "
+                                                               "loop writes it before it queues the round's run)"))
+    try:
+        indices, labels = (np.asarray(data.get(key)) for key in ("indices", "labels"))
+    except ValueError:  # ragged lists
+        indices = labels = np.zeros((0, 0))
+    damaged = label_set_problem(indices, labels, n_train)
+    if damaged:
+        raise ConfigError(f"label_set {label_set}: {path} is damaged: {damaged}")
+    return indices.astype(np.int64), labels.astype(np.int64)
+
+
+def label_set_problem(indices: np.ndarray, labels: np.ndarray, n_train: int) -> str | None:
+    """What is wrong with a label set's arrays, or None."""
+    if any(a.ndim != 1 or (a.size and a.dtype.kind not in "iu") for a in (indices, labels)):
+        return "its 'indices' and 'labels' must be lists of whole numbers"
+    if not indices.size:
+        return "it labels no image"
+    if len(indices) != len(labels):
+        return f"{len(indices)} indices but {len(labels)} labels"
+    if indices.min() < 0 or indices.max() >= n_train:
+        return f"an index outside the {n_train} training images"
+    if len(np.unique(indices)) != len(indices):
+        return "an image is listed twice"
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        return f"a label outside the classes 0..{NUM_CLASSES - 1}"
+    return None
+
+
+def training_labels(cfg: RunConfig, y_train: np.ndarray, store: RunStore | None) -> np.ndarray:
+    """The training set's labels as a run learns them: CIFAR-10's, except those of its label set."""
+    if not cfg.label_set:
+        return y_train
+    indices, labels = read_label_set(store or RunStore(), cfg.label_set, len(y_train))
+    relabeled = np.array(y_train, dtype=np.int64)
+    relabeled[indices] = labels
+    return relabeled
 
 
 def split_counts(split: Split) -> dict:
@@ -113,9 +179,9 @@ def prepare(cfg: RunConfig, data_source: str | None = None, store: RunStore | No
     default runs root)."""
     device = resolve_device(cfg.device)
     arrays = load_cifar10(data_source)
-    split = run_split(cfg, arrays.y_train)
+    split = run_split(cfg, arrays.y_train, store)
     labeled = split.labeled_idx
-    pool_x, pool_y = arrays.x_train[labeled], arrays.y_train[labeled]
+    pool_x, pool_y = arrays.x_train[labeled], training_labels(cfg, arrays.y_train, store)[labeled]
     pool = to_device_tensors(pool_x, device)
     plan = build_balance_plan(cfg.balance, cfg.balance_params, pool_y, cfg.seed, NUM_CLASSES,
                               x=pool_x, features=balance_features(cfg, pool, store))
@@ -137,6 +203,7 @@ def prepare(cfg: RunConfig, data_source: str | None = None, store: RunStore | No
     return Prepared(
         cfg=cfg, device=device, train_x=train_x, train_y=as_labels(train_y_np),
         unlabeled_x=to_device_tensors(arrays.x_train[split.unlabeled_idx], device),
+        unlabeled_y=as_labels(arrays.y_train[split.unlabeled_idx]),
         eval_x=to_device_tensors(eval_x, device), eval_y=as_labels(eval_y), eval_split=eval_split,
         test_x=to_device_tensors(test_x, device), test_y=as_labels(test_y),
         epoch_indices=plan.indices,

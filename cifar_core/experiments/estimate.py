@@ -977,11 +977,15 @@ def _extra_per_step(cfg: RunConfig, grad_norm_s: float, weights_pass_s: float) -
 def _train_seconds_probed(cfg: RunConfig, counts: RunCounts, model: dict, chain: dict,
                           teacher: tuple[float, float]) -> tuple[float, float]:
     """(seconds of all training steps, images/s at the run's batch size) from the probes."""
+    from ..engine import objective_class
     per_image = chain["per_image_s"] + teacher[1]
     fixed = teacher[0] + _extra_per_step(cfg, model["grad_norm_s"], model["weights_pass_s"])
+    # a semi-supervised or pretext step also trains on unlabeled images (or rotated copies): the same
+    # step at that many images
+    images = objective_class(cfg).images_per_labeled(cfg)
 
     def step(b: int) -> float:
-        return step_seconds(model["steps"], b) + fixed + per_image * b
+        return step_seconds(model["steps"], b * images) + fixed + per_image * b * images
 
     full, rest = divmod(counts.train, cfg.batch_size)
     epoch = full * step(cfg.batch_size) + (step(rest) if rest else 0.0)

@@ -13,6 +13,11 @@ from them) and a builder that turns validated parameters into one RunConfig per 
 - ``ablation``: the report's cumulative trick ablation (baseline → + crop & flip → + rotation →
   + weight decay → + inverse-time LR decay → + dropout → + gradient clipping). The steps come from
   `cifar_core.experiments.presets` (the Train page's presets), so they are defined once.
+- ``few_labels``: the same few labels (250) and the same number of labeled steps for supervised-only
+  training, pseudo-labelling, MixMatch and FixMatch (which also learn from the rest of the pool,
+  unlabeled), and for a fine-tune from a rotation pretext (self-supervised, on the whole pool) against
+  supervised-only from scratch. The fine-tune starts from its seed's pretext run: see "Runs that start
+  from another run of the study" below.
 
 Whether a study's claim held is `cifar_core.experiments.verdicts` (from its results, with the numbers).
 
@@ -40,6 +45,9 @@ How cpu-quick was chosen (single cells timed on the 2-core box):
   at half width, 2 epochs (~58 % test accuracy).
 - ablation: 1,800 training images, 2 epochs, batch 64. Measured: baseline 27.7 %, all seven tricks
   18.4 %: too short for any regularizer to pay, the opposite of the report's claim.
+- few_labels: the fast net at quarter width, 250 labels of a 1,000-image pool, 3 epochs of the labels
+  (24 steps of 32), a one-epoch rotation pretext, 1,000 test images: the 6 runs trained in 94 s in one
+  process (1 thread, beside another benchmark; fixmatch 25 s and mixmatch 34 s of it).
 
 How cpu was sized. The cost model, from the quiet 2-core box (bench/README.md: a run's start-up
 ~11 s, the cpu-quick ablation's ResNet-18 at ~105 images/s at batch 64 and 13 s per 10,000-image
@@ -62,6 +70,19 @@ estimator and checks that each cpu study (default parameters and seeds) fits in 
 - ablation (21 runs, ~25 min): augmentation pays only once the baseline has fit its training images,
   so the half-width ResNet-18 trains 15 epochs (240 steps of 64) on 1,000 images rather than 2 on
   1,800; every step sees the same subset per seed, so steps are compared pairwise over seeds.
+- few_labels (18 runs, ~25–30 min, not yet measured end to end): the semi-supervised objectives process
+  many more images a step than the labeled batch (fixmatch 32 + 2 × 7 × 32), which the estimator does not
+  know yet; from single-thread step times on a busy box (supervised 0.28 s, pseudo_label 1.2, fixmatch 3.0,
+  mixmatch 3.7, a pretext step 0.59) the half-width fast net gets 8 epochs of the 250 labels (64 steps of
+  32) on a 5,000-image pool and a one-epoch pretext.
+
+Runs that start from another run of the study: a builder sets such a config's init_run to the
+placeholder `cell_ref(cell)` of the cell it starts from (``cell-rotation-pretext``), built before it in
+the same seed. `launch_study` queues the runs in order and replaces the placeholder with the run id
+that cell's run of the same seed got. The job queue starts a device's runs oldest first, so with one
+slot per device (the default) the source finishes before its follower starts; with more slots, the
+follower can start while its source still trains, and then fails at once ("init_run ... is running,
+not completed"): resume it when the source is done.
 
 Files: launching writes ``<runs>/.studies/<study_id>.json`` (kind, params, seeds, run ids, created);
 each run's status.json carries {"study", "study_kind", "cell", "seed"}. Results are read back from
@@ -94,6 +115,9 @@ SCALE_SEEDS = {"cpu-quick": 1, "cpu": 3, "gpu": 3}
 MANIFEST_DIR = ".studies"
 SEED_VALUE = RunConfig.scalar_params()["seed"]
 METRICS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
+CLASS_METRICS = ("test_acc", "balanced_acc", "macro_f1")  # what a pretext run's head cannot score
+EXTRA_METRICS = ("linear_probe_acc",)  # a column only where some run has it (pretext runs)
+CELL_REF_PREFIX = "cell-"  # an init_run "cell-<cell>" names another cell's run of the same seed (launch_study)
 RECALL_PREFIX = "recall_"
 COUNT_PREFIX = "train_count_"  # a run's training images of each class (its split, before balancing)
 
@@ -438,7 +462,9 @@ def _auto_epochs(study: dict) -> int:
 # ---- parameters that are lists of registry names ---------------------------------------------------
 # {study: {parameter: the allowed names}}: stored as a comma-separated string (manifests, links and
 # the CLI stay plain), shown by the Studies page as a multiselect over the names.
-NAME_LISTS: dict[str, dict[str, Callable[[], list[str]]]] = {"samplers": {"strategies": _balancing_names}}
+NAME_LISTS: dict[str, dict[str, Callable[[], list[str]]]] = {"samplers": {"strategies": _balancing_names},
+                                                            "few_labels": {"methods": lambda: _few_label_methods()}}
+# (a lambda: _few_label_methods is defined with its study, below)
 
 
 # Study parameters that only some values of another parameter read: {study: {parameter: (that parameter,
@@ -539,6 +565,125 @@ def build_ablation(seeds: list[int], scale: str, model: str, stem: str, width: f
     return _seeded(cells, seeds)
 
 
+# ---- 4. learning from few labels ---------------------------------------------------------------------
+
+FEW_LABEL_METHODS = ("supervised", "pseudo_label", "mixmatch", "fixmatch", "flexmatch", "rotation")
+PRETEXT_CELL = {"method": "rotation pretext"}        # the self-supervised run on the whole pool ...
+FINETUNE_CELL = {"method": "fine-tune from rotation"}  # ... and the few-label fine-tune that starts from it
+
+
+def _few_label_methods() -> list[str]:
+    """The few_labels methods whose objective is registered (engine.OBJECTIVES)."""
+    from ..engine import OBJECTIVES
+    return [m for m in FEW_LABEL_METHODS if m in OBJECTIVES.names()]
+
+
+@_register(
+    "few_labels",
+    StudyInfo(
+        title="Learning from few labels",
+        tests="With the same labeled images (250) and the same number of labeled steps, trains supervised-only, "
+              "pseudo-labelling, MixMatch and FixMatch (these three also learn from the rest of the pool, "
+              "unlabeled), and a rotation pretext on the whole pool (labels ignored) followed by a fine-tune "
+              "on the labeled images, to compare with supervised-only from scratch.",
+        claim="Semi-supervised learning (MixMatch, Berthelot et al. 2019; FixMatch, Sohn et al. 2020): with "
+              "250 CIFAR-10 labels, also learning from the unlabeled images lifts test accuracy far above "
+              "supervised training on the labels alone (FixMatch: about 95% against about 50% with a "
+              "WideResNet-28-2 and a million steps); a self-supervised rotation pretext (Gidaris et al. 2018) "
+              "is a better start for the few labels than random weights.",
+        cell_keys=("method",),
+        scale_notes={
+            "cpu-quick": "At cpu-quick every run sees 250 labels of a 1,000-image pool for 3 epochs of the "
+                         "labels (24 steps of 32) and is scored on 1,000 test images: a smoke test of the "
+                         "pipeline, accuracies near chance, no ranking to read.",
+            "cpu": "At cpu the fast net (half width) trains 8 epochs of the 250 labels (64 steps of 32) on a "
+                   "5,000-image pool, 3 seeds: the same labeled steps for every method, so the "
+                   "semi-supervised runs take several times longer (train_seconds). Far too short for "
+                   "FixMatch's gains, which take hundreds of thousands of steps: bench/bench_few_labels.py "
+                   "compares the methods at an hour each. The rotation pretext's row scores its linear "
+                   "probe (linear_probe_acc), not a classifier."}),
+    params=(
+        Param("methods", "str", "supervised,pseudo_label,mixmatch,fixmatch,rotation",
+              help="The methods to compare (comma-separated): supervised (labels only: the from-scratch "
+                   "baseline), pseudo_label, mixmatch, fixmatch, flexmatch (semi-supervised objectives), "
+                   "rotation (a rotation pretext on the pool, then a fine-tune on the labels from it)."),
+        Param("label_budget", "int", 250, 10, 5000,
+              help="Labeled images, the same for every method (a multiple of 10: as many per class)."),
+        Param("pool_size", "int", 1000, 20, 50000,
+              help="The training pool, a random subset of the training set (50,000: all of it): "
+                   "label_budget of it labeled, the rest the unlabeled pool; the pretext trains on all of it."),
+        Param("model", "choice", "fastnet", choices=("fastnet", "resnet18", "lenet"),
+              help="The network (the CPU scales: the fast net)."),
+        Param("width", "float", 0.25, 0.25, 4.0, help="Width multiplier (fastnet and resnet18)."),
+        Param("epochs", "int", 3, 1, 2000,
+              help="Epochs of the labeled images, the same for every few-label run (label_budget / "
+                   "batch_size steps an epoch)."),
+        Param("pretext_epochs", "int", 1, 1, 500, help="rotation: epochs of the pretext over the whole pool."),
+        Param("batch_size", "int", 32, 2, 1024,
+              help="Labeled images a step (the semi-supervised objectives draw μ times as many unlabeled)."),
+        Param("lr", "float", 0.05, 1e-5, 10.0, log=True, help="Peak learning rate (cosine schedule)."),
+        Param("test_size", "int", 1000, 0, 10000,
+              help="Test images the runs are scored on (a stratified subset; 0: all 10,000)."),
+    ),
+    scale_defaults={
+        "cpu-quick": {"pool_size": 1000, "width": 0.25, "epochs": 3, "pretext_epochs": 1, "batch_size": 32,
+                      "test_size": 1000},
+        "cpu": {"pool_size": 5000, "width": 0.5, "epochs": 8, "pretext_epochs": 1, "batch_size": 32,
+                "test_size": 0},
+        "gpu": {"pool_size": 50000, "width": 1.0, "epochs": 1000, "pretext_epochs": 30, "batch_size": 64,
+                "test_size": 0},
+    })
+def build_few_labels(seeds: list[int], scale: str, methods: str, label_budget: int, pool_size: int, model: str,
+                     width: float, epochs: int, pretext_epochs: int, batch_size: int, lr: float,
+                     test_size: int) -> list[tuple[dict, RunConfig]]:
+    names = parse_name_list(methods, "methods", _few_label_methods())
+    if label_budget % 10 or label_budget >= pool_size:
+        raise ConfigError(f"few_labels: label_budget {label_budget} must be a multiple of 10 and leave "
+                          f"unlabeled images in the pool of {pool_size}")
+    pool = {"subset": "full"} if pool_size >= 50000 else {"subset": "random", "subset_size": pool_size}
+    study = {"model": model, "model_params": _model_params_for(model, {"width": width}), **pool, "val_size": 0,
+             "test_size": test_size, "batch_size": batch_size, "lr": lr}
+    few = {**study, "label_budget": label_budget, "epochs": epochs, "eval_every": epochs}  # one test evaluation
+    cells = []
+    for name in names:
+        if name != "rotation":
+            cells.append(({"method": name}, {**few, "name": f"few_labels {name}", "objective": name}))
+            continue
+        cells.append((dict(PRETEXT_CELL), {**study, "name": "few_labels rotation pretext", "objective": "rotation",
+                                           "label_budget": 0, "epochs": pretext_epochs,
+                                           "eval_every": pretext_epochs}))
+        cells.append((dict(FINETUNE_CELL), {**few, "name": "few_labels fine-tune from rotation",
+                                            "init_run": cell_ref(PRETEXT_CELL), "init_mode": "finetune"}))
+    return _seeded(cells, seeds)
+
+
+def cell_ref(cell: dict) -> str:
+    """The init_run placeholder that names `cell`'s run of the same seed: "cell-" and its values, as an id."""
+    text = "-".join(str(v) for v in cell.values())
+    return CELL_REF_PREFIX + "".join(c if c.isascii() and c.isalnum() else "-" for c in text).strip("-")
+
+
+def follow_cell_ref(cell: dict, cfg: RunConfig, earlier: dict[tuple[str, int], str]) -> RunConfig:
+    """`cfg` with its init_run placeholder (`cell_ref`), if it has one, replaced by the run id that
+    `earlier` ({(cell_ref, seed): run id} of the runs queued before it) holds for that cell and seed;
+    ConfigError when it names no earlier cell of the same seed."""
+    if not cfg.init_run.startswith(CELL_REF_PREFIX):
+        return cfg
+    source = earlier.get((cfg.init_run, cfg.seed))
+    if source is None:
+        raise ConfigError(f"study cell {_label(cell)} starts from {cfg.init_run}, which is no cell built before "
+                          f"it with seed {cfg.seed}")
+    return cfg.replace(init_run=source)
+
+
+def check_cell_refs(planned: list[tuple[dict, RunConfig]]) -> None:
+    """ConfigError unless every init_run placeholder of `planned` names a cell built before it, same seed."""
+    earlier: dict[tuple[str, int], str] = {}
+    for cell, cfg in planned:
+        follow_cell_ref(cell, cfg, earlier)
+        earlier[(cell_ref(cell), cfg.seed)] = cell_ref(cell)
+
+
 # ---- building ------------------------------------------------------------------------------------
 
 def build_study(kind: str, params: dict | None = None, seeds: int | None = None) -> list[tuple[dict, RunConfig]]:
@@ -610,22 +755,28 @@ def launch_study(kind: str, params: dict | None, store: RunStore | None = None,
     study id.
 
     All configs are built and validated before anything is queued, so an invalid study queues
-    nothing. The manifest is written even if queuing stops half way (it lists what was queued)."""
+    nothing. The manifest is written even if queuing stops half way (it lists what was queued). A run
+    that starts from another cell's run (an init_run placeholder, `cell_ref`) is queued after it with
+    that run's id."""
     from .. import jobs
 
     store = store or RunStore()
     values = validate_params(kind, params)
     n_seeds = study_seeds(values["scale"], seeds)
     planned = build_study(kind, values, n_seeds)
+    check_cell_refs(planned)
     study_id = new_study_id(kind)
     info = INFO[kind]
     manifest = {"study_id": study_id, "kind": kind, "title": info.title, "params": values,
                 "seeds": n_seeds, "scale": values["scale"], "cell_keys": list(info.cell_keys),
                 "created": time.time(), "data_source": data_source, "runs": []}
+    queued: dict[tuple[str, int], str] = {}  # (cell_ref, seed) -> run id, for the runs that start from them
     try:
         for cell, cfg in planned:
+            cfg = follow_cell_ref(cell, cfg, queued)
             meta = {"study": study_id, "study_kind": kind, "cell": cell, "seed": cfg.seed}
             record = jobs.submit(cfg, store, data_source=data_source, start_worker=False, meta=meta)
+            queued[(cell_ref(cell), cfg.seed)] = record.run_id
             manifest["runs"].append({"run_id": record.run_id, "cell": cell, "seed": cfg.seed})
     finally:
         if manifest["runs"]:
@@ -662,7 +813,8 @@ def list_studies(store: RunStore | None = None) -> list[dict]:
 # ---- results -------------------------------------------------------------------------------------
 
 def study_results(store: RunStore, study_id: str):
-    """One row per run: cell columns, seed, run_id, state, the final metrics (NaN until finished),
+    """One row per run: cell columns, seed, run_id, state, the final metrics (NaN until finished; a
+    pretext run's class metrics NaN, its linear_probe_acc instead),
     lr, per-class test recall columns ``recall_<class>`` and the training images of each class
     ``train_count_<class>`` (from the run's split). df.attrs["cell_keys"] names the cell."""
     import pandas as pd
@@ -687,6 +839,10 @@ def study_results(store: RunStore, study_id: str):
         row["lr"] = config.get("lr") if isinstance(config, dict) else math.nan
         row["error"] = status.get("error") if row["state"] in ("failed", "cancelled") else None
         results = record.results() if status and row["state"] == "completed" else None
+        if status.get("pretext"):  # its head learned the pretext: no class metric means anything
+            row.update({metric: math.nan for metric in CLASS_METRICS}, linear_probe_acc=_number(
+                status.get("linear_probe_acc")))
+            results = None
         if isinstance(results, dict) and isinstance(results.get("per_class_acc"), dict):
             for cls, acc in results["per_class_acc"].items():
                 row[f"{RECALL_PREFIX}{cls}"] = float(acc)
@@ -699,6 +855,10 @@ def study_results(store: RunStore, study_id: str):
     df.attrs["kind"] = manifest["kind"]
     df.attrs["study_id"] = study_id
     return df
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _class_counts(split) -> dict:
@@ -738,14 +898,15 @@ def summarize(df, cell_keys: list[str] | None = None):
     """Mean ± std over seeds per cell, from completed runs only.
 
     Columns: the cell keys, runs (how many), done (completed), state ("completed", or e.g.
-    "running · 1/3 done"), <metric>_mean and <metric>_std for every metric and recall column
-    (std is NaN with fewer than two completed seeds). Cells keep their first-appearance order."""
+    "running · 1/3 done"), <metric>_mean and <metric>_std for every metric (and linear_probe_acc where
+    a pretext run has it) and recall column (std is NaN with fewer than two completed seeds). Cells keep
+    their first-appearance order."""
     import pandas as pd
 
     cell_keys = list(cell_keys or df.attrs.get("cell_keys") or [])
     if not cell_keys:
         raise ConfigError("summarize: the cell columns are unknown (pass cell_keys)")
-    values = [m for m in METRICS if m in df.columns] + recall_columns(df)
+    values = [m for m in METRICS + EXTRA_METRICS if m in df.columns] + recall_columns(df)
     out_rows = []
     if df.empty:
         return pd.DataFrame(columns=cell_keys + ["runs", "done", "state"]

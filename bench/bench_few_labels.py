@@ -1,0 +1,214 @@
+"""Learning from 250 labels on this machine (issue 15): semi-supervised objectives at equal time, and a
+self-supervised rotation pretext as a starting point.
+
+(a) Equal time. Each method (--methods: supervised and the semi-supervised objectives) trains the fast
+    net on the same --label-budget labeled images (the split of each seed: seed s labels the same images
+    for every method), the rest of the training set its unlabeled pool, for at most --minutes of training
+    each. A method's epochs are calibrated first: a short run of --calibrate-steps steps measures its
+    seconds per step on this machine, and the method gets the whole epochs that fit in 95% of the budget
+    (at most 2,000), so that its cosine schedule ends; --minutes is also each run's time limit
+    (time_limit_min), which stops a run that turns out slower. --seeds seeds each: mean ± std of the test
+    accuracy (10,000 test images), and each method's difference to supervised, paired by seed.
+(b) Self-supervised. A rotation pretext (Gidaris et al. 2018) on the whole training set with no labels
+    (the unlabeled pool and the labeled images alike, labels never read), --pretext-minutes of training
+    calibrated the same way; its own results (rotation accuracy on the test images; a logistic-regression
+    linear probe on its frozen features of 5,000 labeled images). Then, with the --label-budget labels of
+    each seed, for --finetune-epochs epochs each: a linear probe trained by SGD (init_mode linear_probe),
+    a fine-tune (init_mode finetune; both re-initialise the head, which learned rotations), and the same
+    supervised run from scratch; the time each took.
+
+Prints the JSON summary and writes it to --out. Runs go into --runs-root (calibration runs, stopped after
+their steps, are kept there as cancelled runs).
+
+    python bench/bench_few_labels.py --data /tmp/cifar10.npz --runs-root /tmp/bfew/runs \\
+        --out /tmp/bfew/result.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cifar_core.config import RunConfig
+from cifar_core.engine import train_run
+from cifar_core.runs import RunRecord, RunStore
+
+MAX_EPOCHS = 2000  # RunConfig's epochs limit
+SCHEDULE_SHARE = 0.95  # of the time budget the calibrated epochs aim at
+
+
+def few_label_config(args, objective: str, seed: int, epochs: int, minutes: float = 0.0, **changes) -> RunConfig:
+    """A run on --label-budget labels of the training set (the rest unlabeled), the fast net."""
+    return RunConfig.from_dict({
+        "name": f"few-labels {objective}", "seed": seed, "device": args.device, "model": "fastnet",
+        "model_params": {"width": args.width}, "subset": "full", "val_size": 0, "test_size": args.test_size,
+        "label_budget": args.label_budget, "objective": objective, "epochs": epochs, "eval_every": epochs,
+        "time_limit_min": minutes, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
+        "precision": args.precision, "channels_last": True, "log_every": 20, **changes})
+
+
+def pretext_config(args, epochs: int, minutes: float = 0.0) -> RunConfig:
+    """The rotation pretext on every training image, no labels (label_budget 0: the labels are never read)."""
+    return RunConfig.from_dict({
+        "name": "few-labels rotation pretext", "seed": 0, "device": args.device, "model": "fastnet",
+        "model_params": {"width": args.width}, "subset": "full", "val_size": 0, "test_size": args.test_size,
+        "objective": "rotation", "epochs": epochs, "eval_every": epochs, "time_limit_min": minutes,
+        "batch_size": args.pretext_batch_size, "lr": args.lr, "precision": args.precision,
+        "channels_last": True, "log_every": 20})
+
+
+def seconds_per_step(record: RunRecord) -> float:
+    """Seconds a step took in a calibration run: its train rows' elapsed time over their steps, the first
+    window (the first, slow steps) left out; checkpoint writes at epoch ends included."""
+    rows = [r for r in record.read_metrics() if r.get("kind") == "train"]
+    if len(rows) < 2:
+        raise SystemExit(f"calibration run {record.run_id} logged too few steps ({record.status().get('error')})")
+    first, last = rows[0], rows[-1]
+    return (last["elapsed"] - first["elapsed"]) / (last["step"] - first["step"])
+
+
+def calibrated_epochs(cfg: RunConfig, args, store: RunStore, minutes: float, label: str) -> tuple[int, float]:
+    """(epochs that fit in SCHEDULE_SHARE of `minutes`, seconds per step) from a --calibrate-steps run."""
+    run_id = f"calibrate-{label}-{time.strftime('%H%M%S')}"
+    probe = cfg.replace(epochs=MAX_EPOCHS, time_limit_min=0.0, log_every=max(1, args.calibrate_steps // 4),
+                        name=f"calibrate {label}")
+    record = train_run(probe, store, run_id=run_id, data_source=args.data,
+                       stop_at_step=args.calibrate_steps)
+    per_step = seconds_per_step(record)
+    steps_per_epoch = record.status()["steps_per_epoch"]
+    fitting = math.floor(SCHEDULE_SHARE * 60 * minutes / (per_step * steps_per_epoch))
+    epochs = max(1, min(MAX_EPOCHS, fitting))
+    print(f"  {label}: {per_step:.3f} s/step, {steps_per_epoch} steps/epoch -> {epochs} epochs "
+          f"({fitting} fit in the budget)", flush=True)
+    return epochs, per_step
+
+
+def trained(cfg: RunConfig, store: RunStore, args) -> dict:
+    """Train `cfg` and return its numbers (test accuracy, seconds, steps)."""
+    started = time.time()
+    record = train_run(cfg, store, data_source=args.data)
+    status, results = record.status(), record.results() or {}
+    if status.get("state") != "completed":
+        raise SystemExit(f"run {record.run_id} ({cfg.name}, seed {cfg.seed}) {status.get('state')}: "
+                         f"{status.get('error')}")
+    out = {"run_id": record.run_id, "seed": cfg.seed, "test_acc": results.get("test_acc"),
+           "train_seconds": round(results.get("train_seconds", 0.0), 1), "steps": results.get("steps"),
+           "total_steps": results.get("total_steps"), "wall_seconds": round(time.time() - started, 1)}
+    for key in ("rotation_test_acc", "linear_probe"):
+        if key in results:
+            out[key] = results[key]
+    print(f"  {cfg.name} seed {cfg.seed}: {json.dumps({k: v for k, v in out.items() if k != 'linear_probe'})}",
+          flush=True)
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def summary_of(runs: list[dict]) -> dict:
+    return {"test_acc": mean_std([r["test_acc"] for r in runs]),
+            "train_seconds": mean_std([r["train_seconds"] for r in runs]), "runs": runs}
+
+
+def paired(runs: list[dict], baseline: list[dict]) -> dict:
+    """The per-seed difference in test accuracy (points), mean ± std."""
+    base = {r["seed"]: r["test_acc"] for r in baseline}
+    return mean_std([100 * (r["test_acc"] - base[r["seed"]]) for r in runs if r["seed"] in base])
+
+
+def part_a(args, store: RunStore) -> dict:
+    """Equal-time comparison of the methods."""
+    print(f"(a) {args.label_budget} labels, at most {args.minutes} min of training per run", flush=True)
+    out: dict = {"label_budget": args.label_budget, "minutes": args.minutes, "methods": {}}
+    for method in args.methods:
+        epochs, per_step = calibrated_epochs(few_label_config(args, method, 0, 1), args, store, args.minutes, method)
+        runs = [trained(few_label_config(args, method, seed, epochs, args.minutes), store, args)
+                for seed in range(args.seeds)]
+        out["methods"][method] = {"epochs": epochs, "calibrated_s_per_step": round(per_step, 4), **summary_of(runs)}
+    if "supervised" in out["methods"]:
+        base = out["methods"]["supervised"]["runs"]
+        out["minus_supervised_points"] = {m: paired(v["runs"], base) for m, v in out["methods"].items()
+                                          if m != "supervised"}
+    return out
+
+
+def part_b(args, store: RunStore) -> dict:
+    """The rotation pretext, then linear probe, fine-tune and scratch on the few labels."""
+    print(f"(b) rotation pretext, {args.pretext_minutes} min, then {args.label_budget} labels", flush=True)
+    epochs, per_step = calibrated_epochs(pretext_config(args, 1), args, store, args.pretext_minutes, "rotation")
+    pretext = trained(pretext_config(args, epochs, args.pretext_minutes), store, args)
+    pretext.update(epochs=epochs, calibrated_s_per_step=round(per_step, 4))
+    follow = {"epochs": args.finetune_epochs}
+    rows = {}
+    for label, changes in (("linear_probe", {"init_run": pretext["run_id"], "init_mode": "linear_probe"}),
+                           ("finetune", {"init_run": pretext["run_id"], "init_mode": "finetune"}),
+                           ("scratch", {})):
+        runs = [trained(few_label_config(args, "supervised", seed, args.finetune_epochs, name=f"few-labels {label}",
+                                         **changes), store, args) for seed in range(args.seeds)]
+        rows[label] = summary_of(runs)
+    follow.update(rows)
+    follow["finetune_minus_scratch_points"] = paired(rows["finetune"]["runs"], rows["scratch"]["runs"])
+    return {"pretext": pretext, "with_labels": follow}
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="the CIFAR-10 .npz (or folder) to train on")
+    parser.add_argument("--runs-root", required=True)
+    parser.add_argument("--out", default=None, help="write the JSON summary here")
+    parser.add_argument("--parts", default="a,b", help="a (equal-time methods), b (rotation pretext), or both")
+    parser.add_argument("--methods", default="supervised,fixmatch,mixmatch",
+                        help="(a) objectives to compare; supervised is the baseline of the differences")
+    parser.add_argument("--label-budget", type=int, default=250)
+    parser.add_argument("--minutes", type=float, default=60.0, help="(a) training time of each run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--width", type=float, default=0.5, help="fastnet's width multiplier")
+    parser.add_argument("--batch-size", type=int, default=64, help="labeled images a step (FixMatch: 64)")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="weight EMA of every few-label run (FixMatch evaluates one of 0.999 after ~1M steps; "
+                             "the engine's EMA has no bias correction, so after a few thousand steps it would "
+                             "still hold much of the initial weights)")
+    parser.add_argument("--precision", default="bf16", help="fp32 or bf16 (the fast preset's, on this CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--test-size", type=int, default=0, help="test images (0: all 10,000)")
+    parser.add_argument("--calibrate-steps", type=int, default=24, help="steps of each calibration run")
+    parser.add_argument("--pretext-minutes", type=float, default=60.0, help="(b) training time of the pretext")
+    parser.add_argument("--pretext-batch-size", type=int, default=128, help="(b) images a pretext step (× 4 rotations)")
+    parser.add_argument("--finetune-epochs", type=int, default=200,
+                        help="(b) epochs of the labels for the probe, fine-tune and scratch runs")
+    args = parser.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    parts = {p.strip() for p in args.parts.split(",")}
+    store = RunStore(args.runs_root)
+    report: dict = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    started = time.time()
+    if "a" in parts:
+        report["a_equal_time"] = part_a(args, store)
+    if "b" in parts:
+        report["b_rotation_pretext"] = part_b(args, store)
+    report["wall_seconds"] = round(time.time() - started)
+    text = json.dumps(report, indent=2, default=str)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
