@@ -41,7 +41,7 @@ def curves_chart(rows: list[dict], height: int = 340):
                alt.Tooltip("std:Q", format=".2%", title="std over seeds"), alt.Tooltip("n:Q", title="loops")]
     band = alt.Chart(data[data["n"] > 1]).mark_area(opacity=0.2).encode(x=x, y="low:Q", y2="high:Q", color=color)
     lines = alt.Chart(data).mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format=".0%"), scale=alt.Scale(zero=False)),
+        x=x, y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format=".1%"), scale=alt.Scale(zero=False)),
         color=color, tooltip=tooltip)
     return (band + lines).properties(height=height)
 
