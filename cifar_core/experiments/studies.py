@@ -70,9 +70,10 @@ estimator and checks that each cpu study (default parameters and seeds) fits in 
 - ablation (21 runs, ~25 min): augmentation pays only once the baseline has fit its training images,
   so the half-width ResNet-18 trains 15 epochs (240 steps of 64) on 1,000 images rather than 2 on
   1,800; every step sees the same subset per seed, so steps are compared pairwise over seeds.
-- few_labels (18 runs, ~25–30 min, not yet measured end to end): the semi-supervised objectives process
-  many more images a step than the labeled batch (fixmatch 32 + 2 × 7 × 32), which the estimator does not
-  know yet; from single-thread step times on a busy box (supervised 0.28 s, pseudo_label 1.2, fixmatch 3.0,
+- few_labels (18 runs; measured end to end on a quiet 2-core box: 1,141 s, estimated 21 min): the
+  semi-supervised objectives process many more images a step than the labeled batch (fixmatch
+  32 + 2 × 7 × 32, which the estimator counts through each objective's images_per_labeled); from
+  single-thread step times on a busy box (supervised 0.28 s, pseudo_label 1.2, fixmatch 3.0,
   mixmatch 3.7, a pretext step 0.59) the half-width fast net gets 8 epochs of the 250 labels (64 steps of
   32) on a 5,000-image pool and a one-epoch pretext.
 
