@@ -69,17 +69,19 @@ class Prepared:
         return torch.bincount(real, minlength=NUM_CLASSES).cpu().numpy()
 
 
-def run_split(cfg: RunConfig, y_train, store: RunStore | None = None) -> Split:
+def run_split(cfg: RunConfig, y_train, store: RunStore | None = None,
+              label_set: tuple[np.ndarray, np.ndarray] | None = None) -> Split:
     """The training split a run of `cfg` uses (pool, validation hold-out, imbalance, label budget or
     label set): what `prepare` trains on and what `python -m cifar_core split` prints. `store`: the runs
-    root a label set is read from (default: the default runs root)."""
+    root a label set is read from (default: the default runs root), unless `label_set` holds it read."""
     split = build_split(y_train, {
         "subset": cfg.subset, "subset_size": cfg.subset_size, "per_class": cfg.per_class,
         "imbalance": cfg.imbalance, "imbalance_params": cfg.imbalance_params,
         "val_size": cfg.val_size, "label_budget": cfg.label_budget}, cfg.seed)
     if not cfg.label_set:
         return split
-    return with_label_set(split, y_train, read_label_set(store or RunStore(), cfg.label_set, len(y_train))[0])
+    indices, _ = label_set or read_label_set(store or RunStore(), cfg.label_set, len(y_train))
+    return with_label_set(split, y_train, indices)
 
 
 ACTIVE_DIR = ".active"  # <runs>/.active/<loop id>/: an active-learning loop's manifest and label sets
@@ -127,11 +129,11 @@ def label_set_problem(indices: np.ndarray, labels: np.ndarray, n_train: int) -> 
     return None
 
 
-def training_labels(cfg: RunConfig, y_train: np.ndarray, store: RunStore | None) -> np.ndarray:
+def training_labels(y_train: np.ndarray, label_set: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """The training set's labels as a run learns them: CIFAR-10's, except those of its label set."""
-    if not cfg.label_set:
+    if label_set is None:
         return y_train
-    indices, labels = read_label_set(store or RunStore(), cfg.label_set, len(y_train))
+    indices, labels = label_set
     relabeled = np.array(y_train, dtype=np.int64)
     relabeled[indices] = labels
     return relabeled
@@ -179,9 +181,10 @@ def prepare(cfg: RunConfig, data_source: str | None = None, store: RunStore | No
     default runs root)."""
     device = resolve_device(cfg.device)
     arrays = load_cifar10(data_source)
-    split = run_split(cfg, arrays.y_train, store)
+    label_set = read_label_set(store or RunStore(), cfg.label_set, len(arrays.y_train)) if cfg.label_set else None
+    split = run_split(cfg, arrays.y_train, store, label_set)
     labeled = split.labeled_idx
-    pool_x, pool_y = arrays.x_train[labeled], training_labels(cfg, arrays.y_train, store)[labeled]
+    pool_x, pool_y = arrays.x_train[labeled], training_labels(arrays.y_train, label_set)[labeled]
     pool = to_device_tensors(pool_x, device)
     plan = build_balance_plan(cfg.balance, cfg.balance_params, pool_y, cfg.seed, NUM_CLASSES,
                               x=pool_x, features=balance_features(cfg, pool, store))
