@@ -488,6 +488,12 @@ def test_few_labels_cells_share_the_labels_and_steps():
     assert {k: v for k, v in finetune.to_dict().items() if scratch[k] != v}.keys() == {"name", "init_run"}
     cpu = studies.build_study("few_labels", {"scale": "cpu"})
     assert len(cpu) == 3 * 6 and {cfg.model_params["width"] for _, cfg in cpu} == {0.5}
+    # MixMatch's λ_u of 75 collapses a run of a few dozen steps: the CPU scales use 8, ramped over the run
+    mixmatch = [cfg for cell, cfg in cpu if cell["method"] == "mixmatch"]
+    assert {(c.mixmatch_weight, c.ssl_rampup) for c in mixmatch} == {(8.0, 1.0)}
+    assert {c.ssl_rampup for cell, c in cpu if cell["method"] in ("pseudo_label", "fixmatch")} == {0.0}
+    gpu_cell, gpu_mixmatch = studies.build_study("few_labels", {"scale": "gpu"}, seeds=1)[2]
+    assert gpu_cell["method"] == "mixmatch" and (gpu_mixmatch.mixmatch_weight, gpu_mixmatch.ssl_rampup) == (75.0, 0.016)
 
 
 @pytest.mark.parametrize("params, fragment", [
