@@ -12,27 +12,27 @@ from ui.common import clear_data_status, data_status, device_info, friendly_erro
 # (file, title, url path, icon, what it is for): the URLs are part of the app's interface (links,
 # bookmarks, the browser tests)
 PAGES = (
-    ("pages/1_Train.py", "Train", "Train", ":material/model_training:",
+    ("app_pages/1_Train.py", "Train", "Train", ":material/model_training:",
      "launch a run with any mix of tricks, from presets or from scratch"),
-    ("pages/2_Runs.py", "Runs", "Runs", ":material/monitoring:",
+    ("app_pages/2_Runs.py", "Runs", "Runs", ":material/monitoring:",
      "the queue, live curves, final metrics, confusion matrices"),
-    ("pages/3_Compare.py", "Compare", "Compare", ":material/compare_arrows:",
+    ("app_pages/3_Compare.py", "Compare", "Compare", ":material/compare_arrows:",
      "overlay runs, diff their configs, compare final metrics"),
-    ("pages/4_Studies.py", "Studies", "Studies", ":material/science:",
+    ("app_pages/4_Studies.py", "Studies", "Studies", ":material/science:",
      "one-click studies: BN vs GN, samplers on imbalanced data, trick ablation"),
-    ("pages/8_Search.py", "Search", "Search", ":material/travel_explore:",
+    ("app_pages/8_Search.py", "Search", "Search", ":material/travel_explore:",
      "AutoML over the tricks: an Optuna search whose trials are background runs, followed live, with "
      "pruning, parameter importances and the best config trained fully"),
-    ("pages/9_Active_learning.py", "Active learning", "Active_learning", ":material/touch_app:",
+    ("app_pages/9_Active_learning.py", "Active learning", "Active_learning", ":material/touch_app:",
      "which images are worth labelling: query strategies in rounds of training, learning curves per "
      "strategy, and labelling the picked images yourself"),
-    ("pages/7_Imbalance.py", "Imbalance", "Imbalance", ":material/balance:",
+    ("app_pages/7_Imbalance.py", "Imbalance", "Imbalance", ":material/balance:",
      "the class-imbalance lab: imbalanced training sets, balancing strategies side by side, threshold "
      "moving on any finished run, cRT and EasyEnsemble"),
-    ("pages/5_Preview.py", "Preview", "Preview", ":material/auto_awesome_mosaic:",
+    ("app_pages/5_Preview.py", "Preview", "Preview", ":material/auto_awesome_mosaic:",
      "the augmentation previewer: every augmentation, live on real images or your own, with the "
      "parameters each tile drew"),
-    ("pages/6_Classify.py", "Classify", "Classify", ":material/image_search:",
+    ("app_pages/6_Classify.py", "Classify", "Classify", ":material/image_search:",
      "your own photos through a shipped or exported ONNX model"),
 )
 

@@ -90,7 +90,7 @@ def page_reruns(record, t0: float, args) -> list[float]:
     from streamlit.testing.v1 import AppTest
 
     os.environ["CIFAR_LAB_RUNS"] = str(record.root)
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "2_Runs.py")
+    page = str(Path(__file__).resolve().parents[1] / "app_pages" / "2_Runs.py")
     at = AppTest.from_file(page, default_timeout=120)
     at.query_params["run"] = record.run_id
     at.run()  # first view: full read

@@ -51,9 +51,9 @@ def bench_grid(chain_text: str, repeat: int, warmup: int, scale: int, rows: int,
 
 
 def bench_page(repeat: int) -> list[float]:
-    """Whole reruns of pages/5_Preview.py under AppTest (default chain, 8×8), new seed each time."""
+    """Whole reruns of app_pages/5_Preview.py under AppTest (default chain, 8×8), new seed each time."""
     from streamlit.testing.v1 import AppTest
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "5_Preview.py")
+    page = str(Path(__file__).resolve().parents[1] / "app_pages" / "5_Preview.py")
     at = AppTest.from_file(page, default_timeout=120).run()
     times = []
     for r in range(repeat):

@@ -135,3 +135,19 @@ def test_launch_watch_queue_cancel_restart(lab, tmp_path):
         assert step_b > step_a
         assert store.record(second).state() == "running"
         page.screenshot(path=str(tmp_path / "runs_after_restart.png"))
+
+
+def test_a_bookmarked_page_on_a_fresh_server_gets_the_declared_navigation(lab):
+    """The first visit after the server starts is a deep link: Streamlit must run app.py's st.navigation
+    (Home first, the declared titles), not its legacy navigation built from a `pages/` folder, which would
+    run the page without the app's frame and list "app" and the files in name order."""
+    server, _ = lab
+    with chromium_page(1300, 900) as page:
+        page.goto(f"http://127.0.0.1:{server.port}/Search")
+        page.get_by_role("heading", name="Search").first.wait_for(timeout=60_000)
+        nav = page.get_by_test_id("stSidebarNav")
+        nav.wait_for(timeout=60_000)
+        entries = [line.strip() for line in nav.inner_text().splitlines() if line.strip()]
+        assert "Home" in entries and "app" not in entries, entries
+        titles = [e for e in entries if e in ("Home", "Train", "Search", "Active learning", "Classify")]
+        assert titles == ["Home", "Train", "Search", "Active learning", "Classify"], entries  # app.py's order

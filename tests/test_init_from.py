@@ -256,7 +256,7 @@ def test_crt_command_errors_and_submit(store, cifar_npz, capsys, monkeypatch):
 def test_train_page_picker_fills_init_run_and_checks_the_model(store, cifar_npz, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    page = str(Path(__file__).resolve().parents[1] / "pages" / "1_Train.py")
+    page = str(Path(__file__).resolve().parents[1] / "app_pages" / "1_Train.py")
     monkeypatch.setenv("CIFAR_LAB_RUNS", str(store.root))
     monkeypatch.setenv("CIFAR10_NPZ", str(cifar_npz))
     at = AppTest.from_file(page, default_timeout=240)

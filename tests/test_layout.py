@@ -1,5 +1,5 @@
 """The layout rules of issue 12 that import-linter cannot see: no private name crosses a module, no
-sys.path edits, and pages/app never reach into the library's internals."""
+sys.path edits, and app_pages/app never reach into the library's internals."""
 from __future__ import annotations
 
 import ast
@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = ("cifar_core", "ui")
-SOURCES = sorted(p for folder in ("cifar_core", "ui", "pages", "bench", "tests")
+SOURCES = sorted(p for folder in ("cifar_core", "ui", "app_pages", "bench", "tests")
                  for p in (REPO / folder).rglob("*.py")) + [REPO / "app.py"]
 
 

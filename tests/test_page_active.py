@@ -1,4 +1,4 @@
-"""The Active learning page (pages/9_Active_learning.py) through AppTest: its empty state and the new-loop form
+"""The Active learning page (app_pages/9_Active_learning.py) through AppTest: its empty state and the new-loop form
 (a strategy's declared options, a loop started with its worker's launch stubbed), a finished oracle loop's
 learning curve, picked images and class balance, and a human loop's round labelled with the class buttons.
 The loops are real: tiny lenet rounds trained in this process once per module."""
@@ -21,7 +21,7 @@ from cifar_core.runs import RunStore
 from tests.test_active_loop import ROUND, run_to_end, spec
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = str(REPO / "pages" / "9_Active_learning.py")
+PAGE = str(REPO / "app_pages" / "9_Active_learning.py")
 
 
 def _app() -> AppTest:

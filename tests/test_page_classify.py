@@ -21,8 +21,8 @@ from cifar_core.models import create_model
 from cifar_core.runs import RunStore, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSIFY = str(REPO / "pages" / "6_Classify.py")
-RUNS = str(REPO / "pages" / "2_Runs.py")
+CLASSIFY = str(REPO / "app_pages" / "6_Classify.py")
+RUNS = str(REPO / "app_pages" / "2_Runs.py")
 
 
 def _export_random(path: Path, card: dict | None = None) -> Path:

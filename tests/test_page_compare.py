@@ -13,7 +13,7 @@ from cifar_core.config import RunConfig
 from cifar_core.runs import RunStore, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-COMPARE_PAGE = str(REPO / "pages" / "3_Compare.py")
+COMPARE_PAGE = str(REPO / "app_pages" / "3_Compare.py")
 
 
 @pytest.fixture

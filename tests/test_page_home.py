@@ -55,12 +55,12 @@ def test_navigation_keeps_the_page_urls_and_opens_the_pages(runs):
     links = [el.proto.page for el in at.get("page_link")]
     assert links == ["Train", "Runs", "Compare", "Studies", "Search", "Active_learning", "Imbalance", "Preview",
                      "Classify"]  # the browser's URLs
-    at.switch_page("pages/3_Compare.py").run()
+    at.switch_page("app_pages/3_Compare.py").run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Compare runs"]
-    at.switch_page("pages/7_Imbalance.py").run()
+    at.switch_page("app_pages/7_Imbalance.py").run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Imbalance"]
-    at.switch_page("pages/8_Search.py").run()
+    at.switch_page("app_pages/8_Search.py").run()
     assert not at.exception
     assert [t.value for t in at.title] == ["Search"]

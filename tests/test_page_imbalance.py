@@ -1,4 +1,4 @@
-"""The Imbalance page (pages/7_Imbalance.py) and its library half (experiments/imbalance_lab.py): the
+"""The Imbalance page (app_pages/7_Imbalance.py) and its library half (experiments/imbalance_lab.py): the
 training set of a profile, finished runs side by side, threshold moving on saved logits, cRT and
 EasyEnsemble launches. Finished runs are made from constructed logits (nothing trains here)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore, atomic_write_json
 from tests import test_studies
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "7_Imbalance.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "7_Imbalance.py")
 LT_COUNTS = np.array([5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50])  # CIFAR-10-LT, rho = 100
 
 

@@ -1,4 +1,4 @@
-"""The augmentation previewer (pages/5_Preview.py) through AppTest, plus its computing helpers.
+"""The augmentation previewer (app_pages/5_Preview.py) through AppTest, plus its computing helpers.
 
 Grids are kept small (2×2) except where the size matters. Without data the page falls back to the
 bundled sample (and fits zca on it), which keeps these tests fast.
@@ -26,7 +26,7 @@ from cifar_core.config import parse_chain
 from ui.forms import widget_kind
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = str(REPO / "pages" / "5_Preview.py")
+PAGE = str(REPO / "app_pages" / "5_Preview.py")
 EDITOR = "preview.a"
 
 
@@ -491,7 +491,7 @@ def test_use_in_training_link_round_trips_to_the_train_page(no_data, tmp_path, m
     assert validate_chain(json.loads(value)) == validate_chain(chain)
     # the Train page reads that value into its form
     monkeypatch.setenv("CIFAR_LAB_RUNS", str(tmp_path / "runs"))
-    train = AppTest.from_file(str(REPO / "pages" / "1_Train.py"), default_timeout=120)
+    train = AppTest.from_file(str(REPO / "app_pages" / "1_Train.py"), default_timeout=120)
     train.query_params["chain"] = value
     train.run()
     assert not train.exception
@@ -502,7 +502,7 @@ def test_use_in_training_is_a_page_link_inside_the_app(no_data, tmp_path, monkey
     monkeypatch.setenv("CIFAR_LAB_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120).run()
     at.session_state["preview.grid"] = "2×2"
-    at.switch_page("pages/5_Preview.py").run()
+    at.switch_page("app_pages/5_Preview.py").run()
     assert_clean(at)
     links = [el for el in at.get("page_link") if "in training" in el.proto.label]
     assert links, [el.proto.label for el in at.get("page_link")]

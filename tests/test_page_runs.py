@@ -21,8 +21,8 @@ from cifar_core.jobs import process_start_time
 from cifar_core.runs import RunStore, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS_PAGE = str(REPO / "pages" / "2_Runs.py")
-COMPARE_PAGE = str(REPO / "pages" / "3_Compare.py")
+RUNS_PAGE = str(REPO / "app_pages" / "2_Runs.py")
+COMPARE_PAGE = str(REPO / "app_pages" / "3_Compare.py")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 STEPS_PER_EPOCH = 50
 
@@ -236,7 +236,7 @@ def test_relaunch_opens_train_page_prefilled(store):
 
     make_run(store, "r-done", "completed")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
-    at.switch_page("pages/2_Runs.py")
+    at.switch_page("app_pages/2_Runs.py")
     at.query_params["run"] = "r-done"
     at.run()
     assert_ok(at)

@@ -1,4 +1,4 @@
-"""The Search page (pages/8_Search.py) through AppTest: the new-search form (its empty state, the space's
+"""The Search page (app_pages/8_Search.py) through AppTest: the new-search form (its empty state, the space's
 errors shown before anything is created, a valid search started with the worker's launch stubbed),
 damaged storage, and the live view of a real finished study (made once by the CLI on the tiny preset):
 its trials table, states, best value, CSV, charts, and the best config queued for full training."""
@@ -21,7 +21,7 @@ from cifar_core.experiments import search
 from cifar_core.runs import RunStore, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = str(REPO / "pages" / "8_Search.py")
+PAGE = str(REPO / "app_pages" / "8_Search.py")
 STUDY = "pagetest"
 SPACE = {"lr": {"low": 0.01, "high": 1.0, "log": True}, "label_smoothing": {}, "model_params.dropout": {"high": 0.3}}
 

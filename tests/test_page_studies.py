@@ -1,4 +1,4 @@
-"""The Studies page (pages/4_Studies.py) through AppTest: results first and the launch form on its own
+"""The Studies page (app_pages/4_Studies.py) through AppTest: results first and the launch form on its own
 tab, the strategies picker, the ablation chart's labels, the cpu-quick note shown once, and the verdict
 (held, did not hold, not yet) with its numbers above the results."""
 from __future__ import annotations

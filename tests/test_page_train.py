@@ -1,4 +1,4 @@
-"""The Train page (pages/1_Train.py) through streamlit.testing.v1.AppTest, in-process and fast.
+"""The Train page (app_pages/1_Train.py) through streamlit.testing.v1.AppTest, in-process and fast.
 
 Every test gets its own runs folder (CIFAR_LAB_RUNS) and the offline data as a Keras npz
 (CIFAR10_NPZ). The job supervisor is never started: `cifar_core.jobs.ensure_worker` is a no-op, so
@@ -21,7 +21,7 @@ from cifar_core.experiments.presets import DISTILLED_PRESETS, presets
 from cifar_core.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
-PAGE = str(REPO / "pages" / "1_Train.py")
+PAGE = str(REPO / "app_pages" / "1_Train.py")
 LAUNCH = "train.launch"
 FORM = "train.form"
 PICK = "train.teacher_pick"
@@ -191,7 +191,7 @@ def test_the_estimate_is_measured_and_stated_next_to_launch(runs_root):
 
 def test_launch_switches_to_the_runs_page(runs_root):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
-    at.switch_page("pages/1_Train.py").run()
+    at.switch_page("app_pages/1_Train.py").run()
     at.selectbox(key="train.start").set_value("tiny (smoke test)").run()
     launch_button(confirm_long(at)).click().run()
     ids = RunStore(runs_root).ids()

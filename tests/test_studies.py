@@ -16,7 +16,7 @@ from cifar_core.data import CLASSES
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore, atomic_write_json
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Studies.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "4_Studies.py")
 
 
 @pytest.fixture

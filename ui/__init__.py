@@ -1,1 +1,1 @@
-"""Streamlit view helpers shared by app.py and pages/ (the only place besides them that imports streamlit)."""
+"""Streamlit view helpers shared by app.py and app_pages/ (the only place besides them that imports streamlit)."""

@@ -1,4 +1,4 @@
-"""View helpers of the Active learning page (pages/9_Active_learning.py): the learning-curve chart, the
+"""View helpers of the Active learning page (app_pages/9_Active_learning.py): the learning-curve chart, the
 picked images, the class balance of a batch and the labelling controls. Nothing here runs a loop: that
 is cifar_core.experiments.active_loop."""
 from __future__ import annotations

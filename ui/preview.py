@@ -1,4 +1,4 @@
-"""The augmentation previewer's Streamlit parts (pages/5_Preview.py): image sources, uploads, the
+"""The augmentation previewer's Streamlit parts (app_pages/5_Preview.py): image sources, uploads, the
 cached fits, and drawing a chain's grid, notes, histograms and code. The computing lives in
 cifar_core.augment.preview.
 """
@@ -310,7 +310,7 @@ def reproduce(label: str, chain: AugmentChain, source: ap.Source, n: int, seed: 
             language="python")
     value = ap.chain_link_value(chain.specs)
     try:
-        st.page_link("pages/1_Train.py", label=f"Use {label} in training", icon=":material/model_training:",
+        st.page_link("app_pages/1_Train.py", label=f"Use {label} in training", icon=":material/model_training:",
                      query_params={"chain": value})
     except Exception:  # this page run on its own (no Train page in the app): a plain link
         from urllib.parse import quote

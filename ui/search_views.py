@@ -1,4 +1,4 @@
-"""View helpers of the Search page (pages/8_Search.py): labels of the searchable fields, the widgets that
+"""View helpers of the Search page (app_pages/8_Search.py): labels of the searchable fields, the widgets that
 narrow one field's declared range, and the study's charts and tables. Nothing here searches: the
 search itself is cifar_core.experiments.search."""
 from __future__ import annotations

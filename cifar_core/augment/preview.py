@@ -1,4 +1,4 @@
-"""The augmentation previewer's computations (pages/5_Preview.py draws them with ui/preview.py).
+"""The augmentation previewer's computations (app_pages/5_Preview.py draws them with ui/preview.py).
 
 A batch of N copies of one 32×32 image (plus partner images when a step mixes images) goes through
 one `AugmentChain` call with record=True, so the N variants are augmented in one batched pass and

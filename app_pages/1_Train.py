@@ -19,7 +19,7 @@ from ui import charts
 from ui.common import data_source, data_status, friendly_errors, get_store
 from ui.forms import config_form, fingerprint
 
-RUNS_PAGE = "pages/2_Runs.py"
+RUNS_PAGE = "app_pages/2_Runs.py"
 FORM_KEY = "train.form"
 TEACHER_PICK = "train.teacher_pick"
 INIT_PICK = "train.init_pick"

@@ -20,7 +20,7 @@ from ui import search_views as views
 from ui.common import data_source, data_status, friendly_errors, get_store
 from ui.forms import config_json_editor, param_widget, registry_chooser, registry_params_form
 
-RUNS_PAGE = "pages/2_Runs.py"
+RUNS_PAGE = "app_pages/2_Runs.py"
 RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)
 REFRESH_S = 3
 NEW = "search.new"  # the new-search form's widget keys

@@ -325,7 +325,7 @@ def actions(store, run_id: str, state: str) -> None:
         if st.button("Relaunch with changes", key="runs_relaunch",
                      help="Open the Train page with this run's configuration filled in."):
             with friendly_errors("Relaunch"):
-                st.switch_page("pages/1_Train.py", query_params={"from_run": run_id})
+                st.switch_page("app_pages/1_Train.py", query_params={"from_run": run_id})
     with c3:
         deletable = state in live.FINISHED or state == "unknown"
         with st.expander("Delete run", expanded=False):
@@ -467,7 +467,7 @@ def export_section(store, record) -> None:
                                mime="application/json", key="runs_dl_card", on_click="ignore",
                                icon=":material/download:")
             if st.button("Classify photos with it", key="runs_to_classify", icon=":material/image_search:"):
-                st.switch_page("pages/6_Classify.py",
+                st.switch_page("app_pages/6_Classify.py",
                                query_params={"model": f"run/{record.run_id}/{path.name}"})
     if clicked:
         from cifar_core.serve.export import describe_checkpoint, export_run

@@ -20,7 +20,7 @@ from ui.common import data_source, data_status, device_info, friendly_errors, ge
 
 from ui.forms import param_widget
 
-RUNS_PAGE = "pages/2_Runs.py"
+RUNS_PAGE = "app_pages/2_Runs.py"
 RUNS_URL = "Runs"  # the Runs page's URL path (relative link: keeps any base path)
 REFRESH_S = 2
 
