@@ -180,6 +180,13 @@ class RunConfig:
                                                  help="Also average views shifted by one pixel "
                                                       "(with tta_flip: airbench's TTA level 2)."),
                              "Test-time 1-pixel shifts")
+    tta_confident: float = _p("evaluation", Param(
+        "tta_confident", "float", 0.0, 0.0, 1.0,
+        help="Test-time views only where the model is unsure: an image whose plain view's top softmax "
+             "probability reaches this keeps the plain view's logits, the others get the averaged views of "
+             "tta_flip / tta_translate (0: every image gets them). Saves evaluation time when most images "
+             "are easy; with label smoothing the top probability stays well below 1."),
+        "Test-time views only below this confidence")
     # learning from few labels (engine/objectives.py)
     objective: str = _p("semi", Param("objective", "choice", "supervised", choices=OBJECTIVE_NAMES,
                                       help="What each step learns from: supervised = the labeled images only; "

@@ -144,3 +144,32 @@ def test_clip_gradients_returns_the_norm_before_clipping(mode):
         assert after == pytest.approx(0.5, rel=1e-4)
     else:
         assert max(p.grad.abs().max().item() for p in model.parameters()) <= 0.01
+
+
+@pytest.mark.parametrize("translate", [False, True])
+def test_test_time_views_only_where_the_model_is_unsure(translate):
+    from cifar_core.engine.evaluation import views_where_unsure
+    from cifar_core.engine import tta_views
+
+    model = create_model("fastnet", {"width": 0.25, "whiten": False}, 10).eval()
+    torch.manual_seed(1)
+    x = torch.randn(40, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        full = sum(wt * model(view) for wt, view in tta_views(x, True, translate))
+        top = plain.softmax(1).amax(1)
+        threshold = float(top.median())  # half the images sure, half not
+        mixed = views_where_unsure(model, x, True, translate, threshold)
+        sure = top >= threshold
+        assert 0 < int(sure.sum()) < len(x)
+        torch.testing.assert_close(mixed[sure], plain[sure])  # the sure keep the plain view
+        torch.testing.assert_close(mixed[~sure], full[~sure], rtol=1e-4, atol=1e-5)  # the unsure: every view
+        torch.testing.assert_close(views_where_unsure(model, x, True, translate, 1.01), full, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(views_where_unsure(model, x, True, translate, 1e-9), plain)
+
+
+def test_tta_confident_is_a_declared_evaluation_option():
+    cfg = RunConfig.from_dict({**preset("fast"), "tta_confident": 0.6})
+    assert cfg.tta_confident == 0.6
+    with pytest.raises(ConfigError, match="tta_confident"):
+        RunConfig.from_dict({"tta_confident": 1.5})

@@ -87,6 +87,13 @@ def test_fast_preset_tricks_train_in_bf16_on_the_cpu(tmp_path, cifar_npz):
         assert torch.equal(last["model"][name], slow), name
 
 
+def test_a_run_with_test_time_views_only_where_unsure_completes(tmp_path, cifar_npz):
+    cfg = tiny(tta_flip=True, tta_translate=True, tta_confident=0.3)
+    record = train_run(cfg, RunStore(tmp_path), data_source=str(cifar_npz))
+    assert record.status()["state"] == "completed"
+    assert record.results()["test_acc"] > 0.2, record.results()["test_acc"]
+
+
 def test_nan_loss_stops_run_as_failed(tmp_path, cifar_npz):
     cfg = tiny(model="lenet", model_params={}, lr=10.0, momentum=0.99, epochs=3, schedule="none",
                weight_decay=0, label_smoothing=0, val_size=0)

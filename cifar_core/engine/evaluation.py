@@ -26,17 +26,38 @@ def tta_views(x: torch.Tensor, flip: bool, translate: bool) -> list[tuple[float,
     return views
 
 
+def views_where_unsure(model, x: torch.Tensor, flip: bool, translate: bool, confident: float) -> torch.Tensor:
+    """The plain view's logits where its top probability reaches `confident`, the weighted views' average
+    elsewhere (the plain view, always first in tta_views, is computed once). The model is in eval mode, so
+    an image's logits do not depend on the others in its batch."""
+    plain = model(x).float()
+    unsure = (plain.softmax(1).amax(1) < confident).nonzero().squeeze(1)
+    if unsure.numel() == 0:
+        return plain
+    picked = x[unsure]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        picked = picked.contiguous(memory_format=torch.channels_last)
+    (first_weight, _), *others = tta_views(picked, flip, translate)
+    logits = plain.clone()
+    logits[unsure] = first_weight * plain[unsure] + sum(wt * model(view).float() for wt, view in others)
+    return logits
+
+
 @torch.no_grad()
 def predict_logits(model, prep: Prepared, x_uint8: torch.Tensor, tta_flip: bool,
                    tta_translate: bool = False) -> torch.Tensor:
     model.eval()
+    confident = prep.cfg.tta_confident if (tta_flip or tta_translate) else 0.0
     outs = []
     for start in range(0, x_uint8.shape[0], EVAL_BATCH):
         x = eval_transform(prep, x_uint8[start:start + EVAL_BATCH])
         if prep.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(prep.cfg, prep.device):
-            logits = sum(wt * model(view).float() for wt, view in tta_views(x, tta_flip, tta_translate))
+            if confident > 0:
+                logits = views_where_unsure(model, x, tta_flip, tta_translate, confident)
+            else:
+                logits = sum(wt * model(view).float() for wt, view in tta_views(x, tta_flip, tta_translate))
         outs.append(logits)
     return torch.cat(outs)
 
