@@ -204,3 +204,24 @@ def test_muon_settings_apply_only_to_optimizer_muon_and_cnns():
     with pytest.raises(ConfigError, match="not a convolutional network"):
         RunConfig(model="vit", optimizer="muon").validated()
     assert RunConfig(model="resnet18", optimizer="muon").validated().optimizer == "muon"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_the_whitening_bias_gets_a_group_of_its_own_until_its_epoch(optimizer):
+    from cifar_core.models import create_model
+    model = create_model("fastnet", {"width": 0.25, "whiten_bias_epochs": 3.0}, 10)
+    model.init_from_data(torch.randn(64, 3, 32, 32))
+    cfg = RunConfig(model="fastnet", optimizer=optimizer, bias_lr_scale=64.0).validated()
+    groups = build_optimizer(cfg, model).param_groups
+    temporary = [g for g in groups if "until_epoch" in g]
+    assert len(temporary) == 1 and temporary[0]["params"] == [model.whiten.bias]
+    assert temporary[0]["until_epoch"] == 3.0 and temporary[0]["lr_scale"] == 64.0
+    assert temporary[0]["weight_decay"] == 0.0
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert len(everything) == len(set(everything))  # the bias is in no other group
+    assert id(model.whiten.weight) not in everything  # the whitening filters stay frozen
+    if optimizer == "muon":
+        assert groups[-1]["orthogonalize"] is True  # the filter group stays last
+    frozen = create_model("fastnet", {"width": 0.25}, 10)
+    frozen.init_from_data(torch.randn(64, 3, 32, 32))
+    assert not any("until_epoch" in g for g in build_optimizer(cfg, frozen).param_groups)

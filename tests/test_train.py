@@ -94,6 +94,22 @@ def test_a_run_with_test_time_views_only_where_unsure_completes(tmp_path, cifar_
     assert record.results()["test_acc"] > 0.2, record.results()["test_acc"]
 
 
+def test_the_whitening_bias_trains_for_its_epochs_then_stays(tmp_path, cifar_npz):
+    """Constant LR, so the first epoch of a 2-epoch run is the whole of a 1-epoch one."""
+    def final_bias(epochs: int, bias_epochs: float):
+        cfg = tiny(model_params={"width": 0.25, "whiten_bias_epochs": bias_epochs}, epochs=epochs,
+                   schedule="none", val_size=0, test_size=200, name=f"wb-{epochs}-{bias_epochs}")
+        record = train_run(cfg, RunStore(tmp_path), data_source=str(cifar_npz))
+        assert record.status()["state"] == "completed", record.status()
+        return torch.load(record.checkpoint_path("last"), weights_only=True)["model"]["whiten.bias"]
+
+    frozen = final_bias(1, 0.0)          # the data's bias, never trained
+    after_one = final_bias(1, 1.0)
+    after_two = final_bias(2, 1.0)
+    assert not torch.allclose(after_one, frozen)  # it trained in epoch 1 ...
+    torch.testing.assert_close(after_two, after_one)  # ... and stayed fixed in epoch 2
+
+
 def test_nan_loss_stops_run_as_failed(tmp_path, cifar_npz):
     cfg = tiny(model="lenet", model_params={}, lr=10.0, momentum=0.99, epochs=3, schedule="none",
                weight_decay=0, label_smoothing=0, val_size=0)

@@ -74,11 +74,14 @@ class StopTraining(Exception):
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of the model's trainable parameters. Each param group's `lr_scale` is its LR as a
-    multiple of cfg.lr: the trainer's schedule sets every group's lr to lr × schedule × lr_scale."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    multiple of cfg.lr: the trainer's schedule sets every group's lr to lr × schedule × lr_scale, and to 0
+    from a group's `until_epoch` on (the model's temporary_params, each in a group of its own)."""
+    temporary = temporary_groups(cfg, model)
+    held = {id(p) for group in temporary for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in held]
     if cfg.optimizer == "muon":
-        return build_muon(cfg, trainable)
-    groups = decay_groups(cfg, trainable)
+        return build_muon(cfg, trainable, temporary)
+    groups = decay_groups(cfg, trainable) + temporary
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -94,7 +97,15 @@ def decay_groups(cfg: RunConfig, params: list[torch.Tensor]) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
 
 
-def build_muon(cfg: RunConfig, params: list[torch.Tensor]) -> MuonSGD:
+def temporary_groups(cfg: RunConfig, model: torch.nn.Module) -> list[dict]:
+    """One group per set of the model's temporary_params that still trains: no weight decay, the bias LR."""
+    listed = getattr(model, "temporary_params", None)
+    return [{"params": params, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale, "until_epoch": epochs}
+            for params, epochs in (listed() if callable(listed) else [])
+            if all(p.requires_grad for p in params)]
+
+
+def build_muon(cfg: RunConfig, params: list[torch.Tensor], temporary: list[dict] = ()) -> MuonSGD:
     """Muon for the conv filters (4-D weights) at cfg.muon_lr with cfg.muon_momentum, no weight decay;
     SGD for the rest (the head and other matrices with weight decay at cfg.lr, biases and norms at
     cfg.lr × bias_lr_scale), Nesterov for both as cfg.nesterov says. The filter group comes last, so
@@ -102,7 +113,7 @@ def build_muon(cfg: RunConfig, params: list[torch.Tensor]) -> MuonSGD:
     filters = [p for p in params if p.ndim == 4]
     rest = [p for p in params if p.ndim != 4]
     sgd = [{**group, "momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0}
-           for group in decay_groups(cfg, rest)]
+           for group in [*decay_groups(cfg, rest), *temporary]]
     muon = {"params": filters, "orthogonalize": True, "weight_decay": 0.0, "lr_scale": cfg.muon_lr / cfg.lr,
             "momentum": cfg.muon_momentum, "nesterov": cfg.nesterov and cfg.muon_momentum > 0}
     return MuonSGD([*sgd, muon], lr=cfg.lr)
@@ -429,8 +440,9 @@ class Trainer:
 
     def _set_lr(self) -> float:
         lr = self.cfg.lr * self.schedule(self.step)
+        epoch = self.step / self.steps_per_epoch
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = 0.0 if epoch >= group.get("until_epoch", math.inf) else lr * group["lr_scale"]
         return lr
 
     def _time_is_up(self) -> bool:

@@ -56,7 +56,8 @@ FAST: dict = {
 # 0.67·2000·81/65536 = 1.66, BN biases 0.053·2000 = 106 = 1.66 × 64, weight decay 0.004/1.66 = 2.4e-3
 # (the same per-step shrink lr·wd); Muon's lr needs no conversion (its step ignores the gradient's
 # scale). Differences: its BN biases are decayed too (this engine never decays 1-D parameters) and its
-# whitening bias trains for 3 epochs (fastnet's stays frozen). bf16 + channels_last as in `fast`.
+# whitening bias trains for 3 epochs (fastnet's `whiten_bias_epochs` 3 does that; left at 0 here until it is
+# measured on this CPU). bf16 + channels_last as in `fast`.
 # Accuracy and time on the dev box's CPU (and on a GPU) are not measured yet.
 FAST_MUON: dict = {
     **FAST, "name": "fast muon", "epochs": 8, "eval_every": 8, "batch_size": 2000,

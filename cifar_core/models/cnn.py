@@ -317,10 +317,11 @@ class FastNet(nn.Module):
     scale = 1.0 / 9.0
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, whiten: bool = True,
-                 dropout: float = 0.0, eps: float = 5e-4):
+                 dropout: float = 0.0, eps: float = 5e-4, whiten_bias_epochs: float = 0.0):
         super().__init__()
         w1, w2, w3 = (max(8, int(round(c * width))) for c in (64, 256, 256))
         self.use_whitening = bool(whiten)
+        self.whiten_bias_epochs = float(whiten_bias_epochs)
         self.eps = eps
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
         self.act = nn.GELU()
@@ -372,9 +373,17 @@ class FastNet(nn.Module):
         w.copy_(weight.to(w.device, w.dtype))
         self.whiten.bias.copy_(bias.to(w.device, w.dtype))
         self.whiten.weight.requires_grad_(False)
-        self.whiten.bias.requires_grad_(False)
+        self.whiten.bias.requires_grad_(self.whiten_bias_epochs > 0)  # then trained for a while: temporary_params
         self.whitened = True
         return True
+
+    def temporary_params(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters that train only for the first epochs: [(params, epochs)]. The whitening bias, when
+        whiten_bias_epochs > 0 (airbench94 trains it for 3 epochs); the optimizer then gives it LR 0, so
+        it stays fixed while its gradient still flows (DistributedDataParallel expects every gradient)."""
+        if self.whitened and self.whiten_bias_epochs > 0:
+            return [([self.whiten.bias], self.whiten_bias_epochs)]
+        return []
 
     def fold_for_inference(self) -> str | None:
         """Fold each group's pooled BN into its conv (see `_ConvGroup.fold_norm1`); for export only.
@@ -395,7 +404,11 @@ class FastNet(nn.Module):
     Param("whiten", "bool", True,
           help="Initialise the first 2x2 conv from the data's patch whitening (init_from_data) and freeze it."),
     Param("dropout", "float", 0.0, low=0.0, high=0.9, help="Dropout before the final linear layer."),
+    Param("whiten_bias_epochs", "float", 0.0, low=0.0, high=100.0,
+          help="With whiten: the whitening conv's bias (set from the data) keeps training for this many epochs, "
+               "at the bias LR, then stays fixed (airbench94: 3). 0: frozen from the start."),
 ), tags=("cnn", "fast"),
     description="airbench94-style fast net: frozen 2x2 patch-whitening conv + 3 conv groups, ~2.0 M parameters.")
-def fastnet(num_classes: int = 10, width: float = 1.0, whiten: bool = True, dropout: float = 0.0) -> nn.Module:
-    return FastNet(num_classes, width=width, whiten=whiten, dropout=dropout)
+def fastnet(num_classes: int = 10, width: float = 1.0, whiten: bool = True, dropout: float = 0.0,
+            whiten_bias_epochs: float = 0.0) -> nn.Module:
+    return FastNet(num_classes, width=width, whiten=whiten, dropout=dropout, whiten_bias_epochs=whiten_bias_epochs)
