@@ -6,7 +6,8 @@ import os
 
 from .params import ConfigError
 
-__all__ = ["cuda_available", "cuda_device_count", "default_device_kind", "resolve_device", "device_description", "device_info"]
+__all__ = ["cuda_available", "cuda_device_count", "default_device_kind", "resolve_device", "device_description", "device_info",
+           "free_memory_bytes"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,3 +58,40 @@ def device_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         return {"kind": "cuda", "name": props.name, "memory_gib": props.total_memory / 2**30}
     return {"kind": "cpu", "name": f"CPU ({os.cpu_count()} cores)", "memory_gib": None}
+
+
+def free_memory_bytes(device) -> int | None:
+    """Bytes a process could still allocate on `device`: CUDA's free memory; on a CPU, Linux's MemAvailable,
+    capped by the cgroup's memory limit when one is set (containers). None when it cannot be told."""
+    if device.type == "cuda":
+        import torch
+        return int(torch.cuda.mem_get_info(device)[0])
+    available = _meminfo_available()
+    if available is None:
+        return None
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """memory.max − memory.current of this process's cgroup (v2), None without a limit."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return max(0, int(limit) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None

@@ -224,3 +224,29 @@ def test_the_duration_estimate_counts_the_images_each_objective_trains_on():
     assert images("flexmatch", label_budget=250, ssl_unlabeled_ratio=3) == 7.0
     assert images("mixmatch", label_budget=250, ssl_unlabeled_ratio=3, mixmatch_k=2) == pytest.approx(1 + 6 + 2)
     assert images("rotation") == 4.0 and images("rotation", label_budget=250) == 8.0
+
+
+def test_an_unlabeled_ratio_that_does_not_fit_memory_fails_the_run_before_its_first_step(tmp_path, cifar_npz,
+                                                                                        monkeypatch):
+    from cifar_core.engine import loop
+    per_image = {}
+    original = loop.activation_bytes_per_image
+
+    def measured(*args):
+        per_image["bytes"] = original(*args)
+        return per_image["bytes"]
+
+    monkeypatch.setattr(loop, "activation_bytes_per_image", measured)
+    # room for a supervised step of BATCH images, not for FixMatch's μ = 50 unlabeled views on top
+    fits = tiny(objective="supervised", label_budget=0, ema_decay=0.0)
+    monkeypatch.setattr(loop, "free_memory_bytes", lambda device: 10**12)
+    assert train_run(fits, RunStore(tmp_path / "a"), data_source=str(cifar_npz)).state() == "completed"
+    room = 3 * BATCH * per_image["bytes"]
+    monkeypatch.setattr(loop, "free_memory_bytes", lambda device: room)
+    record = train_run(fits.replace(name="again"), RunStore(tmp_path / "b"), data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    record = train_run(tiny(ssl_unlabeled_ratio=50), RunStore(tmp_path / "c"), data_source=str(cifar_npz))
+    status = record.status()
+    assert status["state"] == "failed" and status.get("step", 0) == 0
+    assert "MiB of activations" in status["error"] and "lower batch_size or ssl_unlabeled_ratio" in status["error"]
+    assert "Traceback" not in status["error"], status["error"]

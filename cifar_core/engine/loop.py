@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ..config import RunConfig
+from ..config import SEMI_SUPERVISED_OBJECTIVES, RunConfig
 from ..data import CLASSES, NUM_CLASSES
-from ..devices import device_description
+from ..devices import device_description, free_memory_bytes
 from ..models import count_params, create_model
 from ..params import ConfigError
 from ..processes import LockHeld, process_lock, process_start_time
@@ -134,6 +134,56 @@ def build_model(cfg: RunConfig, prep: Prepared, source: InitSource | None = None
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+@torch.no_grad()
+def activation_bytes_per_image(cfg: RunConfig, model: torch.nn.Module, prep: Prepared) -> int:
+    """Bytes of layer outputs one training image leaves for the backward pass: the outputs of every leaf
+    module in a forward pass of two images, in eval mode (the BatchNorm statistics do not move) and under
+    the run's autocast, halved."""
+    sizes = []
+
+    def count(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        x = model_input(prep, prep.train_x[:2])
+        with autocast_context(cfg, prep.device):
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return sum(sizes) // 2
+
+
+def check_step_fits(cfg: RunConfig, model: torch.nn.Module, prep: Prepared, objective: Objective,
+                    share: float = 1.0) -> None:
+    """Refuse, before the first step, a step whose activations alone exceed the device's free memory (a
+    lower bound of what it needs: the gradients and the optimizer come on top), instead of letting the
+    kernel kill the process or CUDA fail mid-run. `share`: the part of the global batch in this memory
+    (1/world for one GPU per rank; 1 where every rank shares the CPU's memory)."""
+    free = free_memory_bytes(prep.device)
+    if free is None:
+        return
+    per_labeled = objective.images_per_labeled(cfg)
+    needed = cfg.batch_size * share * per_labeled * activation_bytes_per_image(cfg, model, prep)
+    if needed <= free:
+        return
+    per_step = (f"batch {cfg.batch_size} × {per_labeled:g} images a labeled one for objective {cfg.objective}"
+                if cfg.objective != "supervised" else f"batch {cfg.batch_size}")
+    lower = "batch_size" + (" or ssl_unlabeled_ratio" if cfg.objective in SEMI_SUPERVISED_OBJECTIVES else "")
+    raise ConfigError(f"a training step would hold at least {memory_text(needed)} of activations ({per_step}), "
+                      f"more than the {memory_text(free)} free on {device_description(prep.device)}: lower {lower}")
+
+
+def memory_text(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 class LogWindow:
@@ -288,6 +338,8 @@ class Trainer:
             check_world(cfg, prep.device, self.ranks.world)
         self.objective.attach(prep)
         self.model = self.ranks.convert_norms(build_model(cfg, prep, source), cfg.sync_bn)
+        check_step_fits(cfg, self.model, prep, self.objective,
+                        1 / self.ranks.world if prep.device.type == "cuda" else 1.0)
         self.optimizer = build_optimizer(cfg, self.model)
         self.precision = effective_precision(cfg, prep.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
