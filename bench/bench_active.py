@@ -10,7 +10,8 @@ its process start-up, the scoring of the unlabeled pool and the selection.
 
 Loops run one after another (seeds outermost, so that a stopped benchmark leaves whole seeds), and a loop
 that already completed in --runs-root is not run again: its time is read from the summary it left
-(--out's `loops`), so the benchmark can be stopped and restarted.
+(--out's `loops`), or, for a loop that completed while this script was not running, from its manifest
+(created to last update; `seconds_from: manifest`), so the benchmark can be stopped and restarted.
 
 Prints the JSON summary and writes it to --out: per loop its curve and wall seconds; per strategy and
 number of labels the mean ± std of the test accuracy; each strategy minus random at every budget, paired
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifar_core.experiments.active_loop import COMPLETED, loop_report, read_loop
+from cifar_core.experiments.active_loop import COMPLETED, loop_report, manifest_path, read_loop
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
 
@@ -126,6 +127,12 @@ def main() -> None:
             name = loop_id(strategy, seed)
             if finished(store, name) and name in previous:
                 loops[name] = previous[name]
+            elif finished(store, name):  # completed while this script was stopped: its manifest's times
+                loop = read_loop(store, name)
+                report = loop_report(store, name)
+                updated = json.loads(manifest_path(store, name).read_text()).get("updated", loop.created)
+                loops[name] = {"strategy": strategy, "seed": seed, "seconds": updated - loop.created,
+                               "seconds_from": "manifest", "epochs": report["epochs"], "curve": report["curve"]}
             else:
                 seconds = run_loop(args, strategy, seed)
                 report = loop_report(store, name)

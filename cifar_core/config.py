@@ -34,8 +34,9 @@ SECTIONS = ("run", "model", "data", "augment", "optim", "regularization", "evalu
 SECTION_LABELS = {"run": "Run", "model": "Model", "data": "Data", "augment": "Augmentation",
                   "optim": "Optimizer", "regularization": "Regularization", "evaluation": "Evaluation",
                   "semi": "Few labels", "distill": "Distillation", "speed": "Speed"}
-# Model parameters (model_params) that belong to another section than the model's architecture.
-MODEL_PARAM_SECTIONS = {"dropout": "regularization", "drop_path": "regularization"}
+# Model parameters (model_params) that belong to another section than the model's architecture: they change
+# no weight's shape, so a run may start from another run's weights with other values of them.
+MODEL_PARAM_SECTIONS = {"dropout": "regularization", "drop_path": "regularization", "whiten_bias_epochs": "optim"}
 
 
 def _p(section: str, param: Param, label: str, default=MISSING):
