@@ -35,8 +35,9 @@ def curves_chart(rows: list[dict], height: int = 340):
     data = pd.DataFrame(rows)
     data["low"] = data["mean"] - data["std"].fillna(0.0)
     data["high"] = data["mean"] + data["std"].fillna(0.0)
-    x = alt.X("labels:Q", title="labeled images", axis=alt.Axis(format=","))
-    color = alt.Color("group:N", title="strategy")
+    # labelExpr: the streamlit theme shows the axis' "," format as 1e+3; tableau10: distinct hues per strategy
+    x = alt.X("labels:Q", title="labeled images", axis=alt.Axis(labelExpr="format(datum.value, ',')"))
+    color = alt.Color("group:N", title="strategy", scale=alt.Scale(scheme="tableau10"))
     tooltip = ["group:N", alt.Tooltip("labels:Q", format=","), alt.Tooltip("mean:Q", format=".2%", title="test acc"),
                alt.Tooltip("std:Q", format=".2%", title="std over seeds"), alt.Tooltip("n:Q", title="loops")]
     band = alt.Chart(data[data["n"] > 1]).mark_area(opacity=0.2).encode(x=x, y="low:Q", y2="high:Q", color=color)
