@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cifar_core.experiments.active_loop import COMPLETED, loop_report, manifest_path, read_loop
+from cifar_core.experiments.verdicts import difference
 from cifar_core.params import ConfigError
-from cifar_core.runs import RunStore
+from cifar_core.runs import RunStore, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "random"
@@ -71,13 +70,12 @@ def run_loop(args, strategy: str, seed: int) -> float:
 
 
 def t_interval(values: list[float]) -> dict:
-    from scipy import stats
-    n = len(values)
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if n > 1 else None
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n,
-            "low": None if half is None else mean - half, "high": None if half is None else mean + half}
+    """Mean, std and the 95% t-interval (verdicts.difference) of per-seed values; no interval for one."""
+    if len(values) < 2:
+        mean, _, n = mean_std(values)
+        return {"mean": mean, "std": None, "n": n, "low": None, "high": None}
+    diff = difference(values)
+    return {"mean": diff.mean, "std": diff.std, "n": diff.n, "low": diff.low, "high": diff.high}
 
 
 def summarize(args, loops: dict) -> dict:

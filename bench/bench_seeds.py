@@ -26,11 +26,12 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cifar_core import runs
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("test_acc", "balanced_acc", "macro_f1", "train_seconds")
@@ -80,11 +81,8 @@ def run_reference(args, seed: int) -> dict:
 
 
 def mean_std(values: list) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
+    mean, std, n = runs.mean_std(values)
+    return {"mean": mean, "std": std, "n": n}
 
 
 def summarize(seeds: dict, references: dict) -> dict:
