@@ -10,8 +10,8 @@ folder holds that seed's run alone.
 
 A reference command (--reference, run through the shell from --reference-dir, e.g. a public script kept in
 a scratch folder outside the repository) runs after each seed's run, so that both are timed on the same
-machine one run after the other; --reference-regex takes its accuracy from its output (the first group
-of the last match, a percentage or a fraction).
+machine one run after the other; `{seed}` in it becomes the seed; --reference-regex takes its accuracy
+from its output (the first group of the last match, a percentage or a fraction).
 
 Per seed: the run's test accuracy, balanced accuracy, macro-F1, train seconds (the engine's training loop)
 and wall seconds (the command, start-up and final evaluation included); mean ± std of each; for the
@@ -67,7 +67,8 @@ def read_results(run: Path) -> dict:
 
 def run_reference(args, seed: int) -> dict:
     start = time.perf_counter()
-    done = subprocess.run(args.reference, shell=True, cwd=args.reference_dir, capture_output=True, text=True)
+    command = args.reference.replace("{seed}", str(seed))
+    done = subprocess.run(command, shell=True, cwd=args.reference_dir, capture_output=True, text=True)
     wall = time.perf_counter() - start
     output = done.stdout + done.stderr
     (Path(args.runs_root) / f"reference-{seed}.log").write_text(output)
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--runs-root", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--reference", default=None, help="a shell command to run after each seed's run")
+    parser.add_argument("--reference", default=None, help="a shell command to run after each seed's run ({seed}: the seed)")
     parser.add_argument("--reference-dir", default=None, help="its working folder")
     parser.add_argument("--reference-regex", default=None, help="its accuracy in its output: a regex with one group")
     args = parser.parse_args(argv[:split])
