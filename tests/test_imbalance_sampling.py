@@ -4,6 +4,7 @@ EasyEnsemble members, LDAM with deferred re-weighting; their checks, mixup with 
 real runs."""
 from __future__ import annotations
 
+import json
 import re
 import types
 
@@ -322,3 +323,16 @@ def test_duration_estimates_count_the_images_each_entry_trains_on():
     member = run_counts(RunConfig(**lt, balance="easy_ensemble_member",
                                   balance_params={"members": 3, "member": 2}).validated())
     assert member.train == 10 * 10 and member.pool == labeled
+
+
+def test_the_report_imbalanced_preset_is_the_benchmarked_config(tmp_path, capsys):
+    # bench/README.md measures this preset through flags on top of `fast`: the two must stay one config
+    from cifar_core.cli import main
+    flags = ["--imbalance", "report_random", "--imbalance-params", "low=500,high=1000", "--epochs", "32",
+             "--eval-every", "32", "--batch-size", "512", "--lr", "1.0"]
+    configs = []
+    for args in (["--preset", "report's imbalanced set (fast, 32 epochs)"], ["--preset", "fast", *flags]):
+        assert main(["--runs-root", str(tmp_path), "train", *args, "--print-config"]) == 0
+        configs.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "name"})
+    assert configs[0] == configs[1]
+    assert configs[0]["imbalance_params"] == {"low": 500, "high": 1000} and configs[0]["balance"] == "none"
