@@ -14,7 +14,7 @@ from cifar_core.engine.init_from import check_init_run, init_candidates
 from cifar_core.engine.prepare import run_split, split_counts
 from cifar_core.params import ConfigError
 from cifar_core.experiments.estimate import estimate_run, human_duration
-from cifar_core.experiments.presets import presets
+from cifar_core.experiments.presets import preset_summary, presets
 from ui import charts
 from ui.common import data_source, data_status, friendly_errors, get_store
 from ui.forms import config_form, fingerprint
@@ -76,9 +76,7 @@ if start == run_option:
     right.info(f"Prefilled from run **{from_run_id}**: change what you want and launch a new run.")
 else:
     initial = PRESETS[start]
-    right.caption("Presets: a quick run of about a minute on a CPU (the first choice), the source report's "
-                  "baseline, a fast recipe, a seconds-long smoke test, transformers, and each step of the "
-                  "report's cumulative trick ablation (each step adds one trick).")
+    right.caption(preset_summary(start))
 if chain_override is not None:
     initial = {**initial, "augment": chain_override}
     st.info(f"The augmentation chain comes from the link ({len(chain_override)} step(s)).")

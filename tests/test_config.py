@@ -209,3 +209,12 @@ def test_distillation_without_a_teacher_points_to_the_control_not_a_page():
     message = next(m for m in problems if "needs a teacher_run" in m)
     assert "Train page" not in message and "on the" not in message
     assert "'Teacher run'" in message and "--teacher-run RUN_ID" in message
+
+
+def test_every_preset_has_a_summary_and_no_summary_is_stale():
+    from cifar_core.experiments.presets import PRESET_SUMMARIES, ablation_presets, preset_summary, presets
+    named = set(presets()) - set(ablation_presets())
+    assert set(PRESET_SUMMARIES) == named  # a new preset needs its line; a renamed one loses the old line
+    summaries = [preset_summary(name) for name in presets()]
+    assert all(len(s) > 30 for s in summaries)
+    assert len({preset_summary(name) for name in ablation_presets()}) == len(ablation_presets())

@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from cifar_core.cli import build_parser, config_from_args
 from cifar_core.config import RunConfig
-from cifar_core.experiments.presets import DISTILLED_PRESETS, presets
+from cifar_core.experiments.presets import DISTILLED_PRESETS, preset_summary, presets
 from cifar_core.runs import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,7 @@ def test_every_preset_renders_and_fills_the_form(runs_root):
             at.selectbox(key=PICK).set_value(teacher).run()
             preset = {**preset, "teacher_run": teacher}
         assert errors(at) == [], (name, errors(at))
+        assert preset_summary(name) in [c.value for c in at.caption], name  # says what this preset is
         assert not launch_button(confirm_long(at)).disabled, name
         expected = RunConfig.from_dict(preset)
         # the widgets show the preset, not the previous one's values

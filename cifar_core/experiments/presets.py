@@ -204,6 +204,45 @@ def ablation_presets() -> dict[str, dict]:
 
 QUICK_PRESET = "quick (about a minute)"  # the Train page's default: the first preset
 
+# One line per preset for the chooser: what it trains and what it is for (figures: bench/README.md).
+PRESET_SUMMARIES: dict[str, str] = {
+    QUICK_PRESET: "Real curves in about a minute on a CPU: a half-width fastnet on 3,000 images, 3 short "
+                  "epochs, evaluated on 1,000 test images.",
+    "report baseline": "The source report's baseline: ResNet-18 on a random 10,000-image subset, plain SGD "
+                       "(lr 0.01, batch 128) for 20 epochs, no tricks at all.",
+    "fast": "airbench94's recipe in this engine: whitened fastnet on all 50,000 images, 15 epochs of "
+            "Nesterov SGD with lookahead under bf16 autocast; about 94% in under half an hour on "
+            "2 CPU cores.",
+    "fast muon": "airbench94_muon's recipe: the fast net trained 8 epochs at batch 2,000 with Muon "
+                 "(orthogonalized updates) for the conv filters; about 94% in fewer epochs than the fast "
+                 "preset.",
+    "tiny (smoke test)": "A seconds-long smoke test: 200 images, one epoch. Checks that everything runs, "
+                         "says nothing about accuracy.",
+    "ViT-tiny": "A 2.7 M-parameter Vision Transformer (patches of 4) from scratch with the small-data "
+                "recipe (AdamW, warm-up + cosine, strong augmentation); 100 epochs is a GPU budget.",
+    "CCT-tiny": "ViT-tiny with a convolutional tokenizer and sequence pooling, as compact convolutional "
+                "transformers (CCT) have, the same recipe.",
+    "CaiT-tiny": "CaiT: 8 self-attention blocks with LayerScale, then 2 class-attention layers; "
+                 "3.0 M parameters, same recipe as ViT-tiny.",
+    "ViT-tiny distilled": "ViT-tiny taught by a finished run (DeiT's hard-label distillation): pick the "
+                          "teacher run below before launching.",
+    "FixMatch, 250 labels (report's split)": "Semi-supervised: 250 labels (25 a class) and 44,750 unlabeled "
+                                             "images, FixMatch with weak/strong views and EMA weights; a "
+                                             "GPU-sized run (8,000 steps).",
+    "report's imbalanced set (fast, 32 epochs)": "The source report's imbalanced set (each class 500-1,000 "
+                                                 "images, drawn per seed) with the fast recipe for 32 "
+                                                 "epochs: about 10 minutes on 2 CPU cores.",
+}
+
+
+def preset_summary(name: str) -> str:
+    """What the preset `name` trains, in a line (the ablation steps share one)."""
+    if name in PRESET_SUMMARIES:
+        return PRESET_SUMMARIES[name]
+    step = next(i for i, (label, _) in enumerate(ABLATION_STEPS) if label == name)
+    return (f"Step {step} of the source report's cumulative trick ablation: ResNet-18 on 2,000 images for "
+            f"8 epochs; each step keeps the previous ones' tricks and adds one.")
+
 
 def presets() -> dict[str, dict]:
     """All presets, {name: partial RunConfig dict}, in the order a chooser should list them (the first,
