@@ -267,6 +267,22 @@ class RunConfig:
         help="With several processes: how often torchrun restarts all of them after one fails (a crash, a "
              "killed process); each restart resumes from the last checkpoint. 0: the first failure fails "
              "the run."), "Restarts after a failure")
+    # data selection by a small proxy model (engine/selection.py)
+    select_keep: float = _p("speed", Param(
+        "select_keep", "float", 1.0, 0.05, 1.0,
+        help="Below 1: each step trains on only this share of its batch, the images with the highest loss "
+             "under a small proxy model (the run's network at select_proxy_width) that trains alongside, as "
+             "airbench96_faster does (it keeps 512 of 1,024). A step then costs about this share of a full "
+             "one, plus the proxy's. 1 = every image, no proxy."), "Train on the hardest share of each batch")
+    select_proxy_width: float = _p("speed", Param(
+        "select_proxy_width", "float", 0.25, 0.125, 1.0,
+        help="With select_keep below 1: the proxy's width multiplier (its other model parameters are the "
+             "run's); airbench96_faster's proxy is about a quarter of its network's width."),
+        "Proxy model width")
+    select_proxy_every: int = _p("speed", Param(
+        "select_proxy_every", "int", 4, 1, 100,
+        help="With select_keep below 1: the proxy ranks every batch but takes an optimizer step (on its own "
+             "selection) only every this many steps (airbench96_faster: 4)."), "Proxy trains every … steps")
 
     # --- declarations -------------------------------------------------------------------------
     @classmethod
@@ -391,6 +407,7 @@ class RunConfig:
                               "finished run' list, or pass --init-run RUN_ID)")
         check_processes(v)
         check_muon(v)
+        check_selection(v)
         check_label_budget(v)
         check_pretext(v)
         if v["distill"] != "none" and v["objective"] != "supervised":
@@ -648,6 +665,35 @@ def check_muon(v: dict) -> None:
     raise ConfigError(f"optimizer muon orthogonalizes the updates of conv filters, and {v['model']} is not a "
                       "convolutional network (its blocks' weights are matrices, which would all take SGD): "
                       "choose a CNN (fastnet, resnet18, ...) or another optimizer (sgd, adamw)")
+
+
+def check_selection(v: dict) -> None:
+    """Data selection by a proxy model (select_keep below 1) ranks the supervised batch in one process,
+    with a narrower copy of the run's model: the model needs a width parameter that takes the proxy's."""
+    if v["select_keep"] >= 1.0:
+        return
+    keep = v["select_keep"]
+    if v["objective"] != "supervised" or v["distill"] != "none":
+        raise ConfigError(f"select_keep {keep} (data selection by a proxy model) ranks the labeled batch of the "
+                          "supervised objective: set objective to supervised and distill to none, or "
+                          "select_keep to 1")
+    if v["nproc"] > 1:
+        raise ConfigError(f"select_keep {keep} (data selection by a proxy model) trains in one process for now "
+                          "(each process would rank only its own share of the batch): set nproc to 1")
+    from .models import MODELS
+
+    entry = MODELS.entries.get(v["model"])  # an unknown model is reported on its own
+    if entry is None:
+        return
+    if not any(p.name == "width" for p in entry.params):
+        widened = ", ".join(name for name, e in MODELS.entries.items() if any(p.name == "width" for p in e.params))
+        raise ConfigError(f"select_keep {keep} trains a narrower copy of the model as its proxy, and "
+                          f"{v['model']} has no width parameter: choose a model that has one ({widened}) or "
+                          "set select_keep to 1")
+    try:
+        MODELS.validate(v["model"], {**(v["model_params"] or {}), "width": v["select_proxy_width"]})
+    except ConfigError as exc:
+        raise ConfigError(f"select_proxy_width {v['select_proxy_width']}: {exc}") from None
 
 
 def flag_name(field_name: str) -> str:

@@ -55,9 +55,10 @@ from .init_from import InitSource, load_init_source
 from .muon import MuonSGD
 from . import semisup  # noqa: F401  (registers pseudo_label, fixmatch, flexmatch, mixmatch in OBJECTIVES)
 from . import pretext  # noqa: F401  (registers the rotation pretext in OBJECTIVES)
+from . import selection  # noqa: F401  (registers proxy_select, data selection by a proxy model, in OBJECTIVES)
 from .objectives import LabeledBatch, Objective, RunContext, StepContext, objective_for
-from .prepare import Prepared, epoch_order, model_input, normalize, prepare
-from .rng import (AUGMENTATION, INIT_SAMPLE, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
+from .prepare import Prepared, epoch_order, init_from_training_images, model_input, prepare
+from .rng import (AUGMENTATION, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
                   seeded_generator)
 from .tricks import Tricks, autocast_context, build_tricks, clip_gradients, effective_precision
 
@@ -124,10 +125,7 @@ def build_model(cfg: RunConfig, prep: Prepared, source: InitSource | None = None
     training images first. With a `source` (init_run), its weights then replace the initial ones and
     the parts its mode freezes are frozen (engine/init_from.py)."""
     model = create_model(cfg.model, cfg.model_params, NUM_CLASSES)
-    init = getattr(model, "init_from_data", None)
-    if callable(init):
-        pick = torch.randperm(prep.train_x.shape[0], generator=seeded_generator(cfg.seed, INIT_SAMPLE))[:5000]
-        init(normalize(prep, prep.train_x[pick.to(prep.device)]))
+    init_from_training_images(model, prep)
     if source is not None:
         source.apply(model)  # after the data init, so the loaded weights win
     model.to(prep.device)

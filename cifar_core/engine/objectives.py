@@ -209,7 +209,13 @@ class Distill(Objective):
 
 
 def objective_name(cfg: RunConfig) -> str:
-    return "distill" if cfg.distill != "none" else cfg.objective
+    """The OBJECTIVES entry a run trains with: its `objective`, or the one that distillation or data
+    selection (select_keep below 1, engine/selection.py) turn the supervised objective into."""
+    if cfg.distill != "none":
+        return "distill"
+    if cfg.select_keep < 1.0:
+        return "proxy_select"
+    return cfg.objective
 
 
 def objective_class(cfg: RunConfig) -> type[Objective]:

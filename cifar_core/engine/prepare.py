@@ -28,7 +28,7 @@ from ..imbalance.strategies import feature_run_of
 from ..params import ConfigError
 from ..runs import RunStore, read_json_object
 from .features import run_features
-from .rng import EPOCH_ORDER, seeded_generator
+from .rng import EPOCH_ORDER, INIT_SAMPLE, seeded_generator
 
 
 @dataclass
@@ -238,6 +238,15 @@ def model_input(prep: Prepared, x: torch.Tensor) -> torch.Tensor:
     if prep.cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def init_from_training_images(model: torch.nn.Module, prep: Prepared) -> None:
+    """Models that initialise from data (fastnet's whitening) see 5,000 of the run's training images,
+    the same ones for every model of a run."""
+    init = getattr(model, "init_from_data", None)
+    if callable(init):
+        pick = torch.randperm(prep.train_x.shape[0], generator=seeded_generator(prep.cfg.seed, INIT_SAMPLE))[:5000]
+        init(normalize(prep, prep.train_x[pick.to(prep.device)]))
 
 
 def epoch_order(prep: Prepared, seed: int, epoch: int) -> torch.Tensor:

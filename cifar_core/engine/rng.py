@@ -12,6 +12,7 @@ AUGMENTATION = 2      # (seed, AUGMENTATION, step): the augmentation chain's dra
 FLIP_STATES = 3       # (seed, FLIP_STATES): each image's starting state for alternating flips
 OBJECTIVE_DRAWS = 4   # (seed, OBJECTIVE_DRAWS, step): an objective's own draws (unlabeled batches, views)
 INIT_SAMPLE = 7       # (seed, INIT_SAMPLE): the images a model initialises from (fastnet's whitening)
+PROXY_INIT = 8        # (seed, PROXY_INIT): the initial weights of data selection's proxy model
 
 
 def seeded_generator(*parts: int) -> torch.Generator:
