@@ -60,7 +60,7 @@ from .objectives import LabeledBatch, Objective, RunContext, StepContext, object
 from .prepare import Prepared, epoch_order, init_from_training_images, model_input, prepare
 from .rng import (AUGMENTATION, OBJECTIVE_DRAWS, global_rng_states, restore_global_rng_states,
                   seeded_generator)
-from .tricks import Tricks, autocast_context, build_tricks, clip_gradients, effective_precision
+from .tricks import Tricks, autocast_context, build_tricks, clip_gradients, decay_groups, effective_precision
 
 TRAIN_LOCK = ".train.lock"  # in the run folder: held by the one process that trains the run
 
@@ -88,14 +88,6 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-
-
-def decay_groups(cfg: RunConfig, params: list[torch.Tensor]) -> list[dict]:
-    # Weight decay on weight matrices/kernels only: decaying norm scales and biases only hurts.
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
 
 
 def temporary_groups(cfg: RunConfig, model: torch.nn.Module) -> list[dict]:

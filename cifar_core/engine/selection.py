@@ -26,7 +26,7 @@ from ..schedules import build_schedule
 from .objectives import OBJECTIVES, LabeledBatch, Objective, StepContext, StepResult, supervised_loss
 from .prepare import Prepared, init_from_training_images
 from .rng import PROXY_INIT, seeded_generator
-from .tricks import effective_precision
+from .tricks import decay_groups, effective_precision
 
 
 def proxy_model(cfg, prep: Prepared) -> torch.nn.Module:
@@ -46,9 +46,7 @@ def proxy_model(cfg, prep: Prepared) -> torch.nn.Module:
 def proxy_optimizer(cfg, proxy: torch.nn.Module) -> torch.optim.SGD:
     """Nesterov SGD at the run's LR (weight decay on kernels and matrices, biases and norms at the bias
     LR scale), whichever optimizer the main model uses: the proxy only has to rank images."""
-    params = [p for p in proxy.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
+    groups = decay_groups(cfg, [p for p in proxy.parameters() if p.requires_grad])
     momentum = cfg.momentum if cfg.optimizer in ("sgd", "muon") else 0.9
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=momentum > 0)
 
@@ -80,17 +78,17 @@ class ProxySelect(Objective):
         self.schedule = None  # built at the first step, when the run's step count is known
 
     def loss(self, model, batch, ctx):
-        keep = self.select(batch, ctx)
+        keep, proxy_loss = self.select(batch, ctx)
         x = batch.x[keep]
         if batch.x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # indexing returns the default layout
         logits, targets = model(x), batch.y_soft[keep]
         return StepResult(supervised_loss(ctx.prep, logits, targets, ctx), logits, targets,
-                          {"proxy_loss": self.last_proxy_loss})
+                          {"proxy_loss": proxy_loss})
 
-    def select(self, batch: LabeledBatch, ctx: StepContext) -> torch.Tensor:
-        """The positions of the images the main model trains on this step; the proxy's step on its own
-        selection on every select_proxy_every-th step."""
+    def select(self, batch: LabeledBatch, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions of the images the main model trains on this step, the proxy's mean loss on the
+        batch); the proxy's step on its own selection on every select_proxy_every-th step."""
         cfg = self.cfg
         n_keep = max(1, round(cfg.select_keep * batch.y.shape[0]))
         trains = ctx.step % cfg.select_proxy_every == 0
@@ -98,10 +96,9 @@ class ProxySelect(Objective):
             logits = self.proxy(batch.x).float()
             losses = F.cross_entropy(logits, batch.y_soft, reduction="none", label_smoothing=cfg.label_smoothing)
         keep = hardest(losses.detach(), n_keep)
-        self.last_proxy_loss = losses.detach().mean()
         if trains:
             self.proxy_step(losses[keep].mean(), ctx)
-        return keep
+        return keep, losses.detach().mean()
 
     def proxy_step(self, loss: torch.Tensor, ctx: StepContext) -> None:
         if self.schedule is None:

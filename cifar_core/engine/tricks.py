@@ -21,6 +21,15 @@ from ..config import RunConfig
 from .rng import FLIP_STATES, seeded_generator
 
 
+def decay_groups(cfg: RunConfig, params: list[torch.Tensor]) -> list[dict]:
+    """SGD param groups: weight decay on weight matrices/kernels only (decaying norm scales and biases only
+    hurts), biases and norms at the bias LR scale. `lr_scale`: the group's LR as a multiple of cfg.lr."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": cfg.bias_lr_scale}]
+
+
 def effective_precision(cfg: RunConfig, device: torch.device) -> str:
     """fp16 autocast is CUDA-only; a CPU run asked for fp16 (device auto) trains in fp32."""
     if cfg.precision == "fp16" and device.type != "cuda":
