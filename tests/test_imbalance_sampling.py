@@ -217,6 +217,32 @@ def test_deferred_reweighting_switches_at_drw_start_of_the_steps():
         assert torch.allclose(loss, F.cross_entropy(shifted, targets, weight=weight))
 
 
+def test_label_smoothing_with_balanced_softmax_leaves_the_raw_logits_unbiased():
+    # free raw logits for one image of the majority class, trained to the loss's optimum: with the log
+    # prior added in the loss, the test-time (raw) logits must still pick the true class and treat the
+    # other classes alike, whatever their priors
+    prior = torch.tensor([0.90, 0.09, 0.01])
+    prep = types.SimpleNamespace(class_weights=None, drw_weights=None, drw_start=1.0, logit_offsets=prior.log(),
+                                 ldam_margins=None, ldam_scale=1.0, focal_gamma=0.0,
+                                 cfg=types.SimpleNamespace(label_smoothing=0.2))
+    raw = torch.zeros(1, 3, requires_grad=True)
+    optimizer = torch.optim.LBFGS([raw], lr=0.5, max_iter=500)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = supervised_loss(prep, raw, torch.tensor([0]))
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    z = raw.detach()[0]
+    assert z[0] > z[1] + 1 and z[0] > z[2] + 1  # uniform smoothing made the 1% class win here
+    assert z[1] == pytest.approx(z[2].item(), abs=0.05)
+    # without offsets, smoothing is the plain uniform one
+    plain = types.SimpleNamespace(**{**vars(prep), "logit_offsets": None})
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    assert torch.allclose(supervised_loss(plain, logits, labels), F.cross_entropy(logits, labels, label_smoothing=0.2))
+
+
 # ---- a finished run: SMOTE trains; its features feed the feature-space strategies ---------------
 
 def tiny(**changes) -> RunConfig:

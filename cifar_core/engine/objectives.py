@@ -120,15 +120,29 @@ def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
     step's progress in `ctx`), logit offsets (Balanced Softmax, logit adjustment), LDAM margins or
     focal exponent, and the run's label smoothing. `targets`: (N,) labels or (N, C) soft targets
     (mixing augmentations blend them); every combination accepts both."""
-    logits = logits.float()
+    logits, smoothing = logits.float(), prep.cfg.label_smoothing
     if prep.logit_offsets is not None:
         logits = logits + prep.logit_offsets
+        if smoothing:
+            targets, smoothing = smoothed_by_offsets(targets, smoothing, prep.logit_offsets, logits.shape[1]), 0.0
     if prep.ldam_margins is not None:
         logits = ldam_logits(logits, targets, prep.ldam_margins, prep.ldam_scale)
     weight = class_weights_at(prep, ctx)
     if prep.focal_gamma > 0:
-        return focal_loss(logits, targets, prep.focal_gamma, weight, prep.cfg.label_smoothing)
-    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=prep.cfg.label_smoothing)
+        return focal_loss(logits, targets, prep.focal_gamma, weight, smoothing)
+    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
+
+
+def smoothed_by_offsets(targets: torch.Tensor, smoothing: float, offsets: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Label smoothing for a loss that adds logit offsets o (Balanced Softmax: the log prior): the
+    smoothed mass goes to the classes in proportion to softmax(o), not uniformly. Uniform smoothing
+    asks the *offset* softmax for at least ε/K of every class on every image, so the raw logits, the
+    ones used at test time, must lift the rarest classes by their whole log-prior gap: on CIFAR-10-LT
+    (ρ = 100) with ε = 0.2 the rarest class then outscored the true one on most majority-class images
+    (53% test accuracy, 0% recall on the two largest classes). Spread by softmax(o), the smoothed
+    targets ask the raw logits for a uniform floor, as plain smoothing does without offsets."""
+    soft = targets if targets.dim() == 2 else F.one_hot(targets, n_classes).float()
+    return soft * (1.0 - smoothing) + smoothing * offsets.softmax(0)
 
 
 def class_weights_at(prep: Prepared, ctx: StepContext | None) -> torch.Tensor | None:
