@@ -86,6 +86,11 @@ def test_tta_views_and_test_size_count(round_numbers):
     assert flip.parts["evaluation"] == pytest.approx(2 * plain.parts["evaluation"])
     both = est.estimate_run(small(tta_flip=True, tta_translate=True), store)
     assert both.parts["final test"] == pytest.approx(6 * plain.parts["final test"])
+    # views only for the unsure images: between one view and all six, more of them as the threshold rises
+    unsure = [est.estimate_run(small(tta_flip=True, tta_translate=True, tta_confident=c), store).parts["final test"]
+              for c in (0.5, 0.7, 0.9)]
+    assert plain.parts["final test"] < unsure[0] < unsure[1] < unsure[2] < both.parts["final test"]
+    assert unsure[1] == pytest.approx((1 + 5 * est.unsure_share(0.7)) * plain.parts["final test"])
     bigger = est.estimate_run(small(test_size=1000), store)
     assert bigger.parts["final test"] == pytest.approx(0.002 + 1000 * 0.0001)
     assert bigger.parts["evaluation"] == pytest.approx(plain.parts["evaluation"])  # validation set unchanged
