@@ -351,14 +351,21 @@ def test_duration_estimates_count_the_images_each_entry_trains_on():
     assert member.train == 10 * 10 and member.pool == labeled
 
 
-def test_the_report_imbalanced_preset_is_the_benchmarked_config(tmp_path, capsys):
-    # bench/README.md measures this preset through flags on top of `fast`: the two must stay one config
+@pytest.mark.parametrize("name, flags, imbalance_params, balance", [
+    ("report's imbalanced set (fast, 32 epochs)",
+     "--imbalance report_random --imbalance-params low=500,high=1000 --epochs 32 --eval-every 32 "
+     "--batch-size 512 --lr 1.0", {"low": 500, "high": 1000}, "none"),
+    ("CIFAR-10-LT rho 100 (fast, balanced softmax, 60 epochs)",
+     "--imbalance long_tail --imbalance-params imbalance_ratio=100 --balance balanced_softmax --epochs 60 "
+     "--eval-every 60 --batch-size 512 --lr 1.0", {"imbalance_ratio": 100, "n_max": 5000}, "balanced_softmax"),
+])
+def test_the_imbalanced_presets_are_the_benchmarked_configs(tmp_path, capsys, name, flags, imbalance_params,
+                                                            balance):
+    # bench/README.md measures these presets through flags on top of `fast`: each must stay one config
     from cifar_core.cli import main
-    flags = ["--imbalance", "report_random", "--imbalance-params", "low=500,high=1000", "--epochs", "32",
-             "--eval-every", "32", "--batch-size", "512", "--lr", "1.0"]
     configs = []
-    for args in (["--preset", "report's imbalanced set (fast, 32 epochs)"], ["--preset", "fast", *flags]):
+    for args in (["--preset", name], ["--preset", "fast", *flags.split()]):
         assert main(["--runs-root", str(tmp_path), "train", *args, "--print-config"]) == 0
         configs.append({k: v for k, v in json.loads(capsys.readouterr().out).items() if k != "name"})
     assert configs[0] == configs[1]
-    assert configs[0]["imbalance_params"] == {"low": 500, "high": 1000} and configs[0]["balance"] == "none"
+    assert configs[0]["imbalance_params"] == imbalance_params and configs[0]["balance"] == balance
