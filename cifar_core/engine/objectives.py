@@ -124,7 +124,7 @@ def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
     if prep.logit_offsets is not None:
         logits = logits + prep.logit_offsets
         if smoothing:
-            targets, smoothing = smoothed_by_offsets(targets, smoothing, prep.logit_offsets, logits.shape[1]), 0.0
+            targets, smoothing = smoothed_by_offsets(targets, smoothing, prep.logit_offsets), 0.0
     if prep.ldam_margins is not None:
         logits = ldam_logits(logits, targets, prep.ldam_margins, prep.ldam_scale)
     weight = class_weights_at(prep, ctx)
@@ -133,7 +133,7 @@ def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
     return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
 
 
-def smoothed_by_offsets(targets: torch.Tensor, smoothing: float, offsets: torch.Tensor, n_classes: int) -> torch.Tensor:
+def smoothed_by_offsets(targets: torch.Tensor, smoothing: float, offsets: torch.Tensor) -> torch.Tensor:
     """Label smoothing for a loss that adds logit offsets o (Balanced Softmax: the log prior): the
     smoothed mass goes to the classes in proportion to softmax(o), not uniformly. Uniform smoothing
     asks the *offset* softmax for at least ε/K of every class on every image, so the raw logits, the
@@ -141,7 +141,7 @@ def smoothed_by_offsets(targets: torch.Tensor, smoothing: float, offsets: torch.
     (ρ = 100) with ε = 0.2 the rarest class then outscored the true one on most majority-class images
     (53% test accuracy, 0% recall on the two largest classes). Spread by softmax(o), the smoothed
     targets ask the raw logits for a uniform floor, as plain smoothing does without offsets."""
-    soft = targets if targets.dim() == 2 else F.one_hot(targets, n_classes).float()
+    soft = targets if targets.dim() == 2 else F.one_hot(targets, offsets.shape[0]).float()
     return soft * (1.0 - smoothing) + smoothing * offsets.softmax(0)
 
 
