@@ -89,6 +89,30 @@ def test_the_model_trains_on_the_share_the_proxy_finds_hardest(cifar_npz):
     assert count_params(objective.proxy) < count_params(run_model())
 
 
+def test_with_a_balancing_loss_the_proxy_ranks_images_by_that_loss(cifar_npz):
+    """Balanced Softmax adds the log prior to the logits in the loss: the proxy ranks (and trains on) the
+    images by that loss, not by plain cross-entropy, which would call the rare classes' images hardest
+    once the proxy has learnt the prior and so re-balance a second time."""
+    cfg = tiny(per_class=40, imbalance="long_tail", imbalance_params={"imbalance_ratio": 10},
+               balance="balanced_softmax", select_proxy_every=1)
+    prep = prepare(cfg, str(cifar_npz))
+    assert prep.logit_offsets is not None
+    objective = objective_for(cfg)
+    objective.attach(prep)
+    x_uint8, y = prep.train_x[:40], prep.train_y[:40]
+    x_augmented = x_uint8.float() / 255
+    batch = LabeledBatch(x_uint8, x_augmented, model_input(prep, x_augmented), y, F.one_hot(y, 10).float())
+    with torch.no_grad():
+        logits = objective.proxy(batch.x).float()
+    balanced = F.cross_entropy(logits + prep.logit_offsets, batch.y_soft, reduction="none")
+    plain = F.cross_entropy(logits, batch.y_soft, reduction="none")
+    assert not torch.equal(hardest(balanced, 20), hardest(plain, 20))  # the two rankings differ here
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10))
+    result = objective.loss(model, batch, StepContext(prep, 0, torch.Generator(), total_steps=10))
+    assert torch.equal(result.targets, batch.y_soft[hardest(balanced, 20)])
+    assert result.metrics["proxy_loss"].item() == pytest.approx(balanced.mean().item(), rel=1e-5)
+
+
 def run_model() -> torch.nn.Module:
     """The network of tiny(): the proxy is the same at a quarter of the width instead of half."""
     return create_model("fastnet", {"width": 0.5})

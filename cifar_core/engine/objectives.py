@@ -115,11 +115,12 @@ class Objective:
 
 
 def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
-                    ctx: StepContext | None = None) -> torch.Tensor:
+                    ctx: StepContext | None = None, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy with the balance plan's class weights (deferred ones from their start, by the
     step's progress in `ctx`), logit offsets (Balanced Softmax, logit adjustment), LDAM margins or
     focal exponent, and the run's label smoothing. `targets`: (N,) labels or (N, C) soft targets
-    (mixing augmentations blend them); every combination accepts both."""
+    (mixing augmentations blend them); every combination accepts both. `reduction` "none": one loss
+    per image (data selection ranks images by it)."""
     logits, smoothing = logits.float(), prep.cfg.label_smoothing
     if prep.logit_offsets is not None:
         logits = logits + prep.logit_offsets
@@ -129,8 +130,8 @@ def supervised_loss(prep: Prepared, logits: torch.Tensor, targets: torch.Tensor,
         logits = ldam_logits(logits, targets, prep.ldam_margins, prep.ldam_scale)
     weight = class_weights_at(prep, ctx)
     if prep.focal_gamma > 0:
-        return focal_loss(logits, targets, prep.focal_gamma, weight, smoothing)
-    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
+        return focal_loss(logits, targets, prep.focal_gamma, weight, smoothing, reduction)
+    return F.cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing, reduction=reduction)
 
 
 def smoothed_by_offsets(targets: torch.Tensor, smoothing: float, offsets: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,7 @@ def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, margins: torch.Tens
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, weight: torch.Tensor | None = None,
-               label_smoothing: float = 0.0) -> torch.Tensor:
+               label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """Softmax focal loss with soft targets (mixing augmentations blend labels): the mean over the batch
     of -Σ_c w_c · t_c · (1 - p_c)^γ · log p_c. Written here because torchvision's focal loss is the
     sigmoid (one-vs-all) form; with γ = 0 this is exactly F.cross_entropy (a test checks it)."""
@@ -174,7 +175,8 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, weight
     terms = -targets * (1.0 - log_p.exp()).pow(gamma) * log_p
     if weight is not None:
         terms = terms * weight
-    return terms.sum(dim=1).mean()
+    per_image = terms.sum(dim=1)
+    return per_image if reduction == "none" else per_image.mean()
 
 
 def draw_unlabeled(prep: Prepared, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

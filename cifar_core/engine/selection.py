@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..data import NUM_CLASSES
 from ..models import count_params, create_model
@@ -56,7 +55,7 @@ def hardest(losses: torch.Tensor, keep: int) -> torch.Tensor:
     return losses.topk(keep).indices.sort().values
 
 
-@OBJECTIVES.register("proxy_select", description="cross-entropy on the select_keep share of each batch with the "
+@OBJECTIVES.register("proxy_select", description="the run's loss on the select_keep share of each batch with the "
                                                  "highest loss under a small proxy model trained alongside "
                                                  "(airbench96_faster's data selection)")
 class ProxySelect(Objective):
@@ -93,8 +92,10 @@ class ProxySelect(Objective):
         n_keep = max(1, round(cfg.select_keep * batch.y.shape[0]))
         trains = ctx.step % cfg.select_proxy_every == 0
         with torch.set_grad_enabled(trains):
-            logits = self.proxy(batch.x).float()
-            losses = F.cross_entropy(logits, batch.y_soft, reduction="none", label_smoothing=cfg.label_smoothing)
+            # the run's own loss, image by image: with a balancing loss (class weights, Balanced Softmax's
+            # log prior, LDAM margins) plain cross-entropy would rank the rare classes' images hardest
+            # because the proxy learns the prior, and selection would re-balance a second time
+            losses = supervised_loss(ctx.prep, self.proxy(batch.x), batch.y_soft, ctx, reduction="none")
         keep = hardest(losses.detach(), n_keep)
         if trains:
             self.proxy_step(losses[keep].mean(), ctx)
