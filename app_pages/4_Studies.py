@@ -363,7 +363,8 @@ def show_study(study_id: str, live: bool) -> None:
         params = m.get("params", {})
         scale = m.get('scale', params.get('scale', '?'))
         st.caption(f"Scale **{scale}**" + SCALE_CAPTIONS.get(scale, "") + f" · {m.get('seeds', 1)} seed(s) · "
-                   "parameters: " + ", ".join(f"{k}={v}" for k, v in params.items() if k != "scale")
+                   "parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()
+                                              if k != "scale" and studies.param_applies(m.get("kind"), k, params))
                    + (" · refreshing every 2 s while runs are unfinished" if not finished else ""))
         verdict_box(df)
         VIEWS.get(m.get("kind"), lambda d, s: st.dataframe(s))(df, summary)

@@ -179,3 +179,16 @@ def test_param_applies_follows_the_declared_controller():
     assert not studies.param_applies("samplers", "low", {"profile": "long_tail"})
     assert studies.param_applies("samplers", "imbalance_ratio", {})  # controller not chosen yet
     assert studies.param_applies("ablation", "lr", {"profile": "long_tail"})  # no rule: always
+
+
+def test_the_parameters_line_leaves_out_what_the_study_did_not_use(page_env):
+    """A CIFAR-10-LT samplers study lists its imbalance ratio, not the report profile's low/high."""
+    sid = studies.launch_study("samplers", {"scale": "cpu-quick", "profile": "long_tail",
+                                            "strategies": "none,weighted_sampler"}, page_env)
+    at = _app()
+    at.query_params["study"] = sid
+    at.run()
+    assert not at.exception, at.exception
+    (line,) = [c.value for c in at.caption if "parameters:" in c.value]
+    assert "profile=long_tail" in line and "imbalance_ratio=100.0" in line
+    assert "low=" not in line and "high=" not in line

@@ -174,6 +174,9 @@ def test_samplers_not_held_names_the_strategies_that_did_not_move_recall():
     v = verdicts.verdict(samplers_frame({"weighted_sampler": 0.10, "random_undersample": 0.0}))
     assert v.outcome == NOT_HELD
     assert "1 of 2 strategies" in v.summary and "only weighted_sampler did" in v.summary
+    # one figure per strategy in the summary (the rows hold the intervals): the recall shift in points
+    assert "weighted_sampler +20.0 ± 0.0; random_undersample +0.0 ± 0.0." in v.summary
+    assert "CI" not in v.summary and "balanced accuracy" not in v.summary
 
 
 def test_samplers_small_classes_follow_each_runs_counts():
