@@ -283,3 +283,17 @@ def test_a_trial_whose_run_finishes_before_the_pruners_cancel_counts_as_complete
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     status = runs.record(study.trials[1].user_attrs["run_id"]).status()
     assert status["state"] == "completed" and not status.get("pruned")
+
+
+def test_a_conditional_dimension_is_drawn_only_where_it_has_an_effect():
+    import optuna
+    dims = search.parse_space({"muon_lr": {"low": 0.1, "high": 0.5}, "optimizer": {"choices": ["sgd", "muon"]},
+                               "lr": {"low": 0.1, "high": 1.0}}, base())
+    # FixedTrial raises for a parameter it was not given: sgd must not ask for muon_lr
+    assert search.sample_values(optuna.trial.FixedTrial({"optimizer": "sgd", "lr": 0.2}), dims, base()) == \
+        {"optimizer": "sgd", "lr": 0.2}
+    assert search.sample_values(optuna.trial.FixedTrial({"optimizer": "muon", "lr": 0.2, "muon_lr": 0.3}), dims,
+                                base()) == {"optimizer": "muon", "lr": 0.2, "muon_lr": 0.3}
+    fixed_muon = base().replace(optimizer="muon")  # controller fixed, not searched: its fixed value decides
+    only_muon_lr = search.parse_space({"muon_lr": {"low": 0.1, "high": 0.5}}, fixed_muon)
+    assert search.sample_values(optuna.trial.FixedTrial({"muon_lr": 0.2}), only_muon_lr, fixed_muon) == {"muon_lr": 0.2}

@@ -283,6 +283,20 @@ def apply_values(base: RunConfig, values: dict) -> RunConfig:
     return RunConfig.from_dict(data)
 
 
+def sample_values(trial, dims: list[Dimension], base: RunConfig) -> dict:
+    """One value per dimension from the trial, leaving out each dimension that has no effect under the
+    values drawn (or fixed) for its controller (APPLIES_WHEN: muon_lr when the optimizer drawn is sgd), so
+    the sampler does not model noise and the trial lists only the parameters it used."""
+    fixed = base.to_dict()
+    values: dict = {}
+    for dim in sorted(dims, key=lambda d: d.name in APPLIES_WHEN):  # controllers before what they control
+        rule = APPLIES_WHEN.get(dim.name)
+        if rule and values.get(rule[0], fixed.get(rule[0])) not in rule[1]:
+            continue
+        values[dim.name] = dim.suggest(trial)
+    return values
+
+
 def base_values(base: RunConfig, dims: list[Dimension]) -> dict | None:
     """The values the fixed config itself has for each dimension ({name: value}), or None when one of
     them lies outside its (narrowed) range: then it cannot be a trial of this space."""
@@ -344,7 +358,10 @@ PRUNERS = Registry("search pruner")
                    description="Tree-structured Parzen estimator (Optuna's default); constant liar for parallel workers.")
 def _tpe(n_startup_trials: int):
     import optuna
-    return optuna.samplers.TPESampler(n_startup_trials=n_startup_trials, constant_liar=True, multivariate=True)
+    # group: a multivariate TPE per set of parameters drawn together, for the conditional ones (sample_values)
+    with _quiet_optuna():
+        return optuna.samplers.TPESampler(n_startup_trials=n_startup_trials, constant_liar=True,
+                                          multivariate=True, group=True)
 
 
 @SAMPLERS.register("random", (), description="Independent uniform sampling: the baseline every sampler must beat.")
@@ -634,7 +651,7 @@ class SearchWorker:
             cancel(self.current_run, self.store)
 
     def _objective(self, trial, base: RunConfig, dims: list[Dimension]) -> float:
-        values = {dim.name: dim.suggest(trial) for dim in dims}
+        values = sample_values(trial, dims, base)
         try:
             cfg = apply_values(base, values).replace(name=f"search {self.study_name} #{trial.number}")
         except ConfigError as exc:  # a combination the config's cross-field rules refuse
