@@ -233,6 +233,12 @@ def test_fastnet_architecture_details():
     assert bns and all(not m.weight.requires_grad and m.bias.requires_grad for m in bns)
     wide = create_model("fastnet", {"width": 0.5})
     assert wide.block2.conv1.out_channels == 128
+    airbench95 = create_model("fastnet", {"channels1": 128, "channels2": 384, "channels3": 384})
+    assert [airbench95.block1.conv1.out_channels, airbench95.block2.conv1.out_channels,
+            airbench95.block3.conv1.out_channels, airbench95.head.in_features] == [128, 384, 384, 384]
+    assert airbench95.eval()(_x(2)).shape == (2, 10)
+    half = create_model("fastnet", {"channels1": 128, "width": 0.5})  # width multiplies every group
+    assert half.block1.conv1.out_channels == 64 and half.block3.conv1.out_channels == 128
     assert wide.eval()(_x(2)).shape == (2, 10)
 
 

@@ -305,7 +305,7 @@ class FastNet(nn.Module):
       (or with whiten=False) it is an ordinary, trainable, randomly initialised conv.
     * GELU.
     * 3 conv groups, each ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU``, widths
-      64, 256, 256 (x width): 31 -> 15 -> 7 -> 3. Convs have no bias and start with Dirac (identity)
+      ``channels`` (64, 256, 256 as airbench94; 128, 384, 384 as airbench95) x width: 31 -> 15 -> 7 -> 3. Convs have no bias and start with Dirac (identity)
       kernels in their first in_channels filters; BN scales are fixed at 1 and only BN biases are trained
       (eps 1e-12, momentum 0.4 in PyTorch's convention).
     * global max-pool (3x3 -> 1x1), flatten, dropout (if > 0), bias-free linear layer, output x 1/9.
@@ -317,9 +317,10 @@ class FastNet(nn.Module):
     scale = 1.0 / 9.0
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, whiten: bool = True,
-                 dropout: float = 0.0, eps: float = 5e-4, whiten_bias_epochs: float = 0.0):
+                 dropout: float = 0.0, eps: float = 5e-4, whiten_bias_epochs: float = 0.0,
+                 channels: tuple[int, int, int] = (64, 256, 256)):
         super().__init__()
-        w1, w2, w3 = (max(8, int(round(c * width))) for c in (64, 256, 256))
+        w1, w2, w3 = (max(8, int(round(c * width))) for c in channels)
         self.use_whitening = bool(whiten)
         self.whiten_bias_epochs = float(whiten_bias_epochs)
         self.eps = eps
@@ -401,6 +402,10 @@ class FastNet(nn.Module):
 
 @MODELS.register("fastnet", (
     Param("width", "float", 1.0, low=0.25, high=4.0, help="Width multiplier for the three conv groups."),
+    Param("channels1", "int", 64, low=8, high=1024, help="The first conv group's channels (before width)."),
+    Param("channels2", "int", 256, low=8, high=1024,
+          help="The second conv group's channels (before width); airbench95 widens the groups to 128, 384, 384."),
+    Param("channels3", "int", 256, low=8, high=1024, help="The third conv group's channels (before width)."),
     Param("whiten", "bool", True,
           help="Initialise the first 2x2 conv from the data's patch whitening (init_from_data) and freeze it."),
     Param("dropout", "float", 0.0, low=0.0, high=0.9, help="Dropout before the final linear layer."),
@@ -409,6 +414,7 @@ class FastNet(nn.Module):
                "at the bias LR, then stays fixed (airbench94: 3). 0: frozen from the start."),
 ), tags=("cnn", "fast"),
     description="airbench94-style fast net: frozen 2x2 patch-whitening conv + 3 conv groups, ~2.0 M parameters.")
-def fastnet(num_classes: int = 10, width: float = 1.0, whiten: bool = True, dropout: float = 0.0,
-            whiten_bias_epochs: float = 0.0) -> nn.Module:
-    return FastNet(num_classes, width=width, whiten=whiten, dropout=dropout, whiten_bias_epochs=whiten_bias_epochs)
+def fastnet(num_classes: int = 10, width: float = 1.0, channels1: int = 64, channels2: int = 256,
+            channels3: int = 256, whiten: bool = True, dropout: float = 0.0, whiten_bias_epochs: float = 0.0) -> nn.Module:
+    return FastNet(num_classes, width=width, whiten=whiten, dropout=dropout, whiten_bias_epochs=whiten_bias_epochs,
+                   channels=(channels1, channels2, channels3))
