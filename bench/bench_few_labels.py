@@ -79,7 +79,7 @@ def calibrated_epochs(cfg: RunConfig, args, store: RunStore, minutes: float, lab
     run_id = f"calibrate-{label}-{time.strftime('%H%M%S')}"
     # no evaluation in the probe: the run it sizes evaluates once, at its end (a test pass every epoch of
     # 4 steps doubled the calibrated s/step of the semi-supervised methods)
-    probe = cfg.replace(epochs=MAX_EPOCHS, eval_every=1000, time_limit_min=0.0,  # 1000: its declared maximum
+    probe = cfg.replace(epochs=MAX_EPOCHS, eval_every=MAX_EPOCHS, time_limit_min=0.0,
                         log_every=max(1, args.calibrate_steps // 4), name=f"calibrate {label}")
     record = train_run(probe, store, run_id=run_id, data_source=args.data,
                        stop_at_step=args.calibrate_steps)

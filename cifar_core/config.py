@@ -66,7 +66,7 @@ class RunConfig:
     log_every: int = _p("run", Param("log_every", "int", 10, 1, 100000,
                                      help="Write a training metric line every this many steps."),
                         "Log every … steps")
-    eval_every: int = _p("evaluation", Param("eval_every", "int", 1, 1, 1000,
+    eval_every: int = _p("evaluation", Param("eval_every", "int", 1, 1, 2000,  # up to the most epochs
                                              help="Evaluate every this many epochs."), "Evaluate every … epochs")
     # model
     model: str = _p("model", Param("model", "str", "resnet18"), "Model")
