@@ -73,7 +73,9 @@ def check_same_model(run_id: str, source_model: str, source_params: dict | None,
         raise ConfigError(f"init_run {run_id}: its model cannot be rebuilt here ({exc})") from None
     mine = architecture_params(model, model_params)
     if source_model == model and source != mine:  # name only the options that differ
-        source, mine = ({k: v for k, v in side.items() if source.get(k) != mine.get(k)} for side in (source, mine))
+        differing = {k for k in source.keys() | mine.keys() if source.get(k) != mine.get(k)}
+        source = {k: v for k, v in source.items() if k in differing}
+        mine = {k: v for k, v in mine.items() if k in differing}
     if source_model != model or source != mine:
         raise ConfigError(f"init_run {run_id} trained {_describe(source_model, source)} but this run builds "
                           f"{_describe(model, mine)}: its weights fit only the same model with the same "
