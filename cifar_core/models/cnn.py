@@ -306,8 +306,9 @@ class FastNet(nn.Module):
     * GELU.
     * 3 conv groups, each ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU``, widths
       ``channels`` (64, 256, 256 as airbench94; 128, 384, 384 as airbench95) x width: 31 -> 15 -> 7 -> 3.
-      Convs have no bias and start with Dirac (identity) kernels in their first in_channels filters; BN scales are fixed at 1 and only BN biases are trained
-      (eps 1e-12, momentum 0.4 in PyTorch's convention).
+      Convs have no bias and start with Dirac (identity) kernels in their first in_channels filters;
+      BN scales are fixed at 1 and only BN biases are trained (eps 1e-12, momentum 0.4 in PyTorch's
+      convention).
     * global max-pool (3x3 -> 1x1), flatten, dropout (if > 0), bias-free linear layer, output x 1/9.
 
     About 1.97 M parameters at width 1.0 (all but ~1.5 K trainable: BN scales and, after
