@@ -173,3 +173,19 @@ def test_tta_confident_is_a_declared_evaluation_option():
     assert cfg.tta_confident == 0.6
     with pytest.raises(ConfigError, match="tta_confident"):
         RunConfig.from_dict({"tta_confident": 1.5})
+
+
+def test_ema_starts_from_the_first_step_weights_not_the_initial_ones():
+    # no bias correction is needed: the average is a copy after the first update, and the
+    # random initial weights only ever weigh decay^steps
+    model = torch.nn.Linear(4, 2)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.after_step(model, step=0)
+    assert torch.equal(ema.eval_model().module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.after_step(model, step=1)
+    expected = model.weight - 0.999  # 0.999 · (w − 1) + 0.001 · w
+    assert torch.allclose(ema.eval_model().module.weight, expected, atol=1e-6)
