@@ -212,6 +212,13 @@ class RunConfig:
         "ssl_rampup", "float", 0.0, 0.0, 1.0,
         help="Share of training over which the unlabeled loss weight grows linearly from 0 to its value "
              "(0 = full weight from the first step; MixMatch ramps it up)."), "Unlabeled weight ramp-up")
+    ssl_weak_pass: str = _p("semi", Param(
+        "ssl_weak_pass", "choice", "joint", choices=("joint", "separate"),
+        help="fixmatch, flexmatch: where the weak view's pseudo-labels come from. joint = one forward pass "
+             "with the labeled batch and the strong view (FixMatch's: BatchNorm normalizes all three "
+             "together, and the backward pass runs through the weak images too); separate = a forward "
+             "pass of their own without gradients, about a third less compute a step (BatchNorm then "
+             "normalizes the weak images by their own statistics)."), "Weak view's forward pass")
     mixmatch_k: int = _p("semi", Param(
         "mixmatch_k", "int", 2, 1, 8,
         help="mixmatch: augmentations K of each unlabeled image whose predictions are averaged into its "
@@ -559,6 +566,7 @@ APPLIES_WHEN = {
     "ssl_unlabeled_ratio": ("objective", SEMI_SUPERVISED_OBJECTIVES),
     "ssl_weight": ("objective", THRESHOLD_OBJECTIVES),
     "ssl_rampup": ("objective", SEMI_SUPERVISED_OBJECTIVES),
+    "ssl_weak_pass": ("objective", ("fixmatch", "flexmatch")),
     "mixmatch_k": ("objective", ("mixmatch",)),
     "mixmatch_temperature": ("objective", ("mixmatch",)),
     "mixmatch_alpha": ("objective", ("mixmatch",)),

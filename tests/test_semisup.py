@@ -158,6 +158,55 @@ def test_the_threshold_decides_which_images_are_trained_on(prep):
     assert every.metric_values()["unlabeled_loss"] > 0
 
 
+class Recorder(nn.Module):
+    """Wraps a model; remembers (batch size, whether gradients were on) of every forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.passes = model, []
+
+    def forward(self, x):
+        self.passes.append((x.shape[0], torch.is_grad_enabled()))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "flexmatch"])
+def test_a_separate_weak_pass_runs_without_gradients_and_keeps_the_pseudo_labels(prep, name):
+    unlabeled = tiny().ssl_unlabeled_ratio * BATCH
+    torch.manual_seed(0)
+    model = build_model(tiny(), prep).eval()  # eval: BatchNorm by its running statistics in both passes
+    joint, separate = Recorder(model), Recorder(model)
+    _, a = one_step(prep, joint, objective=name, ssl_threshold=0.0)
+    _, b = one_step(prep, separate, objective=name, ssl_threshold=0.0, ssl_weak_pass="separate")
+    assert joint.passes == [(BATCH + 2 * unlabeled, True)]
+    assert separate.passes == [(unlabeled, False), (BATCH + unlabeled, True)]
+    assert b.logits.shape == (BATCH, 10) and b.loss.requires_grad
+    # the same images, views and weights: the same pseudo-labels, so the same loss
+    assert a.metric_values()["pseudo_acc"] == b.metric_values()["pseudo_acc"]
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-4, atol=1e-5)
+    b.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_run_with_a_separate_weak_pass_completes_and_logs_its_metrics(tmp_path, cifar_npz):
+    cfg = tiny(objective="flexmatch", ssl_threshold=0.15, ssl_weak_pass="separate")
+    record = train_run(cfg, RunStore(tmp_path), data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    rows = [r for r in record.read_metrics() if r["kind"] == "train"]
+    assert len(rows) == 4 and all(np.isfinite(r["train_loss"]) and 0 <= r["mask_rate"] <= 1 for r in rows)
+    assert record.results()["pseudo_labels"]["images"] == 4 * 2 * BATCH
+
+
+def test_the_weak_pass_option_is_offered_for_fixmatch_and_flexmatch_only():
+    applies = RunConfig.applies
+    assert applies("ssl_weak_pass", {"objective": "fixmatch"}) and applies("ssl_weak_pass", {"objective": "flexmatch"})
+    assert not applies("ssl_weak_pass", {"objective": "pseudo_label"})
+    with pytest.raises(ConfigError, match="ssl_weak_pass"):
+        tiny(ssl_weak_pass="later")
+    flags = tiny(ssl_weak_pass="separate").to_flags()
+    assert flags[flags.index("--ssl-weak-pass") + 1] == "separate"
+
+
 def test_flexmatch_remembers_confident_predictions(prep):
     objective, result = one_step(prep, Constant(3), objective="flexmatch", ssl_threshold=0.9)
     assert result.metric_values()["mask_rate"] == 1.0  # nothing learned yet: every class's threshold is 0
@@ -222,6 +271,7 @@ def test_the_duration_estimate_counts_the_images_each_objective_trains_on():
     assert images("pseudo_label", label_budget=250, ssl_unlabeled_ratio=7) == 8.0
     assert images("fixmatch", label_budget=250, ssl_unlabeled_ratio=7) == 15.0
     assert images("flexmatch", label_budget=250, ssl_unlabeled_ratio=3) == 7.0
+    assert images("fixmatch", label_budget=250, ssl_unlabeled_ratio=6, ssl_weak_pass="separate") == pytest.approx(9.0)
     assert images("mixmatch", label_budget=250, ssl_unlabeled_ratio=3, mixmatch_k=2) == pytest.approx(1 + 6 + 2)
     assert images("rotation") == 4.0 and images("rotation", label_budget=250) == 8.0
 
