@@ -16,6 +16,7 @@ from cifar_core.config import RunConfig
 from cifar_core.engine import build_optimizer, train_run
 from cifar_core.engine.muon import MuonSGD, newton_schulz, orthogonalized
 from cifar_core.experiments.presets import preset
+from cifar_core.models import create_model
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
 
@@ -190,6 +191,16 @@ def test_fast_muon_preset_validates():
     assert cfg.tta_confident == 0.7
     assert cfg.nesterov and cfg.label_smoothing == 0.2 and cfg.tta_flip and cfg.tta_translate
     assert cfg.alternating_flip and cfg.lookahead_every == 0
+
+
+def test_wide_muon_preset_is_fast_muon_on_airbench95s_widths():
+    wide, fast = RunConfig.from_dict(preset("wide muon")), RunConfig.from_dict(preset("fast muon"))
+    differs = {k for k, v in wide.to_dict().items() if fast.to_dict()[k] != v}
+    assert differs == {"name", "epochs", "eval_every", "model_params"} and wide.epochs == 13
+    params = wide.model_params
+    assert (params["channels1"], params["channels2"], params["channels3"], params["width"]) == (128, 384, 384, 1.0)
+    model = create_model("fastnet", params)
+    assert 4.5e6 < sum(p.numel() for p in model.parameters()) < 4.7e6  # airbench95's 4.6 M
 
 
 def test_cli_takes_optimizer_muon(tmp_path, capsys):
