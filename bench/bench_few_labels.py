@@ -128,15 +128,54 @@ def paired(runs: list[dict], baseline: list[dict]) -> dict:
     return mean_std([100 * (r["test_acc"] - base[r["seed"]]) for r in runs if r["seed"] in base])
 
 
-def part_a(args, store: RunStore) -> dict:
-    """Equal-time comparison of the methods."""
+# the arguments that make two part-(a) runs comparable: --resume refuses a summary made with others
+SETTINGS = ("label_budget", "minutes", "width", "batch_size", "lr", "ema_decay", "weak_pass", "precision",
+            "test_size")
+OLDER_DEFAULTS = {"weak_pass": "joint"}  # summaries written before the option existed
+
+
+def settings_of(args) -> dict:
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def resumable(path: str | None, args) -> dict:
+    """{method: its entry} of an earlier part (a) summary (--resume), checked against this call's settings."""
+    if not path:
+        return {}
+    try:
+        report = json.loads(Path(path).read_text())
+        earlier, then = report["a_equal_time"], {**OLDER_DEFAULTS, **report["args"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--resume {path}: not a part (a) summary of this benchmark ({exc})") from None
+    differing = {k: (v, then.get(k)) for k, v in settings_of(args).items() if then.get(k) != v}
+    if differing:
+        raise SystemExit("--resume: the earlier summary was made with other settings (now, then): "
+                         + ", ".join(f"{k} {now!r} vs {then!r}" for k, (now, then) in differing.items()))
+    return earlier["methods"]
+
+
+def part_a(args, store: RunStore, save) -> dict:
+    """Equal-time comparison of the methods. `save(out)` is called after every run, so a benchmark cut
+    short (it takes hours) loses at most the run in progress: --resume picks up the methods' calibrated
+    epochs and finished seeds from that file and runs only what is missing."""
     print(f"(a) {args.label_budget} labels, at most {args.minutes} min of training per run", flush=True)
+    earlier = resumable(args.resume, args)
     out: dict = {"label_budget": args.label_budget, "minutes": args.minutes, "methods": {}}
     for method in args.methods:
-        epochs, per_step = calibrated_epochs(few_label_config(args, method, 0, 1), args, store, args.minutes, method)
-        runs = [trained(few_label_config(args, method, seed, epochs, args.minutes), store, args)
-                for seed in range(args.seeds)]
-        out["methods"][method] = {"epochs": epochs, "calibrated_s_per_step": round(per_step, 4), **summary_of(runs)}
+        if method in earlier:
+            epochs, per_step = earlier[method]["epochs"], earlier[method]["calibrated_s_per_step"]
+            print(f"  {method}: {epochs} epochs, as calibrated before ({per_step} s/step)", flush=True)
+        else:
+            epochs, per_step = calibrated_epochs(few_label_config(args, method, 0, 1), args, store, args.minutes,
+                                                 method)
+        done = {r["seed"]: r for r in earlier.get(method, {}).get("runs", [])}
+        runs: list[dict] = []
+        for seed in range(args.seeds):
+            runs.append(done.get(seed) or trained(few_label_config(args, method, seed, epochs, args.minutes), store,
+                                                  args))
+            out["methods"][method] = {"epochs": epochs, "calibrated_s_per_step": round(per_step, 4),
+                                      **summary_of(runs)}
+            save(out)
     if "supervised" in out["methods"]:
         base = out["methods"]["supervised"]["runs"]
         out["minus_supervised_points"] = {m: paired(v["runs"], base) for m, v in out["methods"].items()
@@ -173,7 +212,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the CIFAR-10 .npz (or folder) to train on")
     parser.add_argument("--runs-root", required=True)
-    parser.add_argument("--out", default=None, help="write the JSON summary here")
+    parser.add_argument("--out", default=None, help="write the JSON summary here (in part (a) after every run)")
+    parser.add_argument("--resume", default=None,
+                        help="(a) an earlier --out file: reuse its calibrated epochs and finished seeds, run the rest "
+                             "(the settings must match); --out may name the same file")
     parser.add_argument("--parts", default="a,b", help="a (equal-time methods), b (rotation pretext), or both")
     parser.add_argument("--methods", default="supervised,fixmatch,mixmatch",
                         help="(a) objectives to compare; supervised is the baseline of the differences")
@@ -204,16 +246,27 @@ def main() -> None:
     store = RunStore(args.runs_root)
     report: dict = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     started = time.time()
+
+    def write(text: str) -> None:
+        if args.out:  # whole or not at all: a kill mid-write leaves the previous summary
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(out.name + ".partial")
+            partial.write_text(text)
+            partial.replace(out)
+
+    def save_a(a_so_far: dict) -> None:
+        write(json.dumps({**report, "a_equal_time": a_so_far, "complete": False}, indent=2, default=str))
+
     if "a" in parts:
-        report["a_equal_time"] = part_a(args, store)
+        report["a_equal_time"] = part_a(args, store, save_a)
     if "b" in parts:
         report["b_rotation_pretext"] = part_b(args, store)
     report["wall_seconds"] = round(time.time() - started)
+    report["complete"] = True
     text = json.dumps(report, indent=2, default=str)
     print(text, flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    write(text)
 
 
 if __name__ == "__main__":
