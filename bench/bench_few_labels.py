@@ -231,7 +231,8 @@ def main() -> None:
                              "0.999^steps: 0.1%% after 7,000 steps")
     parser.add_argument("--weak-pass", default="joint", choices=("joint", "separate"),
                         help="fixmatch, flexmatch: the weak view in the joint forward pass (FixMatch's) or in a "
-                             "separate one without gradients (about a third less compute a step)")
+                             "separate one without gradients (a third less compute a step, but far worse pseudo-labels in the "
+                             "run bench/README.md reports)")
     parser.add_argument("--precision", default="bf16", help="fp32 or bf16 (the fast preset's, on this CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--test-size", type=int, default=0, help="test images (0: all 10,000)")

@@ -217,8 +217,9 @@ class RunConfig:
         help="fixmatch, flexmatch: where the weak view's pseudo-labels come from. joint = one forward pass "
              "with the labeled batch and the strong view (FixMatch's: BatchNorm normalizes all three "
              "together, and the backward pass runs through the weak images too); separate = a forward "
-             "pass of their own without gradients, about a third less compute a step (BatchNorm then "
-             "normalizes the weak images by their own statistics)."), "Weak view's forward pass")
+             "pass of their own without gradients: about a third less compute a step, but BatchNorm then "
+             "normalizes the weak images by their own statistics, and in a measured FlexMatch run their "
+             "pseudo-labels were far worse (bench/README.md)."), "Weak view's forward pass")
     mixmatch_k: int = _p("semi", Param(
         "mixmatch_k", "int", 2, 1, 8,
         help="mixmatch: augmentations K of each unlabeled image whose predictions are averaged into its "

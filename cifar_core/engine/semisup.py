@@ -17,8 +17,9 @@ augmentation chain:
   unlabeled part.
 
 fixmatch and flexmatch run the labeled batch and both views in one forward pass, as the paper does; with
-`ssl_weak_pass` "separate" the weak view goes first through a pass without gradients (about a third less
-compute a step, BatchNorm normalizing the weak images on their own).
+`ssl_weak_pass` "separate" the weak view goes first through a pass without gradients: about a third less
+compute a step, but BatchNorm normalizes the weak images on their own, and on the CPU benchmark that made
+the pseudo-labels far worse (bench/README.md), so the paper's joint pass is the default.
 
 The unlabeled loss weight grows linearly over the first `ssl_rampup` of training. Live metrics (train
 rows of metrics.jsonl): unlabeled_loss, unlabeled_weight, mask_rate (share of the unlabeled images
