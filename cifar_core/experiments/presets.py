@@ -73,8 +73,8 @@ FAST_MUON: dict = {
 
 # airbench95's widths (128/384/384 channels: 4.6 M parameters against 2.0 M) with the fast muon recipe
 # for 13 epochs (airbench95 itself: SGD, 15 epochs, 95.01% mean on a GPU). On the dev box's 2 cores
-# (bench/README.md, "Toward a 95% CNN"): 94.98% and 94.85% on seeds 0 and 1, 23–28 min a run; 16 epochs
-# gave no more (94.95%, seed 0).
+# (bench/README.md, "Toward a 95% CNN"): 94.93 ± 0.07% over seeds 0–2, 23–28 min a run; 16 epochs gave
+# no more (94.95%, seed 0).
 WIDE_MUON: dict = {
     **FAST_MUON, "name": "wide muon", "epochs": 13, "eval_every": 13,
     "model_params": {**FAST_MUON["model_params"], "channels1": 128, "channels2": 384, "channels3": 384},
