@@ -52,7 +52,8 @@ def few_label_config(args, objective: str, seed: int, epochs: int, minutes: floa
         "label_budget": args.label_budget, "objective": objective, "epochs": epochs, "eval_every": epochs,
         "time_limit_min": minutes, "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay,
         "precision": args.precision, "channels_last": True, "log_every": 20,
-        **({"ssl_weak_pass": args.weak_pass} if objective in ("fixmatch", "flexmatch") else {}), **changes})
+        **({"ssl_weak_pass": args.weak_pass} if RunConfig.applies("ssl_weak_pass", {"objective": objective}) else {}),
+        **changes})
 
 
 def pretext_config(args, epochs: int, minutes: float = 0.0) -> RunConfig:
@@ -231,8 +232,8 @@ def main() -> None:
                              "0.999^steps: 0.1%% after 7,000 steps")
     parser.add_argument("--weak-pass", default="joint", choices=("joint", "separate"),
                         help="fixmatch, flexmatch: the weak view in the joint forward pass (FixMatch's) or in a "
-                             "separate one without gradients (a third less compute a step, but far worse pseudo-labels in the "
-                             "run bench/README.md reports)")
+                             "separate one without gradients (a third less compute a step, but far worse "
+                             "pseudo-labels in the run bench/README.md reports)")
     parser.add_argument("--precision", default="bf16", help="fp32 or bf16 (the fast preset's, on this CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--test-size", type=int, default=0, help="test images (0: all 10,000)")
