@@ -8,7 +8,10 @@ self-supervised rotation pretext as a starting point.
     seconds per step on this machine, and the method gets the whole epochs that fit in 95% of the budget
     (at most 2,000), so that its cosine schedule ends; --minutes is also each run's time limit
     (time_limit_min), which stops a run that turns out slower. --seeds seeds each: mean ± std of the test
-    accuracy (10,000 test images), and each method's difference to supervised, paired by seed.
+    accuracy (10,000 test images), and each method's difference to supervised, paired by seed. Every run
+    is also scored from its final weights (fp32) with one view and with test-time views (flip, flip +
+    translate: the fast preset's), `tta_test_acc`; training is the same whichever view scores it, so a
+    resumed summary's finished runs are scored the same way without training them again.
 (b) Self-supervised. A rotation pretext (Gidaris et al. 2018) on the whole training set with no labels
     (the unlabeled pool and the labeled images alike, labels never read), --pretext-minutes of training
     calibrated the same way; its own results (rotation accuracy on the test images; a logistic-regression
@@ -37,8 +40,10 @@ from pathlib import Path
 import torch
 
 from cifar_core.config import RunConfig
+from cifar_core.data import load_cifar10, per_class_subset
 from cifar_core.engine import train_run
 from cifar_core.runs import RunRecord, RunStore
+from cifar_core.serve.export import load_run_model
 
 MAX_EPOCHS = 2000  # RunConfig's epochs limit
 SCHEDULE_SHARE = 0.95  # of the time budget the calibrated epochs aim at
@@ -113,6 +118,39 @@ def trained(cfg: RunConfig, store: RunStore, args) -> dict:
     return out
 
 
+# test-time views every part-(a) run is scored with: (flip, translate) of the export graph
+VIEWS = {"none": (False, False), "flip": (True, False), "flip+translate": (True, True)}
+
+
+def test_images(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images as [0, 1] NCHW floats and their labels: the runs' own test set (--test-size as the
+    engine draws it)."""
+    data = load_cifar10(args.data)
+    x, y = data.x_test, data.y_test
+    if args.test_size:
+        keep = per_class_subset(y, args.test_size // len(data.classes), seed=0)
+        x, y = x[keep], y[keep]
+    return torch.from_numpy(x.copy()).permute(0, 3, 1, 2).float().div(255), torch.from_numpy(y.copy())
+
+
+def view_scores(run_id: str, store: RunStore, test: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """{view: test accuracy} of a finished run's final weights (its EMA when kept), in fp32."""
+    graph, _ = load_run_model(store.record(run_id))
+    x, y = test
+    scores = {}
+    with torch.no_grad():
+        for name, (flip, translate) in VIEWS.items():
+            graph.tta_flip, graph.tta_translate = flip, translate
+            right = sum(int((graph(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
+            scores[name] = round(right / len(y), 4)
+    print(f"  {run_id}: test accuracy by views {json.dumps(scores)}", flush=True)
+    return scores
+
+
+def with_view_scores(run: dict, store: RunStore, test) -> dict:
+    return run if "tta_test_acc" in run else {**run, "tta_test_acc": view_scores(run["run_id"], store, test)}
+
+
 def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": values}
@@ -120,13 +158,14 @@ def mean_std(values: list[float]) -> dict:
 
 def summary_of(runs: list[dict]) -> dict:
     return {"test_acc": mean_std([r["test_acc"] for r in runs]),
+            "tta_test_acc": {view: mean_std([r["tta_test_acc"][view] for r in runs]) for view in VIEWS},
             "train_seconds": mean_std([r["train_seconds"] for r in runs]), "runs": runs}
 
 
-def paired(runs: list[dict], baseline: list[dict]) -> dict:
+def paired(runs: list[dict], baseline: list[dict], score=lambda run: run["test_acc"]) -> dict:
     """The per-seed difference in test accuracy (points), mean ± std."""
-    base = {r["seed"]: r["test_acc"] for r in baseline}
-    return mean_std([100 * (r["test_acc"] - base[r["seed"]]) for r in runs if r["seed"] in base])
+    base = {r["seed"]: score(r) for r in baseline}
+    return mean_std([100 * (score(r) - base[r["seed"]]) for r in runs if r["seed"] in base])
 
 
 # the arguments that make two part-(a) runs comparable: --resume refuses a summary made with others
@@ -161,6 +200,7 @@ def part_a(args, store: RunStore, save) -> dict:
     epochs and finished seeds from that file and runs only what is missing."""
     print(f"(a) {args.label_budget} labels, at most {args.minutes} min of training per run", flush=True)
     earlier = resumable(args.resume, args)
+    test = test_images(args)
     out: dict = {"label_budget": args.label_budget, "minutes": args.minutes, "methods": {}}
     for method in args.methods:
         if method in earlier:
@@ -172,15 +212,18 @@ def part_a(args, store: RunStore, save) -> dict:
         done = {r["seed"]: r for r in earlier.get(method, {}).get("runs", [])}
         runs: list[dict] = []
         for seed in range(args.seeds):
-            runs.append(done.get(seed) or trained(few_label_config(args, method, seed, epochs, args.minutes), store,
-                                                  args))
+            run = done.get(seed) or trained(few_label_config(args, method, seed, epochs, args.minutes), store, args)
+            runs.append(with_view_scores(run, store, test))
             out["methods"][method] = {"epochs": epochs, "calibrated_s_per_step": round(per_step, 4),
                                       **summary_of(runs)}
             save(out)
     if "supervised" in out["methods"]:
         base = out["methods"]["supervised"]["runs"]
-        out["minus_supervised_points"] = {m: paired(v["runs"], base) for m, v in out["methods"].items()
-                                          if m != "supervised"}
+        others = {m: v["runs"] for m, v in out["methods"].items() if m != "supervised"}
+        out["minus_supervised_points"] = {m: paired(runs, base) for m, runs in others.items()}
+        out["minus_supervised_points_tta"] = {
+            m: {view: paired(runs, base, lambda r, v=view: r["tta_test_acc"][v]) for view in VIEWS}
+            for m, runs in others.items()}
     return out
 
 
