@@ -8,8 +8,8 @@ import json
 import streamlit as st
 
 from cifar_core import jobs
-from cifar_core.config import RunConfig, parse_chain
-from cifar_core.engine.distill import check_teacher_run, teacher_candidates
+from cifar_core.config import MAX_TEACHERS, RunConfig, parse_chain, teacher_ids
+from cifar_core.engine.distill import check_teacher_runs, teacher_candidates
 from cifar_core.engine.init_from import check_init_run, init_candidates
 from cifar_core.engine.prepare import run_split, split_counts
 from cifar_core.params import ConfigError
@@ -89,10 +89,9 @@ if values is None:
     st.stop()
 
 
-# ---- teacher for distillation: a picker over the finished runs that fills the form's teacher_run ----
-def _use_picked_teacher():
-    if st.session_state.get(TEACHER_PICK):
-        st.session_state[f"{FORM_KEY}.teacher_run"] = st.session_state[TEACHER_PICK]
+# ---- teachers for distillation: a picker over the finished runs that fills the form's teacher_run ----
+def _use_picked_teachers():
+    st.session_state[f"{FORM_KEY}.teacher_run"] = ",".join(st.session_state.get(TEACHER_PICK) or [])
 
 
 if values.get("distill", "none") != "none":
@@ -102,19 +101,20 @@ if values.get("distill", "none") != "none":
             st.info(f"Distillation needs a teacher: no completed run in {store.root} yet. Train one first "
                     "(the **fast** preset makes a strong CNN teacher).")
         else:
-            st.session_state[TEACHER_PICK] = values.get("teacher_run") if values.get("teacher_run") in candidates else ""
+            st.session_state[TEACHER_PICK] = [run_id for run_id in teacher_ids(values.get("teacher_run") or "")
+                                              if run_id in candidates]
 
             def _label(run_id: str) -> str:
-                if not run_id:
-                    return "choose a completed run…"
                 c = candidates[run_id]
                 acc = f"{c['test_acc']:.1%}" if isinstance(c["test_acc"], (int, float)) else "?"
                 return f"{run_id} · {c['model']} · test {acc}"
 
-            st.selectbox("Teacher run", [""] + list(candidates), key=TEACHER_PICK, format_func=_label,
-                         on_change=_use_picked_teacher,
-                         help="A completed run in this runs folder; its last checkpoint (else its best) "
-                              "teaches. Fills teacher_run in the Distill tab.")
+            st.multiselect("Teacher run(s)", list(candidates), key=TEACHER_PICK, format_func=_label,
+                           on_change=_use_picked_teachers, max_selections=MAX_TEACHERS,
+                           placeholder="choose one or more completed runs…",
+                           help="Completed runs in this runs folder; the last checkpoint (else the best) of each "
+                                "teaches. Several teach as an ensemble, the mean of their logits (each adds a "
+                                "forward pass to every step). Fills teacher_run in the Distill tab.")
 
 # ---- initial weights: a picker over the finished runs that fills the form's init_run ----------------
 def _use_picked_init():
@@ -148,7 +148,7 @@ with friendly_errors("Listing the runs to start from"):
 cfg, errors = RunConfig.checked(values)
 if cfg is not None and cfg.distill != "none":
     try:  # the config alone cannot know whether the run exists and has finished
-        check_teacher_run(store, cfg.teacher_run)
+        check_teacher_runs(store, cfg.teacher_run)
     except ConfigError as exc:
         cfg, errors = None, [str(exc)]
 if cfg is not None and cfg.init_run:

@@ -16,6 +16,7 @@ from .params import ConfigError, Param, Registry, reject_unknown, validate_id
 
 INIT_MODES = ("finetune", "linear_probe", "crt")  # how init_run's weights are used (engine/init_from.py)
 MAX_NPROC = 64  # processes of one run on one machine (`nproc`)
+MAX_TEACHERS = 8  # runs of an ensemble teacher (`teacher_run`): each runs a forward pass every step
 # What a training step's loss is made of: each name is an entry of engine.objectives.OBJECTIVES (a test
 # checks both lists agree). Semi-supervised objectives also learn from the unlabeled pool that
 # label_budget leaves; a pretext (self-supervised) objective learns from unlabeled images only.
@@ -244,7 +245,9 @@ class RunConfig:
                                             "softened probabilities."), "Distillation")
     teacher_run: str = _p("distill", Param("teacher_run", "str", "",
                                            help="Run id of the teacher: a completed run in the same runs "
-                                                "folder (its last checkpoint, else its best)."), "Teacher run id")
+                                                "folder (its last checkpoint, else its best). Several ids "
+                                                f"separated by commas (at most {MAX_TEACHERS}) teach as an "
+                                                "ensemble: the mean of their logits."), "Teacher run id(s)")
     distill_alpha: float = _p("distill", Param("distill_alpha", "float", 0.5, 0.0, 1.0,
                                                help="Weight of the distillation loss; the true-label loss "
                                                     "gets 1 - alpha (0.5: DeiT's plain average)."),
@@ -400,10 +403,7 @@ class RunConfig:
             raise ConfigError("alternating_flip replaces random horizontal flips: remove the hflip step from "
                               "the augmentation chain (or turn alternating_flip off)")
         if v["teacher_run"]:
-            try:
-                validate_id(v["teacher_run"], "run id")
-            except ConfigError as exc:
-                raise ConfigError(f"teacher_run: {exc}") from None
+            check_teacher_ids(v["teacher_run"])
         if v["init_run"]:
             try:
                 validate_id(v["init_run"], "run id")
@@ -423,7 +423,7 @@ class RunConfig:
                               f"{v['objective']} cannot be combined with distillation")
         if v["distill"] != "none" and not v["teacher_run"]:
             raise ConfigError(f"distill={v['distill']} needs a teacher_run: the id of a completed run in the "
-                              "same runs folder (choose one in the 'Teacher run' list, or pass "
+                              "same runs folder (choose one or more in the 'Teacher run(s)' list, or pass "
                               "--teacher-run RUN_ID)")
 
     @classmethod
@@ -588,6 +588,28 @@ def parse_label_set(text: str) -> tuple[str, int]:
     except ConfigError as exc:
         raise ConfigError(f"label_set: {exc}") from None
     return loop_id, int(round_text)
+
+
+def teacher_ids(teacher_run: str) -> list[str]:
+    """The run ids `teacher_run` names: one, or several separated by commas (an ensemble teacher)."""
+    return [part.strip() for part in teacher_run.split(",")] if teacher_run.strip() else []
+
+
+def check_teacher_ids(teacher_run: str) -> None:
+    """ConfigError unless `teacher_run` names 1 to MAX_TEACHERS distinct valid run ids."""
+    ids = teacher_ids(teacher_run)
+    for run_id in ids:
+        try:
+            validate_id(run_id, "run id")
+        except ConfigError as exc:
+            raise ConfigError(f"teacher_run: {exc}") from None
+    repeated = sorted({run_id for run_id in ids if ids.count(run_id) > 1})
+    if repeated:
+        raise ConfigError(f"teacher_run names {', '.join(repeated)} more than once: list each run of an "
+                          "ensemble teacher once")
+    if len(ids) > MAX_TEACHERS:
+        raise ConfigError(f"teacher_run names {len(ids)} runs: an ensemble teacher has at most {MAX_TEACHERS} "
+                          "(each one's forward pass runs at every training step)")
 
 
 def check_processes(v: dict) -> None:

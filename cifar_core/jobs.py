@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+from .config import teacher_ids
 from .devices import default_device_kind
 from .processes import process_alive, process_start_time
 from .params import ConfigError
@@ -312,10 +313,8 @@ def unfinished_source(config: dict, table: dict[str, list[str]]) -> str | None:
     """The run a queued run starts from (init_run) or learns from (teacher_run) while that run is still
     queued or training: the queued run must wait for it to complete."""
     unfinished = {rid for state in ("queued", "starting", "running") for rid in table.get(state, [])}
-    for key in ("init_run", "teacher_run"):
-        if config.get(key) and config[key] in unfinished:
-            return config[key]
-    return None
+    sources = [config.get("init_run") or ""] + teacher_ids(config.get("teacher_run") or "")
+    return next((run_id for run_id in sources if run_id in unfinished), None)
 
 
 def queue_wait(store: RunStore, run_id: str) -> str:

@@ -208,7 +208,7 @@ def test_distillation_without_a_teacher_points_to_the_control_not_a_page():
     problems = RunConfig.problems({"distill": "hard"})
     message = next(m for m in problems if "needs a teacher_run" in m)
     assert "Train page" not in message and "on the" not in message
-    assert "'Teacher run'" in message and "--teacher-run RUN_ID" in message
+    assert "'Teacher run(s)'" in message and "--teacher-run RUN_ID" in message
 
 
 def test_every_preset_has_a_summary_and_no_summary_is_stale():

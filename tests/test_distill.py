@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from cifar_core.config import RunConfig
 from cifar_core.engine.checkpoints import CheckpointError
-from cifar_core.engine.distill import distillation_loss, load_teacher, teacher_candidates, teacher_input_kind
+from cifar_core.engine.distill import (EnsembleTeacher, distillation_loss, load_teacher, load_teachers,
+                                       teacher_candidates, teacher_input_kind)
 from cifar_core.params import ConfigError
 from cifar_core.runs import RunStore
 from cifar_core.engine import train_run
@@ -57,6 +58,10 @@ def test_config_fields_are_declared_and_validated():
     ({"distill": "soft", "teacher_run": ""}, "needs a teacher_run"),
     ({"distill": "hard", "teacher_run": "../runs/x"}, "teacher_run: invalid run id"),
     ({"teacher_run": "a/b"}, "invalid run id"),
+    ({"distill": "soft", "teacher_run": "t1,../x"}, "teacher_run: invalid run id"),
+    ({"distill": "soft", "teacher_run": "t1,,t2"}, "teacher_run: invalid run id"),
+    ({"distill": "soft", "teacher_run": "t1, t2,t1"}, "names t1 more than once"),
+    ({"distill": "soft", "teacher_run": ",".join(f"t{i}" for i in range(9))}, "at most 8"),
     ({"distill": "medium", "teacher_run": "t"}, "distill: 'medium' is not one of"),
     ({"distill_alpha": 1.5}, "distill_alpha"),
     ({"distill_temperature": 0}, "distill_temperature"),
@@ -113,6 +118,45 @@ def test_teacher_loads_frozen_with_its_evaluated_weights(runs):
     logits = teacher.logits(x, x)
     assert logits.shape == (4, 10) and not logits.requires_grad
     assert [c["run_id"] for c in teacher_candidates(runs)] == ["teacher"]
+
+
+def two_teachers(runs: RunStore, root) -> RunStore:
+    """A runs root holding two copies of the completed teacher run: "teacher" and "teacher-b"."""
+    store = RunStore(root)
+    for run_id in ("teacher", "teacher-b"):
+        shutil.copytree(runs.record("teacher").path, store.record(run_id).path)
+    return store
+
+
+def test_several_runs_teach_as_the_mean_of_their_logits(runs, tmp_path):
+    store = two_teachers(runs, tmp_path)
+    ensemble = load_teachers(store, "teacher, teacher-b", [])
+    assert isinstance(ensemble, EnsembleTeacher) and len(ensemble.members) == 2
+    with torch.no_grad():  # make the second member differ from the first
+        for p in ensemble.members[1].model.parameters():
+            p.mul_(0.5)
+    x = torch.rand(4, 3, 32, 32)
+    first, second = (member.logits(x, x) for member in ensemble.members)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(ensemble.logits(x, x), (first + second) / 2)
+    assert ensemble.info["run_id"] == "teacher,teacher-b" and ensemble.info["ensemble"] == 2
+    assert [m["run_id"] for m in ensemble.info["runs"]] == ["teacher", "teacher-b"]
+    assert ensemble.info["params"] == 2 * 62_006
+    assert not isinstance(load_teachers(store, "teacher", []), EnsembleTeacher)  # one id: a plain teacher
+    with pytest.raises(ConfigError, match="teacher_run nope: no such run"):
+        load_teachers(store, "teacher,nope", [])  # every member checked before any is read
+
+
+def test_a_student_trains_from_an_ensemble_teacher_and_records_it(runs, cifar_npz, tmp_path):
+    store = two_teachers(runs, tmp_path)
+    record = train_run(student("teacher,teacher-b", epochs=2), store, run_id="student",
+                       data_source=str(cifar_npz))
+    assert record.state() == "completed", record.status()
+    teacher = record.results()["teacher"]
+    assert teacher["ensemble"] == 2 and [m["run_id"] for m in teacher["runs"]] == ["teacher", "teacher-b"]
+    assert record.status()["teacher"]["run_id"] == "teacher,teacher-b"
+    rows = [r for r in record.read_metrics() if r["kind"] == "train"]
+    assert rows and all(r["distill_loss"] >= 0 for r in rows)
 
 
 @pytest.mark.parametrize("setup,fragment", [

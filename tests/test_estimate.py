@@ -140,6 +140,10 @@ def test_a_distillation_teacher_costs_its_forward_every_step(store):
     taught = est.estimate_run(small(distill="hard", teacher_run=teacher.run_id), store)
     assert taught.parts["train"] > plain.parts["train"]
     assert taught.parts["evaluation"] == pytest.approx(plain.parts["evaluation"])  # the student evaluates alone
+    store.create(RunConfig(model="alexnet").validated(), run_id="teacher-2", state="completed")
+    ensemble = est.estimate_run(small(distill="hard", teacher_run="teacher-1,teacher-2"), store)
+    assert ensemble.parts["train"] - plain.parts["train"] == pytest.approx(
+        2 * (taught.parts["train"] - plain.parts["train"]), rel=1e-6)  # each member's forward, probed once
 
 
 def test_time_limit_caps_the_loop(store):

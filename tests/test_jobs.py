@@ -336,3 +336,12 @@ def test_a_run_that_starts_from_an_unfinished_run_waits_for_it_without_holding_b
     pretext.update_status(state="completed")
     supervisor.tick()
     assert launched == ["pretext", "other", "finetune"]
+
+
+def test_a_queued_run_waits_for_its_start_and_every_teacher_until_they_finish():
+    table = {"completed": ["a"], "running": ["b"], "queued": ["c"]}
+    assert jobs.unfinished_source({"teacher_run": "a,b"}, table) == "b"
+    assert jobs.unfinished_source({"teacher_run": "a, c"}, table) == "c"
+    assert jobs.unfinished_source({"init_run": "b", "teacher_run": "a"}, table) == "b"
+    assert jobs.unfinished_source({"init_run": "", "teacher_run": "a"}, table) is None
+    assert jobs.unfinished_source({}, table) is None

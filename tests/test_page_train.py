@@ -312,9 +312,9 @@ def test_teacher_picker_lists_finished_runs_and_fills_teacher_run(runs_root):
     at = page(preset="ViT-tiny distilled")
     assert_clean(at)
     assert launch_button(at).disabled
-    picker = at.selectbox(key=PICK)
-    assert picker.options == ["choose a completed run…", f"{teacher} · lenet · test ?"]
-    picker.set_value(teacher).run()
+    picker = at.multiselect(key=PICK)
+    assert picker.options == [f"{teacher} · lenet · test ?"]
+    picker.set_value([teacher]).run()
     assert_clean(at)
     assert errors(at) == []
     assert at.text_input(key=f"{FORM}.teacher_run").value == teacher
@@ -323,6 +323,22 @@ def test_teacher_picker_lists_finished_runs_and_fills_teacher_run(runs_root):
     assert len(queued) == 1
     config = RunStore(runs_root).record(queued[0]).config_dict()
     assert config["distill"] == "hard" and config["teacher_run"] == teacher
+
+
+def test_two_picked_teachers_launch_as_an_ensemble_teacher(runs_root):
+    first, second = finished_run(runs_root, "teacher-a"), finished_run(runs_root, "teacher-b")
+    at = page(preset="ViT-tiny distilled")
+    at.multiselect(key=PICK).set_value([first, second]).run()
+    assert_clean(at)
+    assert errors(at) == []
+    assert at.text_input(key=f"{FORM}.teacher_run").value == f"{first},{second}"
+    at.multiselect(key=PICK).set_value([second]).run()
+    assert at.text_input(key=f"{FORM}.teacher_run").value == second
+    at.text_input(key=f"{FORM}.teacher_run").input(f"{first},{second}").run()
+    assert at.multiselect(key=PICK).value == [first, second]  # typed ids show in the picker
+    launch_button(confirm_long(at)).click().run()
+    queued = [i for i in RunStore(runs_root).ids() if i not in (first, second)]
+    assert RunStore(runs_root).record(queued[0]).config_dict()["teacher_run"] == f"{first},{second}"
 
 
 def test_typed_teacher_that_has_not_finished_blocks_launch(runs_root):
@@ -468,7 +484,7 @@ def test_chain_editor_buttons_show_icons_and_whole_labels(runs_root):
 def test_the_missing_teacher_message_names_the_control(runs_root):
     at = page(preset="ViT-tiny distilled")
     message = next(m for m in errors(at) if "needs a teacher_run" in m)
-    assert "Train page" not in message and "'Teacher run'" in message
+    assert "Train page" not in message and "'Teacher run(s)'" in message
 
 
 def test_the_training_split_is_shown_per_class_before_launch(runs_root, cifar):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import RunConfig
 from ..params import ConfigError, Registry
 from ..runs import RunRecord, RunStore
-from .distill import Teacher, distillation_loss, load_teacher
+from .distill import EnsembleTeacher, Teacher, distillation_loss, load_teachers
 from .prepare import Prepared
 
 OBJECTIVES = Registry("objective")
@@ -199,10 +199,10 @@ class Supervised(Objective):
 @OBJECTIVES.register("distill", description="(1 - alpha) · cross-entropy + alpha · distillation from a "
                                             "finished run (engine.distill)")
 class Distill(Objective):
-    teacher: Teacher
+    teacher: Teacher | EnsembleTeacher
 
     def setup(self, run):
-        self.teacher = load_teacher(run.store, self.cfg.teacher_run, self.cfg.augment, run.record.run_id)
+        self.teacher = load_teachers(run.store, self.cfg.teacher_run, self.cfg.augment, run.record.run_id)
         run.record.update_status(teacher=self.teacher.info)
 
     def attach(self, prep):

@@ -67,7 +67,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, teacher_ids
 from ..params import ConfigError
 from ..runs import RunRecord, RunStore, atomic_write_bytes, atomic_write_json, read_json
 
@@ -700,18 +700,20 @@ def model_timing(cache: TimingCache, cfg: RunConfig, device) -> tuple[dict, bool
     return entry, True
 
 
-def teacher_timing(cache: TimingCache, cfg: RunConfig, device, teacher: dict | None) -> tuple[float, float]:
-    """(seconds per step, per training image) of the distillation teacher's forward ((0, 0) without)."""
-    if teacher is None:
-        return 0.0, 0.0
+def teacher_timing(cache: TimingCache, cfg: RunConfig, device, teachers: list[dict]) -> tuple[float, float]:
+    """(seconds per step, per training image) of the distillation teachers' forwards ((0, 0) without):
+    the sum over an ensemble teacher's members, each model probed once."""
     from ..engine import effective_precision
-    key = _key("teacher", teacher["model"], teacher["model_params"], effective_precision(cfg, device),
-               _host_fields(device))
-    entry, _ = cache.get("teachers", key)
-    if entry is None:
-        entry = probe_teacher(teacher, cfg, device)
-        cache.put("teachers", key, entry)
-    return entry["fixed_s"], entry["per_image_s"]
+    fixed_s = per_image_s = 0.0
+    for teacher in teachers:
+        key = _key("teacher", teacher["model"], teacher["model_params"], effective_precision(cfg, device),
+                   _host_fields(device))
+        entry, _ = cache.get("teachers", key)
+        if entry is None:
+            entry = probe_teacher(teacher, cfg, device)
+            cache.put("teachers", key, entry)
+        fixed_s, per_image_s = fixed_s + entry["fixed_s"], per_image_s + entry["per_image_s"]
+    return fixed_s, per_image_s
 
 
 def chain_timing(cache: TimingCache, cfg: RunConfig, device) -> dict:
@@ -981,13 +983,17 @@ def _validated(cfg) -> RunConfig:
     return cfg.validated()
 
 
-def _teacher_of(cfg: RunConfig, store: RunStore) -> dict | None:
+def _teachers_of(cfg: RunConfig, store: RunStore) -> list[dict]:
+    """The model of every run that teaches (none without distillation; several for an ensemble teacher)."""
     if cfg.distill == "none":
-        return None
-    config = store.record(cfg.teacher_run).config_dict()
-    if not isinstance(config, dict) or "model" not in config:
-        raise ConfigError(f"teacher run {cfg.teacher_run!r}: no readable config.json in {store.root}")
-    return {"model": config["model"], "model_params": config.get("model_params") or {}}
+        return []
+    teachers = []
+    for run_id in teacher_ids(cfg.teacher_run):
+        config = store.record(run_id).config_dict()
+        if not isinstance(config, dict) or "model" not in config:
+            raise ConfigError(f"teacher run {run_id!r}: no readable config.json in {store.root}")
+        teachers.append({"model": config["model"], "model_params": config.get("model_params") or {}})
+    return teachers
 
 
 def _extra_per_step(cfg: RunConfig, grad_norm_s: float, weights_pass_s: float) -> float:
@@ -1065,7 +1071,7 @@ def _speed_from_finished(cfg: RunConfig, counts: RunCounts, machine: dict, finis
 
 def _speed_from_probes(cfg: RunConfig, counts: RunCounts, machine: dict, cache: TimingCache, device,
                        store: RunStore) -> _Speed:
-    teacher = teacher_timing(cache, cfg, device, _teacher_of(cfg, store))
+    teacher = teacher_timing(cache, cfg, device, _teachers_of(cfg, store))
     model, fresh = model_timing(cache, cfg, device)
     chain = chain_timing(cache, cfg, device)
     train_s, ips = _train_seconds_probed(cfg, counts, model, chain, teacher)
