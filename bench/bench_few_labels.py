@@ -194,10 +194,24 @@ def resumable(path: str | None, args) -> dict:
     return earlier["methods"]
 
 
+def check_speed(cfg: RunConfig, args, store: RunStore, calibrated: float, method: str) -> None:
+    """Stop unless this machine still steps as fast as the earlier summary's calibration: epochs sized on
+    a faster machine would run into the time limit here and end their schedule early, so their runs
+    would not compare with the earlier ones."""
+    _, per_step = calibrated_epochs(cfg, args, store, args.minutes, f"{method}-speed-check")
+    slower = per_step / calibrated - 1
+    if slower > 1 - SCHEDULE_SHARE:
+        raise SystemExit(f"--resume: this machine takes {per_step:.3f} s a {method} step, {slower:.0%} more than "
+                         f"the {calibrated} s the earlier summary calibrated its epochs with, so they would not "
+                         f"fit in {args.minutes:g} minutes: resume where the machine is as fast, or start a new "
+                         "summary (without --resume) to calibrate here")
+
+
 def part_a(args, store: RunStore, save) -> dict:
     """Equal-time comparison of the methods. `save(out)` is called after every run, so a benchmark cut
     short (it takes hours) loses at most the run in progress: --resume picks up the methods' calibrated
-    epochs and finished seeds from that file and runs only what is missing."""
+    epochs and finished seeds from that file and runs only what is missing, after checking that this machine
+    still steps as fast as that calibration."""
     print(f"(a) {args.label_budget} labels, at most {args.minutes} min of training per run", flush=True)
     earlier = resumable(args.resume, args)
     test = test_images(args)
@@ -210,6 +224,8 @@ def part_a(args, store: RunStore, save) -> dict:
             epochs, per_step = calibrated_epochs(few_label_config(args, method, 0, 1), args, store, args.minutes,
                                                  method)
         done = {r["seed"]: r for r in earlier.get(method, {}).get("runs", [])}
+        if method in earlier and any(seed not in done for seed in range(args.seeds)):
+            check_speed(few_label_config(args, method, 0, 1), args, store, per_step, method)
         runs: list[dict] = []
         for seed in range(args.seeds):
             run = done.get(seed) or trained(few_label_config(args, method, seed, epochs, args.minutes), store, args)

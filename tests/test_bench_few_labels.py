@@ -1,5 +1,6 @@
 """bench/bench_few_labels.py part (a) on 250 real labels for seconds: every run scored with one view and
-with test-time views from its final weights, and a resumed summary scored without training again."""
+with test-time views from its final weights, a resumed summary scored without training again, and a resume
+refused where the machine steps more slowly than the summary's calibration."""
 import json
 import subprocess
 import sys
@@ -40,3 +41,14 @@ def test_part_a_scores_each_run_by_views_and_a_resume_rescores_without_training(
     assert sorted(p.name for p in runs_root.iterdir()) == runs_before
     resumed = json.loads(resumed_path.read_text())["a_equal_time"]["methods"]["supervised"]["runs"][0]
     assert resumed["run_id"] == run["run_id"] and resumed["tta_test_acc"] == views
+
+    # a resume with seeds left to train, on a machine slower than the calibration: refused before training
+    report["a_equal_time"]["methods"]["supervised"]["calibrated_s_per_step"] = 1e-5
+    first.write_text(json.dumps(report))
+    two_seeds = list(common)
+    two_seeds[two_seeds.index("--seeds") + 1] = "2"
+    out = bench(*two_seeds, "--resume", str(first), "--out", str(tmp_path / "x.json"))
+    assert out.returncode != 0
+    assert "more than the 1e-05 s the earlier summary calibrated" in out.stderr, out.stdout + out.stderr
+    trained = [p.name for p in runs_root.iterdir() if not p.name.startswith("calibrate-")]
+    assert trained == [n for n in runs_before if not n.startswith("calibrate-")]
