@@ -85,7 +85,7 @@ def test_every_preset_renders_and_fills_the_form(runs_root):
         assert_clean(at)
         if name in DISTILLED_PRESETS:  # incomplete until a teacher is picked
             assert any("needs a teacher_run" in m for m in errors(at)), (name, errors(at))
-            at.selectbox(key=PICK).set_value(teacher).run()
+            at.multiselect(key=PICK).set_value([teacher]).run()
             preset = {**preset, "teacher_run": teacher}
         assert errors(at) == [], (name, errors(at))
         assert preset_summary(name) in [c.value for c in at.caption], name  # says what this preset is
