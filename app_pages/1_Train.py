@@ -106,7 +106,7 @@ if values.get("distill", "none") != "none":
 
             def _label(run_id: str) -> str:
                 c = candidates[run_id]
-                acc = f"{c['test_acc']:.1%}" if isinstance(c["test_acc"], (int, float)) else "?"
+                acc = f"{c['test_acc']:.2%}" if isinstance(c["test_acc"], (int, float)) else "?"
                 return f"{run_id} · {c['model']} · test {acc}"
 
             st.multiselect("Teacher run(s)", list(candidates), key=TEACHER_PICK, format_func=_label,
@@ -132,7 +132,7 @@ with friendly_errors("Listing the runs to start from"):
                 if not run_id:
                     return "none: random initialisation"
                 c = starts[run_id]
-                acc = f"{c['test_acc']:.1%}" if isinstance(c["test_acc"], (int, float)) else "?"
+                acc = f"{c['test_acc']:.2%}" if isinstance(c["test_acc"], (int, float)) else "?"
                 fits = {True: "", False: " · another model"}.get(c["fits"], "")
                 return f"{run_id} · {c['model']} · test {acc}{fits}"
 
