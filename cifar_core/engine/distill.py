@@ -19,8 +19,8 @@ Losses (DeiT, Touvron et al. 2021), combined by the trainer as
 Several runs can teach together (`teacher_run` "a,b,c", an ensemble teacher): each member gets its own
 input as above, and the mean of their logits is the teacher's output, for both losses. An ensemble of
 independently trained networks is more accurate than any of them (three `wide muon` runs: 95.30% against
-94.85–94.98%, bench/README.md), which is what a student taught by it can learn from; each member adds a
-forward pass to every training step.
+94.85–94.98%, bench/README.md), which is what a student taught by it can learn from (the wide student of
+those three did not gain there); each member adds a forward pass to every training step.
 
 No distillation token: the distillation target is applied to the student's one classifier output.
 That works for every student (CNNs too), keeps a distilled model the same architecture as a plain one
